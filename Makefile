@@ -1,0 +1,44 @@
+# edgesmith developer tasks. `make demo` and `make test` are the README's quick start.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out/fmnist
+
+.PHONY: install demo test test-all lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch first, from the local CPU wheel, so that no other torch build is ever pulled in
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/edgesmith build examples/fashion_mnist/recipe.yaml -o $(OUT) --force
+	@echo "report: $(OUT)/report.md"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy runtime devices
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+bench: install
+	$(BIN)/python benchmarks/onnx_vs_torch.py
+
+clean:
+	rm -rf build dist *.egg-info out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,30 @@
+"""Compression stages that run in order from a recipe.
+
+``STAGES`` maps a recipe's stage name to its class. Third-party packages add stages through the
+``edgesmith.stages`` entry-point group (``name = "pkg.module:StageClass"``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from edgesmith.compress.base import Context, Stage, StageConfig, StageRecord
+
+__all__ = ["STAGES", "Context", "Stage", "StageConfig", "StageRecord", "register_stage"]
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: add a stage to ``STAGES`` under ``cls.name``."""
+    STAGES[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group="edgesmith.stages"):
+        if ep.name not in STAGES:
+            STAGES[ep.name] = ep.load()
+
+
+_load_entry_points()

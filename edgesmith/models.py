@@ -1,0 +1,239 @@
+"""Safe model loading: factory plus weights, or a ``.pt2`` ExportedProgram. Never a full unpickle.
+
+Weights come from ``.safetensors``, from a state dict read with ``torch.load(weights_only=True)``
+(which refuses arbitrary Python objects), or from a ``torch.export`` archive whose pickled payloads
+are screened with the same restricted unpickler before torch reads them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgesmith.errors import ModelLoadError
+from edgesmith.refs import resolve_ref
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgesmith.recipe import ModelConfig
+
+__all__ = ["build_model", "load_exported_program", "load_state_dict", "load_weights_"]
+
+_UNSAFE_HINT = (
+    "edgesmith never unpickles arbitrary objects; save only the weights: "
+    "`safetensors.torch.save_file(model.state_dict(), 'w.safetensors')` or `torch.save(model.state_dict(), 'w.pt')`"
+)
+
+
+def _torch_load_safe(data: bytes | Path, source: str) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(
+            io.BytesIO(data) if isinstance(data, bytes) else data,
+            map_location="cpu",
+            weights_only=True,
+        )
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "disallowed content"
+        if (
+            "Weights only load failed" in first
+            or "Unsupported global" in str(exc)
+            or "GLOBAL" in str(exc)
+        ):
+            first = "it contains Python objects other than tensors"
+        raise ModelLoadError(f"refused to load {source}: {first}", hint=_UNSAFE_HINT) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot read {source}: {msg}", hint="is the file complete? re-download or re-save it"
+        ) from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, without unpickling objects.
+
+    A checkpoint dict that holds the state dict under ``state_dict`` or ``model`` is unwrapped, and
+    a ``module.`` prefix left by DistributedDataParallel is stripped.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(
+            f"weights file not found: {path}",
+            hint="paths in a recipe are relative to the recipe's folder",
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"cannot read {path}: {exc}", hint="is the file complete? re-download or re-save it"
+            ) from None
+    elif path.suffix == ".pt2":
+        raise ModelLoadError(
+            f"{path} is an ExportedProgram, not a state dict",
+            hint="name it as 'weights' with no 'factory' to load the program itself",
+        )
+    else:
+        sd = _torch_load_safe(path, str(path))
+        if isinstance(sd, dict):
+            for key in ("state_dict", "model", "model_state_dict"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise ModelLoadError(
+            f"{path} does not hold a state dict (a mapping of names to tensors)", hint=_UNSAFE_HINT
+        )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_weights_(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "weights"
+) -> torch.nn.Module:
+    """Load ``state_dict`` into ``model`` in place; mismatches are listed by name."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shape = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if shape:
+        problems.append(f"shape mismatch: {_names(shape, 4)}")
+    if problems:
+        raise ModelLoadError(
+            f"{source} do not match the model: " + "; ".join(problems),
+            hint="check the factory and its kwargs match the weights (width, number of classes)",
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _screen_pt2(path: Path) -> None:
+    """Refuse a ``.pt2`` archive whose loading would unpickle anything beyond tensors."""
+    from torch.export.pt2_archive import constants as C
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a torch.export archive: {exc}",
+            hint="save it with torch.export.save(ep, 'model.pt2')",
+        ) from None
+    with zf:
+        names = zf.namelist()
+        for name in names:
+            stem = name.split("/", 1)[-1] if "/" in name else name
+            if stem.startswith(C.AOTINDUCTOR_DIR) or f"/{C.AOTINDUCTOR_DIR}" in name:
+                raise ModelLoadError(
+                    f"refused to load {path}: it contains compiled AOTInductor code",
+                    hint="export with torch.export.save, not aoti_compile_and_package",
+                )
+        for name in names:
+            inner = name.split("/", 1)[-1]
+            is_cfg = inner.endswith(".json")
+            in_payload = inner.startswith((C.WEIGHTS_DIR, C.CONSTANTS_DIR))
+            if not in_payload or is_cfg:
+                continue
+            base = inner.rsplit("/", 1)[-1]
+            if base.startswith(
+                (C.CUSTOM_OBJ_FILENAME_PREFIX, C.OPAQUE_OBJ_FILENAME_PREFIX)
+            ) or base.endswith(".pt"):
+                raise ModelLoadError(
+                    f"refused to load {path}: '{inner}' is a pickled Python object",
+                    hint=_UNSAFE_HINT,
+                )
+        for name in names:
+            inner = name.split("/", 1)[-1]
+            if not (inner.startswith((C.WEIGHTS_DIR, C.CONSTANTS_DIR)) and inner.endswith(".json")):
+                continue
+            try:
+                cfg = json.loads(zf.read(name))
+            except json.JSONDecodeError:
+                raise ModelLoadError(
+                    f"{path}: malformed '{inner}'", hint="re-save with torch.export.save"
+                ) from None
+            folder = C.WEIGHTS_DIR if inner.startswith(C.WEIGHTS_DIR) else C.CONSTANTS_DIR
+            prefix = name[: len(name) - len(inner)]
+            for meta in (cfg.get("config") or {}).values():
+                if isinstance(meta, dict) and meta.get("use_pickle"):
+                    member = prefix + folder + str(meta.get("path_name"))
+                    if member not in names:
+                        raise ModelLoadError(
+                            f"{path}: payload {member} is missing",
+                            hint="re-save with torch.export.save",
+                        )
+                    _torch_load_safe(zf.read(member), f"{path}:{member}")
+
+
+def load_exported_program(path: str | Path) -> torch.nn.Module:
+    """Load a ``torch.export`` ``.pt2`` archive as a callable module, after screening its payloads."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(
+            f"model file not found: {path}",
+            hint="paths in a recipe are relative to the recipe's folder",
+        )
+    _screen_pt2(path)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load ExportedProgram {path}: {type(exc).__name__}: {exc}",
+            hint="was it saved by a compatible torch version?",
+        ) from None
+    return ep.module()
+
+
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    """Instantiate the recipe's model with its weights, in eval mode."""
+    import torch
+
+    if config.factory is None:
+        assert config.weights is not None  # guaranteed by the recipe schema
+        return load_exported_program(config.weights)
+    factory = resolve_ref(config.factory, what="model factory", error=ModelLoadError)
+    try:
+        model = factory(**config.kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model factory '{config.factory}' raised {type(exc).__name__}: {exc}",
+            hint="check 'model.kwargs' in the recipe; run with --debug for the traceback",
+        ) from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ModelLoadError(
+            f"model factory '{config.factory}' returned {type(model).__name__}, not a torch.nn.Module",
+            hint="the factory must return an nn.Module",
+        )
+    if config.weights:
+        load_weights_(model, load_state_dict(config.weights), source=Path(config.weights).name)
+    return model.eval()

@@ -1,0 +1,339 @@
+"""``edgesmith build``: recipe -> model -> stages -> export -> parity and accuracy -> bundles -> report.
+
+Everything is written into a temporary sibling of the output folder, which is renamed into place
+only when every check passed (DESIGN.md section 9).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.errors import CheckFailed, DataError
+from edgesmith.export.parity import Parity, compare_outputs
+from edgesmith.fsutil import atomic_dir, check_output_dir
+from edgesmith.metrics import Metric, get_metric
+from edgesmith.progress import echo, track
+from edgesmith.recipe import Recipe
+
+__all__ = ["Artifact", "Evaluator", "build", "prepare"]
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 256
+GOLDEN_SAMPLES = 8
+
+
+@dataclass
+class Artifact:
+    """One exported model file (plus side files) with its measurements."""
+
+    format: str
+    precision: str
+    path: Path
+    files: list[Path]
+    size_bytes: int
+    accuracy: float
+    latency_ms: float
+    parity: Parity
+    latency: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    bundle: str | None = None
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "precision": self.precision,
+            "path": str(self.path.relative_to(root)),
+            "bundle": self.bundle,
+            "size_bytes": self.size_bytes,
+            "accuracy": round(self.accuracy, 6),
+            "latency_ms": round(self.latency_ms, 4),
+            "latency": {k: round(v, 4) for k, v in self.latency.items()},
+            "parity": self.parity.to_json(),
+            **self.extra,
+        }
+
+
+class Evaluator:
+    """Measures exported files against the PyTorch reference on the evaluation set."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        reference: np.ndarray,
+        targets: np.ndarray,
+        inputs: np.ndarray,
+        metric: Metric,
+        threads: int | None,
+    ) -> None:
+        self.recipe, self.reference, self.targets, self.inputs = recipe, reference, targets, inputs
+        self.metric, self.threads = metric, threads
+
+    def evaluate(
+        self,
+        path: Path,
+        fmt: str,
+        precision: str,
+        files: list[Path] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Artifact:
+        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference."""
+        from edgesmith.runtime import load
+
+        model = load(path, threads=self.threads, device="cpu")
+        outs = [
+            np.asarray(model(self.inputs[i : i + EVAL_BATCH]))
+            for i in track(range(0, len(self.inputs), EVAL_BATCH), f"evaluate {path.name}")
+        ]
+        out = np.concatenate(outs)
+        tol = self.recipe.parity.get(precision) or self.recipe.parity["int8"]
+        parity = compare_outputs(self.reference, out, tol.top1_agreement, tol.max_abs_diff)
+        accuracy = self.metric(out, self.targets)
+        one = self.inputs[:1]
+        from edgesmith.runtime.bench import time_fn
+
+        lat = time_fn(lambda: model(one), warmup=20, runs=200, max_seconds=15.0)
+        files = files or [path]
+        return Artifact(
+            fmt,
+            precision,
+            path,
+            files,
+            sum(f.stat().st_size for f in files),
+            accuracy,
+            lat["p50"],
+            parity,
+            latency={k: lat[k] for k in ("p50", "p90", "p99")},
+            extra=dict(extra or {}),
+        )
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    model: Any
+    data: Any
+    metric: Metric
+    example: Any
+    profile: Any
+    threads: int | None
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Load the recipe's profile, model and data, and check they fit together."""
+    import torch
+
+    from edgesmith.data import load_datasets
+    from edgesmith.devices.profiles import load_profile
+    from edgesmith.models import build_model
+
+    profile = load_profile(recipe.target)
+    threads = profile.threads or os.cpu_count() or 1
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(threads)
+    metric = get_metric(recipe.metric)
+    echo(f"loading model {recipe.model.factory or recipe.model.weights}")
+    model = build_model(recipe.model)
+    echo(f"loading data ({recipe.data.kind or recipe.data.factory})")
+    data = load_datasets(
+        recipe.data, recipe.model.input.shape, recipe.model.input.dtype, seed=recipe.seed
+    )
+    example = torch.as_tensor(data.eval[0][0])[None]
+    try:
+        with torch.inference_mode():
+            model(example)
+    except Exception as exc:
+        raise DataError(
+            f"the model cannot run an input of shape {list(example.shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            hint="check model.input.shape and data.preprocess",
+        ) from exc
+    return Prepared(recipe, model, data, metric, example, profile, threads)
+
+
+def _measure(model: Any, p: Prepared) -> dict[str, Any]:
+    from edgesmith.measure import count_macs, model_size_bytes, torch_outputs
+
+    outputs, targets = torch_outputs(model, p.data.eval, EVAL_BATCH)
+    return {
+        "accuracy": p.metric(outputs, targets),
+        "macs": count_macs(model, p.example),
+        "size_bytes": model_size_bytes(model),
+        "outputs": outputs,
+        "targets": targets,
+    }
+
+
+def _eval_inputs(dataset: Any) -> np.ndarray:
+    from edgesmith.measure import batches
+
+    return np.concatenate([x for x, _ in batches(dataset, EVAL_BATCH)])
+
+
+def _write_bundle(
+    out: Path, art: Artifact, p: Prepared, version: int, golden_inputs: np.ndarray
+) -> str:
+    from edgesmith.runtime import load
+    from edgesmith.runtime.bundle import write_bundle
+    from edgesmith.runtime.specs import TensorSpec
+
+    model = load(art.path, device="cpu", threads=p.threads)
+    expected = np.asarray(model(golden_inputs))
+    rel = f"bundles/{art.path.stem}"
+    golden_file = out / ".work" / f"golden-{art.path.stem}.npz"
+    golden_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(golden_file, inputs=golden_inputs, outputs=expected)
+    fp = art.precision in ("fp32",)
+    scale = float(np.abs(expected).max()) if expected.size else 1.0
+    golden = {
+        "file": "golden.npz",
+        "atol": 1e-4 + 1e-4 * scale if fp else 0.05 * scale + 1e-3,
+        "rtol": 1e-3 if fp else 0.05,
+        "top1": True,
+    }
+    files = {f.name: f for f in art.files}
+    files["golden.npz"] = golden_file
+    in_specs = [
+        TensorSpec(s.name, ("batch", *s.shape[1:]), s.dtype).to_json() for s in model.inputs
+    ]
+    manifest = {
+        "name": p.recipe.name,
+        "version": version,
+        "target": p.recipe.target,
+        "format": art.format,
+        "precision": art.precision,
+        "model": art.path.name,
+        "inputs": in_specs,
+        "outputs": [s.to_json() for s in model.outputs],
+        "preprocess": p.data.preprocess,
+        "labels": p.data.labels,
+        "golden": golden,
+        "metrics": {
+            "metric": p.recipe.metric,
+            "accuracy": art.accuracy,
+            "latency_ms": art.latency_ms,
+            "size_bytes": art.size_bytes,
+            "parity": art.parity.to_json(),
+        },
+        "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
+    }
+    write_bundle(out / rel, {k: v for k, v in manifest.items() if v is not None}, files)
+    return rel
+
+
+def build(
+    recipe: Recipe,
+    out: Path,
+    force: bool = False,
+    bundle_version: int | None = None,
+    on_failure: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run a recipe end to end and write ``out`` atomically.
+
+    Returns:
+        The report (as written to ``report.json``).
+
+    Raises:
+        CheckFailed: an artifact failed its parity tolerance or a stage its budget; nothing is written.
+        EdgesmithError: bad input (recipe, model, data).
+    """
+    from edgesmith.compress import STAGES, Context, StageRecord
+    from edgesmith.export import EXPORTERS, get_exporter
+    from edgesmith.measure import torch_latency
+    from edgesmith.report import write_report
+
+    out = Path(out)
+    check_output_dir(out, force)
+    t_start = time.perf_counter()
+    p = prepare(recipe)
+    version = bundle_version or int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+    with atomic_dir(out, force=force) as tmp:
+        echo("measuring the baseline")
+        base = _measure(p.model, p)
+        lat = torch_latency(p.model, p.example)
+        report: dict[str, Any] = {
+            "name": recipe.name,
+            "target": recipe.target,
+            "metric": recipe.metric,
+            "baseline": {
+                "accuracy": base["accuracy"],
+                "latency_ms": round(lat["p50"], 4),
+                "size_bytes": base["size_bytes"],
+                "macs": base["macs"],
+            },
+            "stages": [],
+            "artifacts": [],
+            "failures": [],
+        }
+        teacher = copy.deepcopy(p.model).eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        ctx = Context(
+            recipe=recipe,
+            model=p.model,
+            teacher=teacher,
+            data=p.data,
+            example_input=p.example,
+            evaluate=lambda m: _measure(m, p)["accuracy"],
+            work_dir=tmp / ".work",
+            profile=p.profile.model_dump(),
+        )
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        for spec in recipe.stages:
+            echo(f"stage {spec.name}")
+            t0 = time.perf_counter()
+            ctx = STAGES[spec.name](spec.config).run(ctx)
+            m = _measure(ctx.model, p)
+            record = StageRecord(
+                spec.name,
+                m["accuracy"],
+                m["macs"],
+                m["size_bytes"],
+                time.perf_counter() - t0,
+                extra=ctx.extra.pop("record", {}),
+            )
+            ctx.history.append(record)
+            report["stages"].append(record.to_json())
+            report["failures"] += ctx.extra.pop("failures", [])
+        final = _measure(ctx.model, p) if recipe.stages else base
+        inputs = _eval_inputs(p.data.eval)
+        ev = Evaluator(recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads)
+        artifacts: list[Artifact] = []
+        for fmt in recipe.export:
+            spec_fmt = EXPORTERS[fmt]
+            path = tmp / f"{recipe.name}-{fmt}-fp32{spec_fmt.suffix}"
+            echo(f"exporting {path.name}")
+            get_exporter(fmt)(ctx.model.eval(), (p.example,), path)
+            art = ev.evaluate(path, fmt, "fp32")
+            artifacts.append(art)
+            for hook in ctx.artifact_hooks:
+                artifacts += hook(ctx, art, ev)
+        golden_inputs = inputs[:GOLDEN_SAMPLES]
+        for art in artifacts:
+            if not art.parity.passed:
+                report["failures"].append(f"{art.path.name}: parity failed: {art.parity.reason}")
+            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs)
+        report["artifacts"] = [a.to_json(tmp) for a in artifacts]
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        import shutil
+
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        write_report(tmp, report)
+        if report["failures"]:
+            if on_failure:
+                on_failure(report)
+            raise CheckFailed(
+                f"{len(report['failures'])} check(s) failed: " + "; ".join(report["failures"]),
+                hint="nothing was written; relax the tolerance in the recipe ('parity:') only if you can defend it",
+            )
+    return report

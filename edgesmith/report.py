@@ -1,0 +1,116 @@
+"""The build report: ``report.json`` (DESIGN.md section 9), ``report.md`` and ``report.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgesmith.fsutil import atomic_write_bytes
+
+__all__ = ["render_markdown", "write_plot", "write_report"]
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+def render_markdown(report: dict[str, Any], plot: str | None = "report.png") -> str:
+    """A human-readable summary of a report."""
+    b = report["baseline"]
+    lines = [
+        f"# {report['name']} → {report['target']}",
+        "",
+        f"Metric: **{report.get('metric', 'top1')}** on the evaluation set. Latency is batch 1, p50.",
+        "",
+        "| step | accuracy | MACs | size | latency | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| baseline (PyTorch eager fp32) | {b['accuracy']:.4f} | {_m(b['macs'])} | {_mb(b['size_bytes'])} | {b['latency_ms']:.3f} ms | |",
+    ]
+    for s in report["stages"]:
+        lines.append(
+            f"| stage `{s['name']}` | {s['accuracy']:.4f} | {_m(s['macs'])} | {_mb(s['size_bytes'])} | | {s['seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Artifacts",
+        "",
+        "| file | format | precision | accuracy | Δ vs baseline | size | latency p50 / p90 | speed-up | top-1 agreement | max abs diff | bundle |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for a in report["artifacts"]:
+        lat = a.get("latency", {})
+        speed = b["latency_ms"] / a["latency_ms"] if a["latency_ms"] else float("nan")
+        p = a["parity"]
+        lines.append(
+            f"| `{a['path']}` | {a['format']} | {a['precision']} | {a['accuracy']:.4f} | {a['accuracy'] - b['accuracy']:+.4f} | "
+            f"{_mb(a['size_bytes'])} | {lat.get('p50', a['latency_ms']):.3f} / {lat.get('p90', float('nan')):.3f} ms | {speed:.2f}x | "
+            f"{p['top1_agreement']:.4f} | {p['max_abs_diff']:.2g} | `{a.get('bundle')}` |"
+        )
+    if report.get("failures"):
+        lines += ["", "## Failed checks", ""] + [f"- {f}" for f in report["failures"]]
+    if plot:
+        lines += ["", f"![accuracy, MACs and latency]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Two panels: accuracy vs MACs over the stages, and accuracy vs latency of every artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = report["baseline"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [b["macs"] / 1e6] + [s["macs"] / 1e6 for s in report["stages"]]
+    ys = [b["accuracy"]] + [s["accuracy"] for s in report["stages"]]
+    ax1.plot(xs, ys, "-o", color="tab:blue")
+    for x, y, name in zip(
+        xs, ys, ["baseline"] + [s["name"] for s in report["stages"]], strict=True
+    ):
+        ax1.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.set_xlabel("MACs (millions, batch 1)")
+    ax1.set_ylabel(f"accuracy ({report.get('metric', 'top1')})")
+    ax1.set_title("compression stages")
+    ax1.grid(alpha=0.3)
+    ax2.scatter(
+        [b["latency_ms"]], [b["accuracy"]], marker="s", color="black", label="PyTorch eager fp32"
+    )
+    colors = {"onnx": "tab:blue", "tflite": "tab:orange", "openvino": "tab:purple"}
+    for a in report["artifacts"]:
+        ax2.scatter(
+            [a["latency_ms"]],
+            [a["accuracy"]],
+            color=colors.get(a["format"], "tab:gray"),
+            marker="o" if a["precision"] == "fp32" else "^",
+            s=30 + a["size_bytes"] / max(b["size_bytes"], 1) * 60,
+        )
+        ax2.annotate(
+            f"{a['format']} {a['precision']}",
+            (a["latency_ms"], a["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax2.set_xscale("log")
+    ax2.set_xlabel("latency, batch 1, p50 (ms, log)")
+    ax2.set_title("artifacts (marker area ∝ size)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write report.json, report.png and report.md into ``out``."""
+    write_plot(report, out / "report.png")
+    atomic_write_bytes(
+        out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
+    )
+    atomic_write_bytes(out / "report.md", render_markdown(report).encode())

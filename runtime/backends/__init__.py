@@ -1,0 +1,78 @@
+"""Inference backends behind one small interface.
+
+Each backend module provides ``open_session(path, device, threads, options) -> Session`` where a
+session has ``inputs``/``outputs`` (lists of TensorSpec), ``info`` (a dict saying what actually
+runs) and ``run(feeds) -> list[np.ndarray]``. Modules are imported only when used, so a device
+pays only for the backend it has.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+from edgesmith.runtime.specs import TensorSpec
+
+from edgesmith.errors import EdgesmithError
+
+__all__ = ["BACKENDS", "FORMAT_BACKENDS", "Session", "backend_for", "get_backend"]
+
+# backend name -> module implementing open_session(); the pip package that provides it
+BACKENDS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("edgesmith.runtime.backends.onnxruntime", "onnxruntime"),
+}
+
+# model file suffix -> backends that can run it, preferred first
+FORMAT_BACKENDS: dict[str, list[str]] = {
+    ".onnx": ["onnxruntime"],
+}
+
+
+class Session(Protocol):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    info: dict[str, Any]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+def get_backend(name: str) -> ModuleType:
+    """Import a backend module by name, with an install hint when its library is missing."""
+    if name not in BACKENDS:
+        raise EdgesmithError(
+            f"unknown backend '{name}'", hint=f"known backends: {', '.join(BACKENDS)}"
+        )
+    module, package = BACKENDS[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EdgesmithError(
+            f"backend '{name}' is not installed ({exc.name} missing)",
+            hint=f"pip install {package}, or pick another backend",
+        ) from None
+
+
+def backend_for(path: Path, preferred: str | None = None) -> str:
+    """The backend that runs ``path``: ``preferred`` if it can, else the first installed one."""
+    suffix = path.suffix.lower()
+    candidates = FORMAT_BACKENDS.get(suffix)
+    if not candidates:
+        raise EdgesmithError(
+            f"cannot tell the format of {path.name}",
+            hint=f"supported model files: {', '.join(FORMAT_BACKENDS)}, or a bundle folder",
+        )
+    if preferred:
+        if preferred not in candidates:
+            raise EdgesmithError(
+                f"backend '{preferred}' cannot run {suffix} files",
+                hint=f"use one of: {', '.join(candidates)}",
+            )
+        return preferred
+    for name in candidates:
+        if importlib.util.find_spec(BACKENDS[name][1]) is not None:
+            return name
+    return candidates[0]  # get_backend() will say how to install it

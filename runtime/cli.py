@@ -1,0 +1,166 @@
+"""``edgesmith run`` and ``edgesmith bench``: the runtime from the command line (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from edgesmith.errors import InputError
+
+__all__ = ["bench_cmd", "run_cmd"]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def read_input_file(path: Path, gray: bool = False) -> np.ndarray:
+    """An image file as a uint8 HWC array, or a ``.npy`` array as stored (never pickled objects)."""
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}", hint="check the path")
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(
+                f"cannot read {path}: {exc}", hint="save plain numeric arrays with np.save"
+            ) from None
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise InputError(
+                "reading images needs Pillow", hint="pip install pillow, or pass .npy arrays"
+            ) from None
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L" if gray else "RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(
+                f"cannot read image {path}: {exc}", hint="is the file a complete image?"
+            ) from None
+    raise InputError(
+        f"unsupported input file {path.name}",
+        hint=f"give images ({', '.join(sorted(_IMAGE_SUFFIXES))}) or .npy arrays",
+    )
+
+
+@click.command("run")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-k",
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Labels to print per file.",
+)
+@click.option("--backend", default=None, help="Force a backend (onnxruntime, ...).")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, ... or a provider name."
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def run_cmd(
+    model_path: Path,
+    files: tuple[Path, ...],
+    top_k: int,
+    backend: str | None,
+    device: str,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Predict on image or .npy FILES with MODEL (a bundle folder or a model file); print top-k labels."""
+    from edgesmith.runtime import load
+
+    model = load(model_path, device=device, threads=threads, backend=backend)
+    gray = bool(model.manifest and (model.manifest.preprocess or {}).get("channels") == "GRAY")
+    results: list[dict[str, Any]] = []
+    for f in files:
+        x = read_input_file(f, gray=gray)
+        if x.dtype != np.uint8 and x.ndim == len(model.inputs[0].shape) - 1:
+            x = x[None]
+        top = model.predict(x, top_k=top_k)
+        results.append(
+            {
+                "file": str(f),
+                "top": [{"label": label, "probability": round(p, 6)} for label, p in top[0]],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps({"model": model.info, "results": results}, indent=2))
+        return
+    for r in results:
+        click.echo(
+            f"{r['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in r["top"])
+        )
+
+
+@click.command("bench")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option(
+    "-b",
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Batch size for symbolic batch dims.",
+)
+@click.option(
+    "-n", "--runs", type=click.IntRange(min=1), default=200, show_default=True, help="Timed runs."
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Untimed runs first.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--backend", default=None, help="Force a backend.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_cmd(
+    model_path: Path,
+    batch: int,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    backend: str | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Measure MODEL's latency on random inputs (single stream): p50/p90/p99 and throughput."""
+    from edgesmith.runtime import load
+    from edgesmith.runtime.bench import time_fn
+
+    model = load(model_path, device=device, threads=threads, backend=backend)
+    rng = np.random.default_rng(0)
+    feeds = []
+    for s in model.inputs:
+        shape = [batch if not isinstance(d, int) else d for d in s.shape]
+        dt = np.dtype(s.dtype)
+        feeds.append(
+            rng.standard_normal(shape).astype(dt)
+            if dt.kind == "f"
+            else rng.integers(0, 10, shape).astype(dt)
+        )
+    stats = time_fn(lambda: model(*feeds), warmup=warmup, runs=runs)
+    stats["fps"] = batch * 1000.0 / stats["p50"]
+    result = {
+        "model": str(model_path),
+        "backend": model.info.get("backend"),
+        "provider": model.info.get("provider"),
+        "batch": batch,
+        **{k: round(v, 4) for k, v in stats.items()},
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"{model_path} [{result['backend']}/{result['provider']}] batch {batch}: p50 {stats['p50']:.3f} ms, "
+            f"p90 {stats['p90']:.3f} ms, p99 {stats['p99']:.3f} ms, {stats['fps']:.1f} samples/s ({stats['runs']} runs)"
+        )

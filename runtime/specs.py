@@ -1,0 +1,142 @@
+"""Tensor specs, input checking and image preprocessing, shared by every backend (numpy only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from edgesmith.errors import InputError
+
+__all__ = ["NanPolicy", "TensorSpec", "check_input", "preprocess_images"]
+
+NanPolicy = Literal["error", "allow"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (ints, or strings for symbolic dimensions) and numpy dtype name of a tensor."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(name=str(d["name"]), shape=tuple(d["shape"]), dtype=str(d["dtype"]))
+
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            not isinstance(want, int) or want == got
+            for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+def _shape_str(shape: tuple[int | str, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np.ndarray:
+    """Return ``x`` as a numpy array if it matches ``spec``; otherwise raise one clear InputError."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__array__") or isinstance(x, list | tuple):
+            x = np.asarray(x)
+        else:
+            raise InputError(
+                f"input '{spec.name}' must be a numpy array, got {type(x).__name__}",
+                hint="pass np.asarray(...)",
+            )
+    if x.dtype != np.dtype(spec.dtype):
+        raise InputError(
+            f"input '{spec.name}' has dtype {x.dtype}, expected {spec.dtype}",
+            hint=f"convert with x.astype(np.{spec.dtype})",
+        )
+    if not spec.accepts_shape(tuple(x.shape)):
+        raise InputError(
+            f"input '{spec.name}' has shape {list(x.shape)}, expected {_shape_str(spec.shape)}",
+            hint="the first dimension is the batch; add it with x[None] for a single sample",
+        )
+    if nan_policy == "error" and x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise InputError(
+            f"input '{spec.name}' contains NaN or Inf",
+            hint="clean the input, or load the model with nan_policy='allow'",
+        )
+    return x
+
+
+def preprocess_images(images: np.ndarray, pre: dict[str, Any], spec: TensorSpec) -> np.ndarray:
+    """Turn uint8 images (HWC, NHWC, HW or NHW) into the model's float input as the manifest says.
+
+    ``pre`` holds ``resize`` ([h, w] or None), ``scale``, ``mean``, ``std``, ``layout`` (NCHW or
+    NHWC) and ``channels`` (RGB, BGR or GRAY) as written by ``build``; images are given in RGB
+    (or gray) order.
+    """
+    if images.dtype != np.uint8:
+        raise InputError(
+            f"images must be uint8, got {images.dtype}",
+            hint="pass raw 0-255 pixels, or a preprocessed float tensor",
+        )
+    gray = pre.get("channels", "RGB") == "GRAY"
+    x = images
+    if x.ndim == 2 or (x.ndim == 3 and gray and x.shape[-1] not in (1, 3)):
+        x = x[..., None]  # HW -> HWC, NHW -> NHWC
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise InputError(
+            f"images have shape {list(images.shape)}; expected HWC or NHWC",
+            hint="one image is (height, width, channels)",
+        )
+    c = x.shape[-1]
+    if gray and c == 3:
+        x = (
+            (x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+            .round()
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
+    elif not gray and c == 1:
+        x = np.repeat(x, 3, axis=-1)
+    elif c not in (1, 3):
+        raise InputError(
+            f"images have {c} channels; expected 1 or 3",
+            hint="drop the alpha channel: img[..., :3]",
+        )
+    resize = pre.get("resize")
+    if resize is not None and tuple(x.shape[1:3]) != tuple(resize):
+        x = _resize(x, int(resize[0]), int(resize[1]))
+    if pre.get("channels") == "BGR":
+        x = x[..., ::-1]
+    out = x.astype(np.float32) * np.float32(pre.get("scale", 1.0 / 255.0))
+    mean = np.asarray(pre.get("mean", [0.0]), np.float32)
+    std = np.asarray(pre.get("std", [1.0]), np.float32)
+    out = (out - mean) / std
+    if pre.get("layout", "NCHW") == "NCHW":
+        out = out.transpose(0, 3, 1, 2)
+    out = np.ascontiguousarray(out, dtype=np.dtype(spec.dtype))
+    if not spec.accepts_shape(tuple(out.shape)):
+        raise InputError(
+            f"preprocessed images have shape {list(out.shape)}, the model expects {_shape_str(spec.shape)}",
+            hint="give images of the model's size, or a bundle whose preprocess has 'resize'",
+        )
+    return out
+
+
+def _resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - depends on the install
+        raise InputError(
+            f"images of size {x.shape[1]}x{x.shape[2]} need resizing to {h}x{w}, which needs Pillow",
+            hint="pip install pillow, or resize before calling the model",
+        ) from None
+    out = []
+    for img in x:
+        mode_img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        r = np.asarray(mode_img.resize((w, h), Image.Resampling.BILINEAR))
+        out.append(r[..., None] if r.ndim == 2 else r)
+    return np.stack(out)
