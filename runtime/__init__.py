@@ -3,11 +3,10 @@
 Imports numpy, the standard library and only the backend actually used: never torch.
 """
 
+from edgesmith.errors import BundleError, InputError, ModelLoadError
 from edgesmith.runtime.bundle import Manifest, read_bundle
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.specs import TensorSpec
-
-from edgesmith.errors import BundleError, InputError, ModelLoadError
 
 __all__ = [
     "BundleError",

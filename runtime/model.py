@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgesmith.errors import EdgesmithError, InputError, ModelLoadError
 from edgesmith.runtime.backends import Session, backend_for, get_backend
 from edgesmith.runtime.bundle import Manifest, read_bundle
 from edgesmith.runtime.specs import NanPolicy, TensorSpec, check_input, preprocess_images
-
-from edgesmith.errors import EdgesmithError, InputError, ModelLoadError
 
 __all__ = ["Model", "load"]
 

@@ -15,20 +15,28 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
-from edgesmith.runtime.specs import TensorSpec
 
 from edgesmith.errors import EdgesmithError
+from edgesmith.runtime.specs import TensorSpec
 
 __all__ = ["BACKENDS", "FORMAT_BACKENDS", "Session", "backend_for", "get_backend"]
 
-# backend name -> module implementing open_session(); the pip package that provides it
-BACKENDS: dict[str, tuple[str, str]] = {
-    "onnxruntime": ("edgesmith.runtime.backends.onnxruntime", "onnxruntime"),
+# backend name -> (module implementing open_session(), pip install hint, importable libraries)
+BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "onnxruntime": ("edgesmith.runtime.backends.onnxruntime", "onnxruntime", ("onnxruntime",)),
+    "openvino": ("edgesmith.runtime.backends.openvino", "openvino", ("openvino",)),
+    "litert": (
+        "edgesmith.runtime.backends.litert",
+        "ai-edge-litert",
+        ("ai_edge_litert", "tflite_runtime"),
+    ),
 }
 
 # model file suffix -> backends that can run it, preferred first
 FORMAT_BACKENDS: dict[str, list[str]] = {
-    ".onnx": ["onnxruntime"],
+    ".onnx": ["onnxruntime", "openvino"],
+    ".xml": ["openvino"],
+    ".tflite": ["litert"],
 }
 
 
@@ -46,7 +54,7 @@ def get_backend(name: str) -> ModuleType:
         raise EdgesmithError(
             f"unknown backend '{name}'", hint=f"known backends: {', '.join(BACKENDS)}"
         )
-    module, package = BACKENDS[name]
+    module, package, _ = BACKENDS[name]
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -73,6 +81,6 @@ def backend_for(path: Path, preferred: str | None = None) -> str:
             )
         return preferred
     for name in candidates:
-        if importlib.util.find_spec(BACKENDS[name][1]) is not None:
+        if any(importlib.util.find_spec(lib) is not None for lib in BACKENDS[name][2]):
             return name
     return candidates[0]  # get_backend() will say how to install it

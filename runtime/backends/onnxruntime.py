@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from edgesmith.runtime.specs import TensorSpec
 
 from edgesmith.errors import EdgesmithError, ModelLoadError
+from edgesmith.runtime.specs import TensorSpec
 
 __all__ = ["PROVIDER_ORDER", "OrtSession", "open_session"]
 
