@@ -21,7 +21,7 @@ try:
 
     _PACKAGE = "ai_edge_litert"
 except ImportError:  # pragma: no cover - depends on the install
-    from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore[no-redef, unused-ignore]
 
     _PACKAGE = "tflite_runtime"
 
