@@ -1,8 +1,9 @@
-"""Console output: rich progress bars with ETA when rich is installed and output is not quiet."""
+"""Console output: rich progress bars with ETA on a terminal, periodic plain lines otherwise."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -26,6 +27,22 @@ def echo(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _plain(
+    iterable: Iterable[T], description: str, total: int | None, every: float = 15.0
+) -> Iterator[T]:
+    """For logs and pipes: one line at most every ``every`` seconds, with elapsed time and ETA."""
+    start = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            eta = f", eta {(now - start) / done * (total - done):.0f} s" if total else ""
+            echo(f"{description}: {done}/{total or '?'} ({now - start:.0f} s{eta})")
+
+
 def track(
     iterable: Iterable[T], description: str, total: int | None = None, transient: bool = True
 ) -> Iterator[T]:
@@ -33,6 +50,8 @@ def track(
     if _state["quiet"]:
         yield from iterable
         return
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
     try:
         from rich.console import Console
         from rich.progress import (
@@ -44,8 +63,11 @@ def track(
             TimeRemainingColumn,
         )
     except ImportError:
-        echo(description)
-        yield from iterable
+        yield from _plain(iterable, description, total)
+        return
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield from _plain(iterable, description, total)
         return
     columns = (
         TextColumn("{task.description}"),
@@ -55,13 +77,8 @@ def track(
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=transient) as progress:
-        task = progress.add_task(
-            description,
-            total=total
-            if total is not None
-            else (len(iterable) if hasattr(iterable, "__len__") else None),
-        )  # type: ignore[arg-type]
+    with Progress(*columns, console=console, transient=transient) as progress:
+        task = progress.add_task(description, total=total)
         for item in iterable:
             yield item
             progress.advance(task)

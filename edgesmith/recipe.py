@@ -433,6 +433,6 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     """A plain mapping of the recipe that ``parse_recipe`` reads back to an equal recipe."""
-    out = recipe.model_dump(mode="json", exclude={"stages", "base_dir"}, exclude_none=True)
+    out = recipe.model_dump(mode="json", exclude={"stages", "base_dir"})
     out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in recipe.stages]
     return out

@@ -1,0 +1,150 @@
+"""The reference build end to end: report.json contract, parity, bundles, atomic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgesmith.compress import STAGES, Stage, StageConfig
+from edgesmith.errors import CheckFailed, EdgesmithError
+from edgesmith.pipeline import build
+from edgesmith.recipe import load_recipe
+from edgesmith.runtime import load, read_bundle
+from tests.conftest import BASE_RECIPE, write_recipe
+
+
+def test_report_json_follows_the_public_contract(reference_build: Path) -> None:
+    report = json.loads((reference_build / "report.json").read_text())
+    assert report["name"] == "fmnist-cnn" and report["target"] == "x86-cpu"
+    base = report["baseline"]
+    assert set(base) >= {"accuracy", "latency_ms", "size_bytes", "macs"}
+    assert 0.92 <= base["accuracy"] <= 0.94  # the committed weights score 93.0% on the 10k test set
+    assert 18_000_000 < base["macs"] < 19_000_000
+    assert base["size_bytes"] == 1_067_976
+    assert report["stages"] == []
+    (art,) = report["artifacts"]
+    assert set(art) >= {
+        "format",
+        "precision",
+        "path",
+        "bundle",
+        "size_bytes",
+        "accuracy",
+        "latency_ms",
+        "parity",
+    }
+    assert (art["format"], art["precision"], art["path"]) == (
+        "onnx",
+        "fp32",
+        "fmnist-cnn-onnx-fp32.onnx",
+    )
+    assert (reference_build / art["path"]).stat().st_size == art["size_bytes"]
+    assert (reference_build / art["bundle"] / "manifest.json").is_file()
+    assert art["latency_ms"] > 0
+
+
+def test_onnx_agrees_with_pytorch_on_the_whole_test_set(reference_build: Path) -> None:
+    report = json.loads((reference_build / "report.json").read_text())
+    parity = report["artifacts"][0]["parity"]
+    assert parity["samples"] == 10000
+    assert parity["top1_agreement"] >= 0.999
+    assert parity["max_abs_diff"] <= 1e-4
+    assert report["artifacts"][0]["accuracy"] == pytest.approx(
+        report["baseline"]["accuracy"], abs=1e-3
+    )
+
+
+def test_report_md_and_plot_are_written(reference_build: Path) -> None:
+    md = (reference_build / "report.md").read_text()
+    assert "| `fmnist-cnn-onnx-fp32.onnx` | onnx | fp32 |" in md
+    png = (reference_build / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not any(p.name.startswith(".") for p in reference_build.iterdir())  # no temp leftovers
+
+
+def test_bundle_verifies_and_predicts_like_pytorch(reference_build: Path) -> None:
+    from edgesmith.data import read_fashion_mnist
+    from edgesmith.models import build_model
+
+    bundle = reference_build / "bundles" / "fmnist-cnn-onnx-fp32"
+    manifest = read_bundle(bundle)
+    assert (
+        manifest.version == 1
+        and manifest.format == "onnx"
+        and manifest.labels
+        and manifest.labels[9] == "Ankle boot"
+    )
+    assert manifest.inputs[0]["shape"] == ["batch", 1, 28, 28]
+    golden = np.load(bundle / "golden.npz", allow_pickle=False)
+    model = load(bundle)
+    np.testing.assert_allclose(
+        model(golden["inputs"]), golden["outputs"], atol=manifest.golden["atol"]
+    )  # type: ignore[index]
+    # raw uint8 images go through the manifest's preprocessing and give PyTorch's answer
+    images, labels = read_fashion_mnist("/usr/share/datasets/fashion-mnist", "test")
+    recipe = load_recipe(Path(__file__).parents[2] / "examples/fashion_mnist/recipe.yaml")
+    net = build_model(recipe.model)
+    x = torch.from_numpy(((images[:64] / 255.0 - 0.286) / 0.353).astype(np.float32))[:, None]
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = model(images[:64])
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    top = model.predict(images[:1], top_k=2)[0]
+    assert top[0][0] == "Ankle boot" and top[0][1] > 0.5
+
+
+class _Explode(Stage):
+    name = "explode"
+    config_cls = StageConfig
+
+    def run(self, ctx):  # type: ignore[no-untyped-def]
+        raise EdgesmithError("stage exploded on purpose")
+
+
+@pytest.fixture
+def fast_recipe(recipe_dir: Path) -> Path:
+    return write_recipe(recipe_dir, BASE_RECIPE)
+
+
+def test_failed_parity_exits_1_and_leaves_nothing(fast_recipe: Path, tmp_path: Path) -> None:
+    text = (
+        fast_recipe.read_text() + "parity:\n  fp32: {top1_agreement: 1.0, max_abs_diff: 1.0e-12}\n"
+    )
+    recipe = load_recipe(write_recipe(fast_recipe.parent, text, "strict.yaml"))
+    parent = tmp_path / "builds"
+    parent.mkdir()
+    out = parent / "out"
+    with pytest.raises(CheckFailed) as e:
+        build(recipe, out)
+    assert e.value.exit_code == 1
+    assert "parity failed: max abs diff" in e.value.message
+    assert not out.exists()
+    assert list(parent.iterdir()) == []  # no temp folder left behind either
+
+
+def test_a_failing_stage_leaves_nothing_and_force_keeps_the_old_output(
+    fast_recipe: Path, tmp_path: Path
+) -> None:
+    parent = tmp_path / "builds"
+    out = parent / "out"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("previous build")
+    STAGES["explode"] = _Explode
+    try:
+        recipe = load_recipe(
+            write_recipe(
+                fast_recipe.parent, fast_recipe.read_text() + "stages: [explode]\n", "x.yaml"
+            )
+        )
+        with pytest.raises(EdgesmithError, match="already exists"):
+            build(recipe, out)
+        with pytest.raises(EdgesmithError, match="exploded on purpose"):
+            build(recipe, out, force=True)
+    finally:
+        del STAGES["explode"]
+    assert (out / "keep.txt").read_text() == "previous build"
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]
