@@ -32,10 +32,8 @@ def _plain(
 ) -> Iterator[T]:
     """For logs and pipes: one line at most every ``every`` seconds, with elapsed time and ETA."""
     start = last = time.monotonic()
-    done = 0
-    for item in iterable:
+    for done, item in enumerate(iterable, start=1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last >= every:
             last = now

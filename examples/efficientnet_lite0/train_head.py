@@ -71,7 +71,7 @@ def main() -> None:
     head = nn.Linear(f_train.shape[1], 10)
     opt = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-4)
     z_train, z_test = (f_train - mu) / sigma, (f_test - mu) / sigma
-    for epoch in track(range(args.epochs), "head"):
+    for _epoch in track(range(args.epochs), "head"):
         perm = torch.randperm(len(z_train))
         for i in range(0, len(z_train), 512):
             b = perm[i : i + 512]

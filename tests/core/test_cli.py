@@ -48,7 +48,7 @@ def test_every_command_has_help(path: list[str]) -> None:
 def test_user_error_is_one_line_plus_hint_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run_main(
+    code, _out, err = run_main(
         ["build", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o")], capsys
     )
     lines = err.strip().splitlines()
