@@ -1,8 +1,10 @@
-"""Train the reference SmallCNN on Fashion-MNIST and save ``weights.safetensors``.
+"""Train a reference model on Fashion-MNIST and save its weights as safetensors.
 
-    python examples/fashion_mnist/train.py --epochs 4 --out examples/fashion_mnist/weights.safetensors
+    python examples/fashion_mnist/train.py                         # SmallCNN -> weights.safetensors
+    python examples/fashion_mnist/train.py --arch lstm             # RowLSTM -> lstm.safetensors
+    python examples/fashion_mnist/train.py --arch transformer      # PatchTransformer -> transformer.safetensors
 
-Reaches about 92% test accuracy in ~4 epochs (a few minutes on 2 CPU cores).
+SmallCNN reaches about 93% test accuracy in 4 epochs (about 4 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model import SmallCNN
+from model import PatchTransformer, RowLSTM, SmallCNN
 
 from edgesmith.data import FASHION_MNIST_PREPROCESS, _as_model_input, read_fashion_mnist
 from edgesmith.fsutil import atomic_write_bytes
 from edgesmith.progress import track
+
+ARCHS = {
+    "cnn": (SmallCNN, "weights.safetensors"),
+    "lstm": (RowLSTM, "lstm.safetensors"),
+    "transformer": (PatchTransformer, "transformer.safetensors"),
+}
 
 
 def main() -> None:
@@ -33,7 +41,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "weights.safetensors"))
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="cnn")
+    ap.add_argument(
+        "--out", default=None, help="default: the architecture's file next to this script"
+    )
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -44,7 +55,9 @@ def main() -> None:
     x_test = torch.from_numpy(_as_model_input(xte, FASHION_MNIST_PREPROCESS, shape, "float32"))
     y_train, y_test = torch.from_numpy(ytr), torch.from_numpy(yte)
 
-    model = SmallCNN()
+    model_cls, default_out = ARCHS[args.arch]
+    args.out = args.out or str(Path(__file__).parent / default_out)
+    model = model_cls()
     steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
