@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "devices": "edgesmith.devices.cli:devices_group",
     "bundle": "edgesmith.devices.cli:bundle_group",
     "keygen": "edgesmith.devices.cli:keygen_cmd",
-    "ota": "edgesmith.devices.cli:ota_group",
+    "ota": "edgesmith.devices.ota.cli:ota_group",
 }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Channel",
     "Release",
     "in_rollout",
+    "iso_utc",
     "open_channel",
     "parse_duration",
     "parse_percent",
@@ -51,7 +52,7 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _iso(t: datetime) -> str:
+def iso_utc(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -197,7 +198,7 @@ def new_channel(name: str, seq: int, expires_in: timedelta, releases: list[Relea
     return Channel(
         channel=name,
         seq=seq,
-        created=_iso(now),
-        expires=_iso(now + expires_in),
+        created=iso_utc(now),
+        expires=iso_utc(now + expires_in),
         releases=releases,
     )

@@ -37,7 +37,7 @@ from .channel import (
     CHANNEL_FILE,
     Channel,
     Release,
-    _iso,
+    iso_utc,
     new_channel,
     open_channel,
     parse_duration,
@@ -182,7 +182,7 @@ def publish(
         sha256=sha256_file(dest),
         manifest_sha256=manifest_sha,
         rollout=rollout,
-        published=_iso(utc_now()),
+        published=iso_utc(utc_now()),
     )
     releases = [r for r in releases if not (r.name == m.name and r.target == m.target)]
     releases.append(release)
