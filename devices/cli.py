@@ -192,7 +192,10 @@ _FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".xml": "openvino"}
 )
 @click.option("--expires", default=None, help="Bundle lifetime, e.g. 180d (default: no expiry).")
 @click.option(
-    "--sign-key", type=click.Path(path_type=Path), help="Sign with this private key (NAME.key)."
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    envvar="EDGESMITH_SIGN_KEY",
+    help="Sign with this private key (NAME.key) [env EDGESMITH_SIGN_KEY].",
 )
 def bundle_create(
     model_file: Path,
@@ -384,16 +387,27 @@ def bundle_verify(
 
 
 @bundle_group.command("sign")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option(
-    "--key", type=click.Path(path_type=Path), required=True, help="Private key file (NAME.key)."
+    "--key",
+    type=click.Path(path_type=Path),
+    required=True,
+    envvar="EDGESMITH_SIGN_KEY",
+    help="Private key file (NAME.key) [env EDGESMITH_SIGN_KEY].",
 )
-def bundle_sign(bundle: Path, key: Path) -> None:
-    """Sign BUNDLE (folder or .tar) in place; other signatures are kept (key rotation)."""
-    from edgesmith.runtime.bundle import sign_bundle
+def bundle_sign(bundles: tuple[Path, ...], key: Path) -> None:
+    """Sign BUNDLES (folders or .tar) in place; other signatures are kept (key rotation).
 
-    kid = sign_bundle(bundle, key)
-    click.echo(f"signed {bundle} with key {kid[:16]}")
+    \b
+    After a build:  edgesmith bundle sign out/bundles/* --key keys/release.key
+    """
+    from edgesmith.runtime.bundle import sign_bundle
+    from edgesmith.runtime.signing import load_private_key
+
+    k = load_private_key(key)
+    for bundle in bundles:
+        kid = sign_bundle(bundle, k)
+        click.echo(f"signed {bundle} with key {kid[:16]}")
 
 
 @bundle_group.command("pack")

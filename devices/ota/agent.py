@@ -164,7 +164,7 @@ class Agent:
         self._started = False
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return after the current step (thread-safe)."""
+        """Ask :meth:`run` to return after the current check (thread-safe)."""
         self._stop.set()
         self._wake.set()
 
@@ -399,6 +399,9 @@ class Agent:
                 reason=_os_reason(exc),
             )
             self._clean_incoming(keep=None)
+        # a complete download that did not install is not kept (only .part files, for resume)
+        for tar in self.slots.incoming.glob("*.tar"):
+            tar.unlink(missing_ok=True)
         return self._report(result, t0)
 
     def install(self, bundle: str | Path) -> UpdateResult:

@@ -44,7 +44,8 @@ def _announce(mqtt: str | None, channel: Any) -> None:
     "--key",
     type=click.Path(path_type=Path),
     required=True,
-    help="Private key (NAME.key) that signs the channel.",
+    envvar="EDGESMITH_SIGN_KEY",
+    help="Private key (NAME.key) that signs the channel [env EDGESMITH_SIGN_KEY].",
 )
 @click.option(
     "--rollout", default="100%", show_default=True, help="Share of devices that take it, e.g. 20%."
@@ -92,7 +93,11 @@ def ota_publish(
 )
 @click.option("--channel", default="stable", show_default=True, help="Channel name.")
 @click.option(
-    "--key", type=click.Path(path_type=Path), required=True, help="Private key (NAME.key)."
+    "--key",
+    type=click.Path(path_type=Path),
+    required=True,
+    envvar="EDGESMITH_SIGN_KEY",
+    help="Private key (NAME.key) [env EDGESMITH_SIGN_KEY].",
 )
 @click.option("--expires", default="30d", show_default=True, help="New lifetime from now.")
 @click.option(

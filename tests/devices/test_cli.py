@@ -284,3 +284,25 @@ def test_ota_bad_options(
         "x86-cpu",
     )
     assert code == 2 and "no trusted public key configured" in err
+
+
+def test_sign_several_bundles_with_the_key_from_the_environment(
+    capsys: pytest.CaptureFixture[str],
+    bundles: Bundles,
+    keys: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(bundles.make(2, key=None), a)
+    pack = tmp_path / "b.tar"
+    shutil.copytree(bundles.make(3, key=None), b)
+    assert run(capsys, "bundle", "pack", b, "-o", pack)[0] == 0
+    monkeypatch.setenv("EDGESMITH_SIGN_KEY", str(keys["key"]))
+    code, text, _ = run(capsys, "bundle", "sign", a, pack)
+    assert code == 0 and len(text.splitlines()) == 2
+    for bundle in (a, pack):
+        code, text, _ = run(
+            capsys, "bundle", "verify", bundle, "--key", keys["pub"], "--require-signature"
+        )
+        assert code == 0 and "signed by key" in text

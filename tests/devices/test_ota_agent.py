@@ -203,6 +203,7 @@ def test_bundle_signed_by_the_wrong_key_is_refused(
     result = run_once(device, store_server, keys)
     assert result.status == "failed" and "none of which is trusted" in result.reason
     assert installed_manifest(device).version == 1
+    assert not list((device / "incoming").iterdir()), "the refused download is not kept"
 
 
 def test_replayed_old_channel_file_is_refused(
