@@ -3,6 +3,7 @@ HTTP store server on loopback with Range support and fault injection, and a mosq
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,15 +20,21 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 
 
 @pytest.fixture(scope="session")
-def ref_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference Fashion-MNIST bundle (unsigned, version 1), built once per session (~15 s)."""
-    from edgesmith.pipeline import build
-    from edgesmith.progress import set_quiet
-    from edgesmith.recipe import load_recipe
+def ref_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference Fashion-MNIST bundle (unsigned, version 1), built once per session (~15 s).
 
-    set_quiet(True)
-    out = tmp_path_factory.mktemp("ref") / "build"
-    report = build(load_recipe(REPO / "examples/fashion_mnist/recipe.yaml"), out, bundle_version=1)
+    Uses the project's shared ``reference_build`` fixture (tests/conftest.py) when there is one,
+    so the suite builds the reference model once. Tests only read it.
+    """
+    try:
+        out = Path(request.getfixturevalue("reference_build"))
+    except pytest.FixtureLookupError:
+        from edgesmith.pipeline import build
+        from edgesmith.recipe import load_recipe
+
+        out = tmp_path_factory.mktemp("ref") / "build"
+        build(load_recipe(REPO / "examples/fashion_mnist/recipe.yaml"), out, bundle_version=1)
+    report = json.loads((out / "report.json").read_text())
     return out / report["artifacts"][0]["bundle"]
 
 
