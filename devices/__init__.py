@@ -3,6 +3,7 @@
 Imports no torch: this package runs on the device.
 """
 
-from edgesmith.devices.profiles import Profile, list_profiles, load_profile
+from edgesmith.devices.detect import Detection, detect
+from edgesmith.devices.profiles import Profile, list_profiles, load_profile, resolve_target
 
-__all__ = ["Profile", "list_profiles", "load_profile"]
+__all__ = ["Detection", "Profile", "detect", "list_profiles", "load_profile", "resolve_target"]

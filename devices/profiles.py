@@ -1,18 +1,24 @@
-"""Target device profiles, read from the YAML data files in ``profiles/``."""
+"""Target device profiles, read from the YAML data files in ``profiles/``.
+
+A profile says what a device runs best and how: CPU architecture and ISA flags (as named in
+``/proc/cpuinfo``), preferred formats and backend, execution-provider/delegate order, int8
+scheme, threads and memory budget, plus the facts ``edgesmith devices detect`` matches on.
+A recipe may override any field: ``resolve_target({"profile": "rpi5", "threads": 2})``.
+"""
 
 from __future__ import annotations
 
 import difflib
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["Int8Scheme", "Profile", "list_profiles", "load_profile"]
+__all__ = ["Int8Scheme", "Profile", "list_profiles", "load_profile", "resolve_target"]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -23,22 +29,27 @@ class Int8Scheme(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weights: Literal["per-channel-symmetric", "per-tensor-symmetric"] = "per-channel-symmetric"
-    activations: Literal["asymmetric-uint8", "symmetric-int8"] = "asymmetric-uint8"
+    activations: Literal["asymmetric-uint8", "asymmetric-int8", "symmetric-int8"] = (
+        "asymmetric-uint8"
+    )
     format: Literal["QDQ", "QOperator"] = "QDQ"
 
 
 class Profile(BaseModel):
-    """A target device: what it runs best and how."""
+    """A target device: what it runs best and how, and how to recognise it."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str
     arch: Literal["aarch64", "x86_64", "armv7l"]
-    isa: list[str] = Field(default_factory=list)
-    device_tree_model: str | None = None
-    jetson: bool = False
-    accel_device: str | None = None
+    isa: list[str] = Field(default_factory=list)  # every flag must be present
+    isa_any: list[str] = Field(default_factory=list)  # at least one must be present
+    vendor: str | None = None  # /proc/cpuinfo vendor_id (x86)
+    device_tree_model: str | None = None  # a substring of /proc/device-tree/model
+    jetson: bool = False  # /etc/nv_tegra_release present
+    accel_device: str | None = None  # e.g. /dev/accel/accel0 (Intel NPU)
+    compatible: list[str] = Field(default_factory=list)  # other targets whose bundles run here
     formats: list[Literal["onnx", "tflite", "openvino"]]
     backend: Literal["onnxruntime", "openvino", "litert"]
     ov_device: str | None = None
@@ -46,8 +57,45 @@ class Profile(BaseModel):
     delegates: list[str] = Field(default_factory=list)
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "int8"
     int8: Int8Scheme = Field(default_factory=Int8Scheme)
-    threads: int | None = None
-    memory_mb: int = 1024
+    threads: int | None = Field(default=None, ge=1)
+    memory_mb: int = Field(default=1024, ge=16)
+
+    def runs_bundles_for(self, target: str) -> bool:
+        """Whether a bundle built for ``target`` may be installed on this device."""
+        return target == self.name or target in self.compatible
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Profile:
+        """A copy with some fields replaced (nested ``int8`` keys merge), validated.
+
+        Raises:
+            EdgesmithError: an unknown field (with the nearest name) or a bad value.
+        """
+        data = self.model_dump()
+        for key, value in overrides.items():
+            if key not in Profile.model_fields:
+                close = difflib.get_close_matches(key, list(Profile.model_fields), n=1)
+                raise EdgesmithError(
+                    f"unknown profile field '{key}' in the target overrides",
+                    hint=(f"did you mean '{close[0]}'? " if close else "")
+                    + f"fields: {', '.join(Profile.model_fields)}",
+                )
+            if key == "int8" and isinstance(value, dict):
+                data["int8"] = {**data["int8"], **value}
+            else:
+                data[key] = value
+        return _validate(data, f"profile '{self.name}' with overrides")
+
+
+def _validate(data: Any, where: str) -> Profile:
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise EdgesmithError(
+            f"{where}: '{loc}': {err['msg']}",
+            hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
+        ) from None
 
 
 @cache
@@ -56,11 +104,15 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def load_profile(name: str) -> Profile:
-    """Load a built-in profile by name, or a profile YAML file by path.
+def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """Load a built-in profile by name, or a profile YAML file by path, with optional overrides.
 
     Raises:
-        EdgesmithError: unknown name (with the nearest known names) or a malformed file.
+        EdgesmithError: unknown name (with the nearest known name) or a malformed file.
+
+    Example:
+        >>> load_profile("rpi5").backend
+        'onnxruntime'
     """
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
@@ -74,10 +126,35 @@ def load_profile(name: str) -> Profile:
         path = PROFILE_DIR / f"{name}.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return Profile(**data)
-    except (yaml.YAMLError, TypeError, ValidationError) as exc:
+    except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise EdgesmithError(
             f"malformed device profile {path}: {first}",
             hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
         ) from None
+    if not isinstance(data, dict):
+        raise EdgesmithError(
+            f"malformed device profile {path}: expected a mapping of fields",
+            hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
+        )
+    profile = _validate(data, f"malformed device profile {path}")
+    return profile.with_overrides(overrides) if overrides else profile
+
+
+def resolve_target(target: str | dict[str, Any]) -> Profile:
+    """A recipe's ``target``: a profile name, or ``{profile: NAME, <field>: <override>, ...}``.
+
+    Example:
+        >>> resolve_target({"profile": "rpi5", "threads": 2}).threads
+        2
+    """
+    if isinstance(target, str):
+        return load_profile(target)
+    overrides = dict(target)
+    name = overrides.pop("profile", None)
+    if not isinstance(name, str):
+        raise EdgesmithError(
+            "a target given as a mapping needs 'profile: NAME'",
+            hint="e.g. target: {profile: rpi5, threads: 2}",
+        )
+    return load_profile(name, overrides)

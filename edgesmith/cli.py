@@ -29,6 +29,10 @@ COMMANDS: dict[str, str] = {
     "export": "edgesmith.cli:export_cmd",
     "run": "edgesmith.runtime.cli:run_cmd",
     "bench": "edgesmith.runtime.cli:bench_cmd",
+    "devices": "edgesmith.devices.cli:devices_group",
+    "bundle": "edgesmith.devices.cli:bundle_group",
+    "keygen": "edgesmith.devices.cli:keygen_cmd",
+    "ota": "edgesmith.devices.ota.cli:ota_group",
 }
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "RecipeError",
     "UnsupportedOpError",
+    "UpdateError",
 ]
 
 
@@ -82,5 +83,11 @@ class BundleError(EdgesmithError):
 
 class CheckFailed(EdgesmithError):
     """The pipeline ran, but a check (parity, accuracy budget, health) failed."""
+
+    exit_code = 1
+
+
+class UpdateError(EdgesmithError):
+    """An over-the-air update was refused or failed; the installed model is left untouched."""
 
     exit_code = 1

@@ -1,0 +1,132 @@
+"""The health check a new model must pass before the switch: it loads, it reproduces the
+manifest's golden outputs within tolerance, and it answers within the latency budget."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.errors import EdgesmithError
+
+__all__ = ["HealthReport", "check_health"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealthReport:
+    """The outcome of a health check; ``reason`` says why it failed."""
+
+    ok: bool
+    reason: str = ""
+    max_abs_diff: float | None = None
+    top1_agreement: float | None = None
+    latency_ms: float | None = None
+    golden: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _zeros_for(spec: dict[str, Any]) -> np.ndarray:
+    shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+    return np.zeros(shape, dtype=spec["dtype"])
+
+
+def check_health(
+    bundle: str | Path,
+    latency_budget_ms: float | None = None,
+    require_golden: bool = False,
+    runs: int = 10,
+) -> HealthReport:
+    """Load a bundle folder with ``edgesmith.runtime.load`` and check it.
+
+    Args:
+        bundle: an extracted, verified bundle folder.
+        latency_budget_ms: fail if the median single-sample latency is above this.
+        require_golden: fail bundles without golden data (else: load and one run only).
+        runs: timed runs for the latency figure.
+
+    Example:
+        >>> check_health("/var/lib/edgesmith/slots/b", latency_budget_ms=50).ok   # doctest: +SKIP
+        True
+    """
+    from edgesmith.runtime import load
+
+    root = Path(bundle)
+    try:
+        model = load(root, verify=True)
+    except EdgesmithError as exc:
+        return HealthReport(False, f"the model does not load: {exc.message}")
+    except Exception as exc:  # a backend failing on a bad model must not take the agent down
+        return HealthReport(False, f"the model does not load: {type(exc).__name__}: {exc}")
+    manifest = model.manifest
+    golden = manifest.golden if manifest else None
+    expected: np.ndarray | None = None
+    try:
+        if golden and golden.get("file"):
+            with np.load(root / str(golden["file"]), allow_pickle=False) as data:
+                inputs, expected = np.asarray(data["inputs"]), np.asarray(data["outputs"])
+            out = np.asarray(model(inputs))
+            sample = inputs[:1]
+        else:
+            if require_golden:
+                return HealthReport(
+                    False, "the bundle has no golden data and this device requires it"
+                )
+            if manifest is None:
+                return HealthReport(False, "not a bundle")
+            sample = _zeros_for(manifest.inputs[0])
+            out = np.asarray(model(sample))
+    except EdgesmithError as exc:
+        return HealthReport(False, f"the model fails on its golden inputs: {exc.message}")
+    except (KeyError, ValueError, OSError) as exc:
+        return HealthReport(False, f"golden data unreadable: {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        return HealthReport(False, f"the model fails to run: {type(exc).__name__}: {exc}")
+    report = HealthReport(True, golden=expected is not None)
+    if expected is not None and golden is not None:
+        if out.shape != expected.shape:
+            return HealthReport(
+                False, f"golden output shape {list(out.shape)}, expected {list(expected.shape)}"
+            )
+        if not np.isfinite(out).all():
+            return HealthReport(False, "the model returns NaN or Inf on its golden inputs")
+        diff = np.abs(out.astype(np.float64) - expected.astype(np.float64))
+        report.max_abs_diff = float(diff.max()) if diff.size else 0.0
+        atol, rtol = float(golden.get("atol", 1e-4)), float(golden.get("rtol", 1e-3))
+        if out.ndim >= 2:
+            flat_o, flat_e = out.reshape(len(out), -1), expected.reshape(len(expected), -1)
+            report.top1_agreement = float((flat_o.argmax(1) == flat_e.argmax(1)).mean())
+        if not np.allclose(out, expected, atol=atol, rtol=rtol):
+            report.ok = False
+            report.reason = (
+                f"golden outputs differ by up to {report.max_abs_diff:.4g} "
+                f"(tolerance atol {atol:.3g}, rtol {rtol:.3g})"
+            )
+            return report
+        if golden.get("top1") and report.top1_agreement is not None and report.top1_agreement < 1:
+            report.ok = False
+            report.reason = f"golden top-1 agreement {report.top1_agreement:.3f} < 1"
+            return report
+    if latency_budget_ms is not None:
+        for _ in range(2):
+            model(sample)
+        times = []
+        for _ in range(max(runs, 1)):
+            t0 = time.perf_counter()
+            model(sample)
+            times.append((time.perf_counter() - t0) * 1000)
+        report.latency_ms = float(np.median(times))
+        if report.latency_ms > latency_budget_ms:
+            report.ok = False
+            report.reason = (
+                f"median latency {report.latency_ms:.2f} ms is over the budget of "
+                f"{latency_budget_ms:.2f} ms"
+            )
+    return report
