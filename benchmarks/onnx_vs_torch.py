@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe.yaml"
@@ -63,6 +64,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--cold-repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_vs_torch.json"))
     args = ap.parse_args()
@@ -73,7 +75,6 @@ def main() -> None:
     from edgesmith.pipeline import prepare
     from edgesmith.recipe import load_recipe
     from edgesmith.runtime import load
-    from edgesmith.runtime.bench import time_fn
 
     torch.set_num_threads(args.threads)
     p = prepare(load_recipe(RECIPE))
@@ -90,9 +91,18 @@ def main() -> None:
     for batch in (1, 32):
         xb = xs[:batch]
         tb = torch.from_numpy(xb)
-        with torch.inference_mode():
-            t = time_fn(lambda tb=tb: p.model(tb), warmup=20, runs=args.runs)
-        o = time_fn(lambda xb=xb: model(xb), warmup=20, runs=args.runs)
+
+        def torch_call(tb: torch.Tensor = tb) -> None:
+            with torch.inference_mode():
+                p.model(tb)
+
+        # interleaved rounds: both contenders see the same load on this shared machine
+        timed = interleaved(
+            {"torch": torch_call, "ort": lambda xb=xb: model(xb)},
+            rounds=args.rounds,
+            runs=max(args.runs // args.rounds, 5),
+        )
+        t, o = timed["torch"], timed["ort"]
         rows.append(
             {
                 "batch": batch,

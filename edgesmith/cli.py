@@ -114,6 +114,13 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     default=None,
     help="Bundle version (default: a UTC timestamp).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    envvar="EDGESMITH_SIGN_KEY",
+    default=None,
+    help="Ed25519 private key (from `edgesmith keygen`) that signs every bundle [env: EDGESMITH_SIGN_KEY].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def build_cmd(
     recipe: Path,
@@ -121,6 +128,7 @@ def build_cmd(
     force: bool,
     target: str | None,
     bundle_version: int | None,
+    sign_key: Path | None,
     as_json: bool,
 ) -> None:
     """Run RECIPE end to end: stages, export, parity and accuracy checks, bundles, report.
@@ -138,7 +146,14 @@ def build_cmd(
         data = dump_recipe(r)
         data["target"] = target
         r = parse_recipe(data, r.base_dir or recipe.parent, source=str(recipe))
-    report = build(r, out, force=force, bundle_version=bundle_version, on_failure=_print_summary)
+    report = build(
+        r,
+        out,
+        force=force,
+        bundle_version=bundle_version,
+        on_failure=_print_summary,
+        sign_key=sign_key,
+    )
     _print_summary(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -138,10 +138,10 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.devices.profiles import resolve_target
     from edgesmith.models import build_model
 
-    profile = load_profile(recipe.target)
+    profile = resolve_target(recipe.target)
     threads = profile.threads or os.cpu_count() or 1
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(threads)
@@ -184,7 +184,12 @@ def _eval_inputs(dataset: Any) -> np.ndarray:
 
 
 def _write_bundle(
-    out: Path, art: Artifact, p: Prepared, version: int, golden_inputs: np.ndarray
+    out: Path,
+    art: Artifact,
+    p: Prepared,
+    version: int,
+    golden_inputs: np.ndarray,
+    sign_key: Any = None,
 ) -> str:
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import write_bundle
@@ -216,7 +221,7 @@ def _write_bundle(
     manifest = {
         "name": p.recipe.name,
         "version": version,
-        "target": p.recipe.target,
+        "target": p.profile.name,
         "format": art.format,
         "precision": art.precision,
         "model": art.path.name,
@@ -234,7 +239,9 @@ def _write_bundle(
         },
         "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
     }
-    write_bundle(out / rel, {k: v for k, v in manifest.items() if v is not None}, files)
+    write_bundle(
+        out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
+    )
     return rel
 
 
@@ -244,8 +251,11 @@ def build(
     force: bool = False,
     bundle_version: int | None = None,
     on_failure: Callable[[dict[str, Any]], None] | None = None,
+    sign_key: Any = None,
 ) -> dict[str, Any]:
     """Run a recipe end to end and write ``out`` atomically.
+
+    ``sign_key`` (an Ed25519 private key object or key file) signs every bundle before it appears.
 
     Returns:
         The report (as written to ``report.json``).
@@ -261,6 +271,10 @@ def build(
 
     out = Path(out)
     check_output_dir(out, force)
+    if isinstance(sign_key, str | Path):
+        from edgesmith.runtime.signing import load_private_key
+
+        sign_key = load_private_key(sign_key)  # a bad key fails now, not after the build
     t_start = time.perf_counter()
     p = prepare(recipe)
     version = bundle_version or int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
@@ -270,7 +284,7 @@ def build(
         lat = torch_latency(p.model, p.example)
         report: dict[str, Any] = {
             "name": recipe.name,
-            "target": recipe.target,
+            "target": p.profile.name,
             "metric": recipe.metric,
             "baseline": {
                 "accuracy": base["accuracy"],
@@ -329,7 +343,7 @@ def build(
         for art in artifacts:
             if not art.parity.passed:
                 report["failures"].append(f"{art.path.name}: parity failed: {art.parity.reason}")
-            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs)
+            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key)
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

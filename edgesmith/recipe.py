@@ -147,7 +147,9 @@ class Recipe(_Strict):
     model: ModelConfig
     data: DataConfig
     metric: str = "top1"
-    target: str = "x86-cpu"
+    target: str | dict[str, Any] = (
+        "x86-cpu"  # a profile name, or {profile: NAME, <field>: override}
+    )
     seed: int = 0
     stages: list[StageSpec] = Field(default_factory=list)
     export: list[str] = Field(default_factory=lambda: ["onnx"])
@@ -341,7 +343,15 @@ def _check_names(data: dict[str, Any], lines: dict[Loc, int]) -> list[Problem]:
     problems: list[Problem] = []
     target = data.get("target")
     profiles = list_profiles()
-    if isinstance(target, str) and target not in profiles:
+    if isinstance(target, dict):
+        from edgesmith.devices.profiles import resolve_target
+        from edgesmith.errors import EdgesmithError
+
+        try:
+            resolve_target(target)
+        except EdgesmithError as exc:
+            problems.append((_line_of(lines, ("target",)), f"target: {exc.message}", exc.hint))
+    elif isinstance(target, str) and target not in profiles:
         close = difflib.get_close_matches(target, profiles, n=1, cutoff=0.5)
         problems.append(
             (

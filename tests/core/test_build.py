@@ -148,3 +148,24 @@ def test_a_failing_stage_leaves_nothing_and_force_keeps_the_old_output(
         del STAGES["explode"]
     assert (out / "keep.txt").read_text() == "previous build"
     assert sorted(p.name for p in parent.iterdir()) == ["out"]
+
+
+def test_build_signs_bundles_and_applies_profile_overrides(fast_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgesmith.cli import main
+    from edgesmith.runtime.signing import generate_keypair, load_trusted_keys
+
+    private, public, _ = generate_keypair(tmp_path / "keys" / "release")
+    text = fast_recipe.read_text().replace("target: x86-cpu", "target: {profile: rpi5, threads: 1}")
+    recipe = write_recipe(fast_recipe.parent, text, "signed.yaml")
+    out = tmp_path / "builds" / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "build", str(recipe), "-o", str(out), "--sign-key", str(private)])
+    assert e.value.code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "rpi5"
+    bundle = out / report["artifacts"][0]["bundle"]
+    manifest = read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
+    assert manifest.target == "rpi5"
+    (bundle / "manifest.json").write_bytes((bundle / "manifest.json").read_bytes().replace(b'"rpi5"', b'"rpi4"'))
+    with pytest.raises(EdgesmithError, match="signature"):
+        read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
