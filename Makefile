@@ -10,10 +10,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-# torch first, from the local CPU wheel, so that no other torch build is ever pulled in
-$(VENV)/.installed: pyproject.toml $(BIN)/python
+# torch first, from the local CPU wheel, so that no other torch build is ever pulled in; the rest
+# at the versions the project is tested with (constraints.txt), which also spares pip a long backtrack
+$(VENV)/.installed: pyproject.toml constraints.txt $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev]" -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
