@@ -150,7 +150,9 @@ def test_a_failing_stage_leaves_nothing_and_force_keeps_the_old_output(
     assert sorted(p.name for p in parent.iterdir()) == ["out"]
 
 
-def test_build_signs_bundles_and_applies_profile_overrides(fast_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_build_signs_bundles_and_applies_profile_overrides(
+    fast_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from edgesmith.cli import main
     from edgesmith.runtime.signing import generate_keypair, load_trusted_keys
 
@@ -166,6 +168,8 @@ def test_build_signs_bundles_and_applies_profile_overrides(fast_recipe: Path, tm
     bundle = out / report["artifacts"][0]["bundle"]
     manifest = read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
     assert manifest.target == "rpi5"
-    (bundle / "manifest.json").write_bytes((bundle / "manifest.json").read_bytes().replace(b'"rpi5"', b'"rpi4"'))
+    (bundle / "manifest.json").write_bytes(
+        (bundle / "manifest.json").read_bytes().replace(b'"rpi5"', b'"rpi4"')
+    )
     with pytest.raises(EdgesmithError, match="signature"):
         read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
