@@ -222,14 +222,29 @@ def _dotted(loc: Loc) -> str:
 Problem = tuple[int | None, str, str | None]  # (line, what is wrong, how to fix it)
 
 
+def _is_type_tag(part: str | int) -> bool:
+    """pydantic puts the tried member of a union into the error location ('str', 'dict[str,any]')."""
+    return isinstance(part, str) and (
+        part.startswith("function-")
+        or "[" in part
+        or part in ("str", "int", "float", "bool", "none")
+    )
+
+
 def _format_errors(
     exc: ValidationError, lines: dict[Loc, int], root: type[BaseModel], prefix: Loc = ()
 ) -> list[Problem]:
     problems: list[Problem] = []
+    union_msgs: dict[Loc, list[str]] = {}
+    union_input: dict[Loc, Any] = {}
     for err in exc.errors():
-        loc: Loc = prefix + tuple(
-            p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
-        )
+        raw_loc = tuple(err["loc"])
+        loc: Loc = prefix + tuple(p for p in raw_loc if not _is_type_tag(p))
+        if any(_is_type_tag(p) and not str(p).startswith("function-") for p in raw_loc):
+            # one error per union member: merge them into "expected A or B"
+            union_msgs.setdefault(loc, []).append(err["msg"].removeprefix("Input should be "))
+            union_input[loc] = err.get("input")
+            continue
         hint = None
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
@@ -243,14 +258,18 @@ def _format_errors(
         elif err["type"] == "missing":
             msg = f"missing required key '{_dotted(loc)}'"
         else:
-            got = err.get("input")
-            got_s = (
-                f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-            )
-            text = err["msg"].removeprefix("Value error, ")
-            msg = f"'{_dotted(loc)}': {text}{got_s}"
+            msg = f"'{_dotted(loc)}': {err['msg'].removeprefix('Value error, ')}{_got(err.get('input'))}"
         problems.append((_line_of(lines, loc), msg, hint))
+    for loc, msgs in union_msgs.items():
+        msg = (
+            f"'{_dotted(loc)}': expected {' or '.join(dict.fromkeys(msgs))}{_got(union_input[loc])}"
+        )
+        problems.append((_line_of(lines, loc), msg, None))
     return problems
+
+
+def _got(value: Any) -> str:
+    return f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
 
 
 def _raise(source: str, problems: list[Problem]) -> typing.NoReturn:
