@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "export": "edgesmith.cli:export_cmd",
     "run": "edgesmith.runtime.cli:run_cmd",
     "bench": "edgesmith.runtime.cli:bench_cmd",
+    "serve": "edgesmith.runtime.cli:serve_cmd",
 }
 
 

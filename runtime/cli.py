@@ -11,7 +11,7 @@ import numpy as np
 
 from edgesmith.errors import InputError
 
-__all__ = ["bench_cmd", "run_cmd"]
+__all__ = ["bench_cmd", "run_cmd", "serve_cmd"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -164,3 +164,169 @@ def bench_cmd(
             f"{model_path} [{result['backend']}/{result['provider']}] batch {batch}: p50 {stats['p50']:.3f} ms, "
             f"p90 {stats['p90']:.3f} ms, p99 {stats['p99']:.3f} ms, {stats['fps']:.1f} samples/s ({stats['runs']} runs)"
         )
+
+
+@click.command("serve")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told)."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port (0: any free one).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Most samples per batch; 1 disables micro-batching.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="How long a batch waits to fill.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Requests waiting before 503.",
+)
+@click.option(
+    "--timeout-ms",
+    type=click.FloatRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Default per-request deadline (504); a request's 'timeout' parameter (µs) overrides it.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0.01),
+    default=8.0,
+    show_default=True,
+    help="Request body limit (413).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Concurrent connections before 503.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require 'Authorization: Bearer <token>' with the token in this file (or in $EDGESMITH_TOKEN).",
+)
+@click.option(
+    "--nan-policy",
+    type=click.Choice(["error", "allow"]),
+    default="error",
+    show_default=True,
+    help="Reject (422) or pass NaN/Inf inputs.",
+)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Re-resolve MODEL (e.g. an OTA 'current' link) and hot-swap when it changes.",
+)
+@click.option(
+    "--watch-interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between --watch checks.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt, gpu, npu, ..."
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of the model."
+)
+@click.option("--backend", default=None, help="Force a backend (onnxruntime, openvino, litert).")
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds SIGTERM waits for requests in flight.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the bound port here once listening.",
+)
+def serve_cmd(
+    model_path: Path,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_wait_ms: float,
+    max_queue: int,
+    timeout_ms: float,
+    max_body_mb: float,
+    max_connections: int,
+    token_file: Path | None,
+    nan_policy: str,
+    watch: bool,
+    watch_interval: float,
+    device: str,
+    threads: int | None,
+    backend: str | None,
+    drain_timeout: float,
+    ready_file: Path | None,
+) -> None:
+    """Serve MODEL (a bundle, a model file, or a link to one) over the Open Inference Protocol v2.
+
+    \b
+    KServe/Triton REST endpoints: /v2/health/{live,ready}, /v2/models/NAME[/ready|/infer], and
+    Prometheus /metrics. NAME is the bundle manifest's name, else the file stem.
+    Example:
+      edgesmith serve out/bundles/fmnist-cnn-onnx-fp32 --port 8000
+      curl localhost:8000/v2/models/fmnist-cnn
+    """
+    import logging
+    import os
+
+    from edgesmith.runtime.serve import ServeConfig, Server
+
+    token = os.environ.get("EDGESMITH_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read token file {token_file}: {exc.strerror}", hint="check the path"
+            ) from None
+        if not token:
+            raise InputError(f"token file {token_file} is empty", hint="write the token into it")
+    if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # not -q: show swaps
+        logging.getLogger("edgesmith.runtime.serve").setLevel(logging.INFO)
+    config = ServeConfig(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        timeout_ms=timeout_ms,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_connections=max_connections,
+        token=token,
+        nan_policy=nan_policy,
+        watch=watch,
+        watch_interval_s=watch_interval,
+        device=device,
+        threads=threads,
+        backend=backend,
+        drain_timeout_s=drain_timeout,
+    )
+    Server(model_path, config).run(ready_file=ready_file)

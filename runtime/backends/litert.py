@@ -13,6 +13,7 @@ file's slot cannot pull pages from under a running interpreter.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -137,6 +138,9 @@ def open_session(
     wanted = options.get("delegate") or (EDGETPU_DELEGATE if device.lower() == "edgetpu" else None)
     if wanted:
         try:
+            ctypes.CDLL(
+                str(wanted)
+            )  # fails cleanly when absent (load_delegate leaves a broken object)
             delegates.append(load_delegate(str(wanted), dict(options.get("delegate_options", {}))))
             delegate_name = Path(str(wanted)).name
         except (ValueError, OSError, RuntimeError) as exc:
