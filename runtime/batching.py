@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -73,6 +75,8 @@ class MicroBatcher:
         deliver: called from the worker thread with each finished batch.
         stackable: False for models with a fixed batch dimension: requests then run one by one.
         on_batch: optional ``(samples, seconds)`` callback for metrics.
+        nice: raise the worker thread's nice value by this much (Linux), so that the threads
+            taking requests run first when the CPU is short.
     """
 
     def __init__(
@@ -85,7 +89,9 @@ class MicroBatcher:
         stackable: bool = True,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "model",
+        nice: int = 0,
     ) -> None:
+        self.nice = nice
         self._run = run
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, float(max_wait))
@@ -123,6 +129,12 @@ class MicroBatcher:
             self._samples += item.n
             self._cond.notify()
 
+    def flush(self) -> None:
+        """Stop waiting for batches to fill: run what is queued now (used when draining)."""
+        with self._cond:
+            self.max_wait = 0.0
+            self._cond.notify_all()
+
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, run those already queued, and end the worker thread."""
         with self._cond:
@@ -157,6 +169,11 @@ class MicroBatcher:
             return batch
 
     def _work(self) -> None:
+        if self.nice and hasattr(os, "setpriority"):
+            # Linux threads have their own nice value: inference yields the CPU to the thread that
+            # parses requests, so that admission control (QueueFull -> 503) stays prompt under load
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         while True:
             batch = self._take()
             if batch is None:

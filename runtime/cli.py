@@ -260,6 +260,13 @@ def bench_cmd(
     help="Seconds SIGTERM waits for requests in flight.",
 )
 @click.option(
+    "--inference-nice",
+    type=click.IntRange(0, 19),
+    default=10,
+    show_default=True,
+    help="Nice value of the inference thread (Linux): reading requests and shedding load go first when the CPU is short; 0 treats them alike.",
+)
+@click.option(
     "--ready-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -283,6 +290,7 @@ def serve_cmd(
     threads: int | None,
     backend: str | None,
     drain_timeout: float,
+    inference_nice: int,
     ready_file: Path | None,
 ) -> None:
     """Serve MODEL (a bundle, a model file, or a link to one) over the Open Inference Protocol v2.
@@ -297,7 +305,7 @@ def serve_cmd(
     import logging
     import os
 
-    from edgesmith.runtime.serve import ServeConfig, Server
+    from edgesmith.runtime.serve import Server
 
     token = os.environ.get("EDGESMITH_TOKEN") or None
     if token_file is not None:
@@ -311,7 +319,7 @@ def serve_cmd(
             raise InputError(f"token file {token_file} is empty", hint="write the token into it")
     if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # not -q: show swaps
         logging.getLogger("edgesmith.runtime.serve").setLevel(logging.INFO)
-    config = ServeConfig(
+    config = dict(
         host=host,
         port=port,
         max_batch=max_batch,
@@ -328,5 +336,6 @@ def serve_cmd(
         threads=threads,
         backend=backend,
         drain_timeout_s=drain_timeout,
+        inference_nice=inference_nice,
     )
-    Server(model_path, config).run(ready_file=ready_file)
+    Server(model_path, **config).run(ready_file=ready_file)

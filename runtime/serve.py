@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith import __version__
 from edgesmith.errors import CheckFailed, EdgesmithError
@@ -81,7 +81,7 @@ class ServeConfig(BaseModel):
         default=32, ge=1, le=4096, description="most samples per batch; 1 disables batching"
     )
     max_wait_ms: float = Field(
-        default=2.0, ge=0, le=10_000, description="how long a batch waits to fill"
+        default=2.0, ge=0, le=60_000, description="how long a batch waits to fill"
     )
     max_queue: int = Field(default=256, ge=1, description="requests waiting before 503")
     timeout_ms: float = Field(
@@ -98,6 +98,12 @@ class ServeConfig(BaseModel):
     backend: str | None = None
     drain_timeout_s: float = Field(default=30.0, ge=0)
     self_check: bool = True
+    inference_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="nice value added to the inference thread: requests are read and shed first",
+    )
 
 
 @dataclass
@@ -181,8 +187,16 @@ class Server:
     """
 
     def __init__(self, path: str | Path, config: ServeConfig | None = None, **overrides: Any):
-        base = config or ServeConfig()
-        self.config = base.model_copy(update=overrides) if overrides else base
+        try:
+            self.config = ServeConfig.model_validate(
+                {**(config.model_dump() if config else {}), **overrides}
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise EdgesmithError(
+                f"serve option '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}",
+                hint="see `edgesmith serve --help`",
+            ) from None
         self.path = Path(path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._swap_lock = threading.Lock()
@@ -230,6 +244,7 @@ class Server:
             stackable=model.batchable,
             on_batch=self.metrics.observe_batch,
             name=model.name,
+            nice=cfg.inference_nice,
         )
         return _Slot(model, batcher, str(real), fp)
 
@@ -542,7 +557,17 @@ class Server:
             limit_concurrency=cfg.max_connections,
             timeout_keep_alive=5,
         )
-        server = uvicorn.Server(config)
+        outer = self
+
+        class _Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                # draining starts now: queued requests run without waiting for their batch to fill
+                outer._draining = True
+                if outer._slot is not None:
+                    outer._slot.batcher.flush()
+                super().handle_exit(sig, frame)
+
+        server = _Uvicorn(config)
         stopped: list[int] = []
         # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler that was
         # installed before it: this one, so that a drained shutdown exits 0 instead of dying

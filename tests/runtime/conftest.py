@@ -52,7 +52,7 @@ class Models:
     tflite: Path
     bundle: Path  # version 1
     bundle_v2: Path  # version 2: logits + 1
-    wide_onnx: Path  # random-weight SmallCNN(width=128), for load tests
+    wide_onnx: Path  # random-weight SmallCNN(width=192), for load tests
     images: np.ndarray  # (N, 28, 28) uint8 Fashion-MNIST test images
     labels: np.ndarray
     inputs: np.ndarray  # (N, 1, 28, 28) float32, preprocessed
@@ -128,7 +128,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         from model import SmallCNN  # examples/fashion_mnist/model.py
     finally:
         sys.path.remove(str(RECIPE.parent))
-    wide = export(SmallCNN(width=128).eval(), (example,), root / "wide.onnx")
+    wide = export(SmallCNN(width=192).eval(), (example,), root / "wide.onnx")
 
     import onnxruntime as ort
 
