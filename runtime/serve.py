@@ -69,6 +69,20 @@ __all__ = ["ServeConfig", "Server"]
 
 log = logging.getLogger(__name__)
 
+try:  # orjson parses request bodies ~8x faster than json: a fifth of the CPU per request here
+    import orjson
+except ImportError:  # pragma: no cover - depends on the install
+    orjson = None
+
+
+def _loads(body: bytes) -> Any:
+    if orjson is not None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:  # NaN/Infinity literals (json takes them), or an error
+            pass
+    return json.loads(body)
+
 
 class ServeConfig(BaseModel):
     """Options of :class:`Server` (and of ``edgesmith serve``)."""
@@ -385,7 +399,7 @@ class Server:
             return missing
         body = await self._read_body(request)
         try:
-            doc = json.loads(body)
+            doc = _loads(body)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
         loop = asyncio.get_running_loop()
