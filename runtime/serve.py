@@ -145,7 +145,7 @@ def _fingerprint(path: Path) -> tuple[Any, ...]:
 def _self_check(model: Model, root: Path) -> None:
     """Run a new model once before it serves: on the bundle's golden inputs when it has them."""
     golden = model.manifest.golden if model.manifest else None
-    if golden and golden.get("file") and root.is_dir():
+    if golden and golden.get("file") and root.is_dir() and len(model.inputs) == 1:
         with np.load(root / golden["file"], allow_pickle=False) as data:
             inputs, expected = data["inputs"], data["outputs"]
         got = np.asarray(model.run_checked([inputs]))
@@ -281,6 +281,12 @@ class Server:
                 self.metrics.swaps.labels("failed").inc()
                 raise
             old, self._slot = self._slot, new
+            if old is not None and old.model.name != new.model.name:
+                log.warning(
+                    "the served model's name changed from '%s' to '%s': clients must use the new name",
+                    old.model.name,
+                    new.model.name,
+                )
             self.metrics.swaps.labels("ok").inc()
             self.metrics.set_model(new.model.info)
             log.info(
@@ -569,7 +575,9 @@ class Server:
             lifespan="on",
             timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s),
             limit_concurrency=cfg.max_connections,
-            timeout_keep_alive=5,
+            # longer than clients keep idle connections (httpx: 5 s), so that a client never sends
+            # on a connection the server is closing at that moment
+            timeout_keep_alive=20,
         )
         outer = self
 

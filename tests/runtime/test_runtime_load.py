@@ -62,6 +62,16 @@ def test_bundle_preprocesses_uint8_images(models):
     assert top[0][0] == "Ankle boot" and top[0][1] > top[1][1]  # the first test image
 
 
+def test_bundle_resizes_and_converts_rgb_images(models):
+    model = load(models.bundle)
+    small = models.images[:16]
+    big_rgb = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)[..., None].repeat(3, axis=-1)
+    assert big_rgb.shape == (16, 56, 56, 3)
+    out = model(big_rgb)  # RGB -> gray, 56x56 -> 28x28, normalised, NCHW
+    assert out.shape == (16, 10)
+    assert (out.argmax(1) == model(small).argmax(1)).mean() >= 0.9
+
+
 def test_bare_file_is_named_by_its_stem(models):
     model = load(models.tflite)
     assert model.name == "ref" and model.version is None and model.info["weights"] == "fp32"

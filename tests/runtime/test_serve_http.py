@@ -46,6 +46,7 @@ def client(server):
 
 
 def test_health_and_metadata(server, client, models):
+    assert f"on http://127.0.0.1:{server.port}" in server.log()  # loopback unless --host
     assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}  # no token needed
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
     meta = client.get("/v2/models/fmnist-cnn").json()
