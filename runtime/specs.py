@@ -41,7 +41,17 @@ class TensorSpec:
         """True when dimension 0 is symbolic, so that samples can be stacked along it."""
         return bool(self.shape) and not isinstance(self.shape[0], int)
 
+    @cached_property
+    def _tail(self) -> tuple[int, ...] | None:
+        # shape[1:] when dimension 0 alone is symbolic: one tuple comparison then checks a shape
+        if self.batched and all(isinstance(d, int) for d in self.shape[1:]):
+            return tuple(int(d) for d in self.shape[1:])
+        return None
+
     def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        tail = self._tail
+        if tail is not None:
+            return len(shape) == len(self.shape) and shape[1:] == tail
         return len(shape) == len(self.shape) and all(
             not isinstance(want, int) or want == got
             for want, got in zip(self.shape, shape, strict=True)
@@ -54,7 +64,7 @@ def _shape_str(shape: tuple[int | str, ...]) -> str:
 
 def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np.ndarray:
     """Return ``x`` as a numpy array if it matches ``spec``; otherwise raise one clear InputError."""
-    if not isinstance(x, np.ndarray):
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray):
         if hasattr(x, "__array__") or isinstance(x, list | tuple):
             x = np.asarray(x)
         else:
@@ -62,17 +72,18 @@ def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np
                 f"input '{spec.name}' must be a numpy array, got {type(x).__name__}",
                 hint="pass np.asarray(...)",
             )
-    if x.dtype != spec.np_dtype:
+    dtype = x.dtype
+    if dtype is not spec.np_dtype and dtype != spec.np_dtype:
         raise InputError(
             f"input '{spec.name}' has dtype {x.dtype}, expected {spec.dtype}",
             hint=f"convert with x.astype(np.{spec.dtype})",
         )
-    if not spec.accepts_shape(tuple(x.shape)):
+    if not spec.accepts_shape(x.shape):
         raise InputError(
             f"input '{spec.name}' has shape {list(x.shape)}, expected {_shape_str(spec.shape)}",
             hint="the first dimension is the batch; add it with x[None] for a single sample",
         )
-    if nan_policy == "error" and x.dtype.kind == "f" and not _all_finite(x):
+    if nan_policy == "error" and dtype.kind == "f" and not _all_finite(x):
         raise InputError(
             f"input '{spec.name}' contains NaN or Inf",
             hint="clean the input, or load the model with nan_policy='allow'",
@@ -89,9 +100,9 @@ warnings.filterwarnings(
 
 def _all_finite(x: np.ndarray) -> bool:
     # x.x is NaN or Inf when any element is; one BLAS call is the cheapest full scan there is
-    if x.dtype in (np.float32, np.float64) and x.size:
+    if x.dtype.char in "fd" and x.size:
         flat = x.reshape(-1)
-        if math.isfinite(float(np.dot(flat, flat))):
+        if math.isfinite(np.dot(flat, flat)):
             return True
     return bool(np.isfinite(x).all())
 
