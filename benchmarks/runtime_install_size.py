@@ -41,26 +41,17 @@ def _size(p: Path) -> int:
 
 
 def _dists(site: Path) -> dict[str, int]:
-    """Installed distributions -> bytes of the files their RECORD lists."""
+    """Installed distributions -> bytes of the files their RECORD lists (pip records the .pyc it compiles)."""
     out = {}
     for info in site.glob("*.dist-info"):
         name = info.name.split("-")[0].lower().replace("_", "-")
-        total = 0
         record = info / "RECORD"
-        if record.is_file():
-            for line in record.read_text().splitlines():
-                f = site / line.split(",")[0]
-                if f.is_file():
-                    total += f.stat().st_size
-        # pip compiles .pyc files that RECORD does not list: count them alongside their sources
-        for src_dir in {
-            (site / line.split(",")[0]).parent
-            for line in (record.read_text().splitlines() if record.is_file() else [])
-        }:
-            cache = src_dir / "__pycache__"
-            if cache.is_dir() and src_dir != site:
-                total += sum(f.stat().st_size for f in cache.glob("*.pyc"))
-        out[name] = total
+        files = (
+            {site / line.split(",")[0] for line in record.read_text().splitlines()}
+            if record.is_file()
+            else set()
+        )
+        out[name] = sum(f.stat().st_size for f in files if f.is_file())
     return out
 
 
