@@ -215,6 +215,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._swap_lock = threading.Lock()
         self._draining = False
+        self._server: Any = None
         self._slot: _Slot | None = None
         self.metrics = ServerMetrics(
             queue_depth=lambda: self._slot.batcher.depth if self._slot else 0
@@ -557,6 +558,15 @@ class Server:
             ) from None
         return sock
 
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to drain and return (thread-safe; what SIGTERM does)."""
+        server = self._server
+        if server is not None:
+            self._draining = True
+            if self._slot is not None:
+                self._slot.batcher.flush()
+            server.should_exit = True
+
     def run(self, ready_file: Path | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then drain requests in flight and return.
 
@@ -590,13 +600,20 @@ class Server:
                 super().handle_exit(sig, frame)
 
         server = _Uvicorn(config)
+        self._server = server
         stopped: list[int] = []
         # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler that was
         # installed before it: this one, so that a drained shutdown exits 0 instead of dying
-        previous = {
-            sig: signal.signal(sig, lambda s, f: stopped.append(s))
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        # (signals reach the main thread only; a server run in another thread is stopped by stop())
+        main = threading.current_thread() is threading.main_thread()
+        previous = (
+            {
+                sig: signal.signal(sig, lambda s, f: stopped.append(s))
+                for sig in (signal.SIGTERM, signal.SIGINT)
+            }
+            if main
+            else {}
+        )
         m = self.model
         url_host = f"[{host}]" if ":" in host else host
         print(

@@ -162,9 +162,25 @@ def test_hot_swap_under_load_fails_no_request(models, serve, tmp_path):
 def test_swap_python_api_keeps_the_old_model_on_failure(models, tmp_path):
     from edgesmith.runtime.serve import Server
 
-    server = Server(models.bundle, max_batch=4)
+    server = Server(models.bundle, max_batch=4, port=0)
+    ready = tmp_path / "port"
+    runner = threading.Thread(target=server.run, kwargs={"ready_file": ready})
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not ready.is_file():
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{int(ready.read_text())}" + INFER.format("fmnist-cnn")
+    x = models.inputs[:2]
+    assert httpx.post(url, json=infer_body(x)).json()["model_version"] == "1"
     assert server.model.version == 1
     assert server.swap(models.bundle_v2).version == 2
+    doc = httpx.post(url, json=infer_body(x)).json()
+    assert doc["model_version"] == "2"
+    np.testing.assert_allclose(output_of(doc), load(models.bundle_v2)(x), atol=1e-5)
+    server.stop()
+    runner.join(30)
+    assert not runner.is_alive()
     broken = tmp_path / "broken"
     shutil.copytree(models.bundle, broken)
     (broken / "golden.npz").write_bytes(b"tampered")
