@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "bundle": "edgesmith.devices.cli:bundle_group",
     "keygen": "edgesmith.devices.cli:keygen_cmd",
     "ota": "edgesmith.devices.ota.cli:ota_group",
+    "serve": "edgesmith.runtime.cli:serve_cmd",
 }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgesmith.errors import InputError
 
-__all__ = ["bench_cmd", "run_cmd"]
+__all__ = ["bench_cmd", "run_cmd", "serve_cmd"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -99,68 +99,312 @@ def run_cmd(
         )
 
 
+def _thread_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int | None]:
+    if value is None:
+        return [None]
+    try:
+        threads = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
+    if not threads or min(threads) < 1:
+        raise click.BadParameter("thread counts must be positive integers, e.g. 1,2,4")
+    return list(threads)
+
+
 @click.command("bench")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument(
+    "model_paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
 @click.option(
     "-b",
     "--batch",
     type=click.IntRange(min=1),
-    default=1,
+    default=32,
     show_default=True,
-    help="Batch size for symbolic batch dims.",
+    help="Offline scenario batch size.",
 )
 @click.option(
-    "-n", "--runs", type=click.IntRange(min=1), default=200, show_default=True, help="Timed runs."
+    "-n",
+    "--runs",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Timed single-stream queries.",
 )
 @click.option(
     "--warmup",
     type=click.IntRange(min=0),
     default=20,
     show_default=True,
-    help="Untimed runs first.",
+    help="Untimed queries first.",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option(
+    "--offline-seconds",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Duration of the offline scenario.",
+)
+@click.option(
+    "--threads",
+    callback=_thread_list,
+    default=None,
+    help="Intra-op threads; a list sweeps them, e.g. 1,2,4.",
+)
 @click.option("--backend", default=None, help="Force a backend.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--no-isolate",
+    is_flag=True,
+    help="Measure in this process (no cold start; RSS shared by all models).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of Markdown.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the JSON report here.",
+)
+@click.option(
+    "--markdown",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the Markdown tables here.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write a PNG plot here (needs matplotlib).",
+)
 def bench_cmd(
-    model_path: Path,
+    model_paths: tuple[Path, ...],
     batch: int,
     runs: int,
     warmup: int,
-    threads: int | None,
+    offline_seconds: float,
+    threads: list[int | None],
     backend: str | None,
     device: str,
+    no_isolate: bool,
     as_json: bool,
+    out: Path | None,
+    markdown: Path | None,
+    plot: Path | None,
 ) -> None:
-    """Measure MODEL's latency on random inputs (single stream): p50/p90/p99 and throughput."""
-    from edgesmith.runtime import load
-    from edgesmith.runtime.bench import time_fn
+    """Benchmark MODEL... (bundles or model files), MLPerf style, and compare them.
 
-    model = load(model_path, device=device, threads=threads, backend=backend)
-    rng = np.random.default_rng(0)
-    feeds = []
-    for s in model.inputs:
-        shape = [batch if not isinstance(d, int) else d for d in s.shape]
-        dt = np.dtype(s.dtype)
-        feeds.append(
-            rng.standard_normal(shape).astype(dt)
-            if dt.kind == "f"
-            else rng.integers(0, 10, shape).astype(dt)
-        )
-    stats = time_fn(lambda: model(*feeds), warmup=warmup, runs=runs)
-    stats["fps"] = batch * 1000.0 / stats["p50"]
-    result = {
-        "model": str(model_path),
-        "backend": model.info.get("backend"),
-        "provider": model.info.get("provider"),
-        "batch": batch,
-        **{k: round(v, 4) for k, v in stats.items()},
-    }
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(
-            f"{model_path} [{result['backend']}/{result['provider']}] batch {batch}: p50 {stats['p50']:.3f} ms, "
-            f"p90 {stats['p90']:.3f} ms, p99 {stats['p99']:.3f} ms, {stats['fps']:.1f} samples/s ({stats['runs']} runs)"
-        )
+    \b
+    Single stream (batch 1, p50/p90/p99 latency, queries/s) and offline (throughput at --batch)
+    after a warm-up, per thread count; cold start, load time and peak RSS from a fresh process
+    per model; ratios against the first MODEL. Random inputs: speed only, no accuracy.
+    Example:
+      edgesmith bench a.onnx b.tflite c.xml --threads 1,2 --markdown bench.md --plot bench.png
+    """
+    import importlib
+
+    from edgesmith.fsutil import atomic_write_bytes
+    from edgesmith.runtime.bench import BenchConfig, bench_models, plot_report, render_markdown
+
+    for p in model_paths:
+        if not p.exists():
+            raise InputError(f"model not found: {p}", hint="give bundle folders or model files")
+    cfg = BenchConfig(
+        runs=runs,
+        warmup=warmup,
+        batch=batch,
+        offline_seconds=offline_seconds,
+        threads=threads,
+        backend=backend,
+        device=device,
+        isolate=not no_isolate,
+    )
+    # imported by name: the console helpers are core code outside the runtime's type check
+    track = importlib.import_module("edgesmith.progress").track
+    report = bench_models(
+        list(model_paths), cfg, progress=lambda items: track(items, "benchmarking")
+    )
+    text = render_markdown(report)
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    if markdown is not None:
+        atomic_write_bytes(markdown, text.encode())
+    if plot is not None:
+        plot_report(report, plot)
+    click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+@click.command("serve")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told)."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port (0: any free one).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Most samples per batch; 1 disables micro-batching.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="How long a batch waits to fill.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Requests waiting before 503.",
+)
+@click.option(
+    "--timeout-ms",
+    type=click.FloatRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Default per-request deadline (504); a request's 'timeout' parameter (µs) overrides it.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0.01),
+    default=8.0,
+    show_default=True,
+    help="Request body limit (413).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Concurrent connections before 503.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require 'Authorization: Bearer <token>' with the token in this file (or in $EDGESMITH_TOKEN).",
+)
+@click.option(
+    "--nan-policy",
+    type=click.Choice(["error", "allow"]),
+    default="error",
+    show_default=True,
+    help="Reject (422) or pass NaN/Inf inputs.",
+)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Re-resolve MODEL (e.g. an OTA 'current' link) and hot-swap when it changes.",
+)
+@click.option(
+    "--watch-interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between --watch checks.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt, gpu, npu, ..."
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of the model."
+)
+@click.option("--backend", default=None, help="Force a backend (onnxruntime, openvino, litert).")
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds SIGTERM waits for requests in flight.",
+)
+@click.option(
+    "--inference-nice",
+    type=click.IntRange(0, 19),
+    default=10,
+    show_default=True,
+    help="Nice value of the inference thread (Linux): reading requests and shedding load go first when the CPU is short; 0 treats them alike.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the bound port here once listening.",
+)
+def serve_cmd(
+    model_path: Path,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_wait_ms: float,
+    max_queue: int,
+    timeout_ms: float,
+    max_body_mb: float,
+    max_connections: int,
+    token_file: Path | None,
+    nan_policy: str,
+    watch: bool,
+    watch_interval: float,
+    device: str,
+    threads: int | None,
+    backend: str | None,
+    drain_timeout: float,
+    inference_nice: int,
+    ready_file: Path | None,
+) -> None:
+    """Serve MODEL (a bundle, a model file, or a link to one) over the Open Inference Protocol v2.
+
+    \b
+    KServe/Triton REST endpoints: /v2/health/{live,ready}, /v2/models/NAME[/ready|/infer], and
+    Prometheus /metrics. NAME is the bundle manifest's name, else the file stem.
+    Example:
+      edgesmith serve out/bundles/fmnist-cnn-onnx-fp32 --port 8000
+      curl localhost:8000/v2/models/fmnist-cnn
+    """
+    import logging
+    import os
+
+    from edgesmith.runtime.serve import Server
+
+    token = os.environ.get("EDGESMITH_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read token file {token_file}: {exc.strerror}", hint="check the path"
+            ) from None
+        if not token:
+            raise InputError(f"token file {token_file} is empty", hint="write the token into it")
+    if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # not -q: show swaps
+        logging.getLogger("edgesmith.runtime.serve").setLevel(logging.INFO)
+    config = dict(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        timeout_ms=timeout_ms,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_connections=max_connections,
+        token=token,
+        nan_policy=nan_policy,
+        watch=watch,
+        watch_interval_s=watch_interval,
+        device=device,
+        threads=threads,
+        backend=backend,
+        drain_timeout_s=drain_timeout,
+        inference_nice=inference_nice,
+    )
+    Server(model_path, **config).run(ready_file=ready_file)

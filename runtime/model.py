@@ -17,13 +17,17 @@ __all__ = ["Model", "load"]
 
 log = logging.getLogger(__name__)
 
+NAN_POLICIES = ("error", "allow")
+
 
 class Model:
     """A loaded model. Call it with numpy arrays; it returns numpy arrays.
 
     Attributes:
+        name: the bundle manifest's ``name``, else the model file's stem.
+        version: the manifest's ``version``, else None.
         inputs, outputs: TensorSpec lists (symbolic dims are strings).
-        info: what actually runs: backend, provider/device, precision, threads, file.
+        info: what actually runs: backend, provider/device/delegate, precision, threads, file.
         manifest: the bundle manifest, or None for a bare model file.
         labels: class names from the manifest, if any.
     """
@@ -34,26 +38,58 @@ class Model:
         manifest: Manifest | None = None,
         nan_policy: NanPolicy = "error",
         path: Path | None = None,
+        model_file: Path | None = None,
+        weights: str | None = None,
     ) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise EdgesmithError(
+                f"unknown nan_policy '{nan_policy}'", hint=f"use one of: {', '.join(NAN_POLICIES)}"
+            )
         self._session = session
         self.manifest = manifest
         self.nan_policy = nan_policy
         self.inputs: list[TensorSpec] = session.inputs
         self.outputs: list[TensorSpec] = session.outputs
         self.labels: list[str] | None = manifest.labels if manifest else None
+        stem = Path(model_file or path or "model").stem
+        self.name: str = manifest.name if manifest else stem
+        self.version: int | None = manifest.version if manifest else None
+        self._pre = manifest.preprocess if manifest else None
         self.info: dict[str, Any] = {
             **session.info,
-            "precision": manifest.precision if manifest else "unknown",
+            "precision": session.info.get("precision")
+            or (manifest.precision if manifest else None)
+            or weights
+            or "unknown",
+            "weights": weights or (manifest.precision if manifest else "unknown"),
             "path": str(path) if path else None,
+            "file": str(model_file) if model_file else None,
+            "name": self.name,
+            "version": self.version,
+            "nan_policy": nan_policy,
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
         }
 
-    def _prepare(self, x: Any, spec: TensorSpec) -> np.ndarray:
-        pre = self.manifest.preprocess if self.manifest else None
-        if pre and isinstance(x, np.ndarray) and x.dtype == np.uint8 and spec.dtype != "uint8":
-            x = preprocess_images(x, pre, spec)
+    @property
+    def batchable(self) -> bool:
+        """True when every input has a symbolic batch dimension (requests can be stacked)."""
+        return all(s.batched for s in self.inputs)
+
+    def prepare(self, x: Any, spec: TensorSpec) -> np.ndarray:
+        """Check one input against ``spec`` (preprocessing uint8 images as the manifest says)."""
+        if (
+            self._pre
+            and isinstance(x, np.ndarray)
+            and x.dtype == np.uint8
+            and spec.dtype != "uint8"
+        ):
+            x = preprocess_images(x, self._pre, spec)
         return check_input(x, spec, self.nan_policy)
+
+    def run_checked(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run inputs that already passed :meth:`prepare` (one per model input, in order)."""
+        return self._session.run({s.name: a for s, a in zip(self.inputs, arrays, strict=True)})
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run with named inputs; returns named outputs."""
@@ -63,7 +99,7 @@ class Model:
                 f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}",
                 hint="pass one array per model input, by name",
             )
-        arrays = {s.name: self._prepare(feeds[s.name], s) for s in self.inputs}
+        arrays = {s.name: self.prepare(feeds[s.name], s) for s in self.inputs}
         return dict(zip([o.name for o in self.outputs], self._session.run(arrays), strict=True))
 
     def __call__(self, *args: Any) -> Any:
@@ -71,13 +107,19 @@ class Model:
 
         A uint8 image (HWC) or batch (NHWC) is preprocessed as the bundle manifest says.
         """
-        if len(args) != len(self.inputs):
+        inputs = self.inputs
+        if len(args) != len(inputs):
             raise InputError(
-                f"got {len(args)} inputs, the model takes {len(self.inputs)} ({', '.join(s.name for s in self.inputs)})",
+                f"got {len(args)} inputs, the model takes {len(inputs)} ({', '.join(s.name for s in inputs)})",
                 hint="pass one array per model input",
             )
-        feeds = {s.name: self._prepare(a, s) for s, a in zip(self.inputs, args, strict=True)}
-        outs = self._session.run(feeds)
+        if len(inputs) == 1:
+            spec = inputs[0]
+            outs = self._session.run({spec.name: self.prepare(args[0], spec)})
+        else:
+            outs = self._session.run(
+                {s.name: self.prepare(a, s) for s, a in zip(inputs, args, strict=True)}
+            )
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def predict(self, x: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -97,18 +139,28 @@ class Model:
         ]
 
     def __repr__(self) -> str:
-        return f"Model({self.info.get('path')!r}, backend={self.info.get('backend')}, provider={self.info.get('provider')})"
+        return f"Model({self.name!r}, backend={self.info.get('backend')}, provider={self.info.get('provider')}, precision={self.info.get('precision')})"
 
 
-def _profile_runtime(target: str) -> tuple[str | None, int | None]:
+def _profile(target: str) -> Any:
     try:
         from edgesmith.devices.profiles import load_profile
 
-        prof = load_profile(target)
-        return prof.backend, prof.threads
+        return load_profile(target)
     except EdgesmithError:
         log.warning("bundle target '%s' is not a known profile; using defaults", target)
-        return None, None
+        return None
+
+
+def _profile_options(profile: Any, backend: str, device: str) -> tuple[str, dict[str, Any]]:
+    """Device and backend options a bundle's target profile asks for when ``device`` is auto."""
+    if profile is None or device != "auto":
+        return device, {}
+    if backend == "onnxruntime" and profile.providers:
+        return device, {"providers": list(profile.providers)}
+    if backend == "openvino" and profile.ov_device:
+        return profile.ov_device.lower(), {"fallback_device": "cpu"}
+    return device, {}
 
 
 def load(
@@ -118,16 +170,29 @@ def load(
     backend: str | None = None,
     nan_policy: NanPolicy = "error",
     verify: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> Model:
-    """Load a bundle folder or a bare model file (``.onnx``) for inference.
+    """Load a bundle folder or a bare model file (``.onnx``, ``.tflite``, OpenVINO ``.xml``).
 
     Args:
-        path: a bundle folder (verified before use) or a model file.
-        device: ``auto``, ``cpu``, ``cuda``, ... or a backend-specific device name.
+        path: a bundle folder (verified before use) or a model file; links are followed.
+        device: ``auto``, ``cpu``, ``cuda``, ``tensorrt``, ``gpu``, ``npu``, ``edgetpu``, or a
+            backend-specific name (an onnxruntime execution provider, an OpenVINO device).
         threads: intra-op threads; None takes the bundle target's setting or the backend default.
-        backend: force a backend (``onnxruntime``); None picks from the bundle target or the file type.
-        nan_policy: ``error`` rejects NaN/Inf inputs; ``allow`` passes them through.
+        backend: force ``onnxruntime``, ``openvino`` or ``litert``; None picks from the bundle
+            target, else the first installed backend that runs the file type.
+        nan_policy: ``error`` rejects NaN/Inf inputs with an InputError; ``allow`` passes them on.
         verify: check bundle file sizes and hashes (leave on outside tests).
+        options: backend options: ``precision`` (OpenVINO inference precision, default ``f32``;
+            ``fp16`` for TensorRT), ``delegate`` (LiteRT delegate library path), ``providers``
+            (onnxruntime provider order), ``provider_options``, ``session_config``.
+
+    Returns:
+        A :class:`Model`; ``model.info`` says which backend, provider and precision run.
+
+    Raises:
+        ModelLoadError: missing, empty, truncated or unsafe model file (e.g. ONNX external data
+            outside the model's folder). BundleError: a bundle that fails verification.
 
     Example:
         >>> model = load("out/bundles/fmnist-cnn-onnx-fp32")      # doctest: +SKIP
@@ -135,23 +200,46 @@ def load(
     """
     p = Path(path)
     if not p.exists():
-        raise ModelLoadError(f"model not found: {p}", hint="give a bundle folder or a .onnx file")
+        raise ModelLoadError(
+            f"model not found: {p}", hint="give a bundle folder or a .onnx, .tflite or .xml file"
+        )
+    opts = dict(options or {})
     manifest = None
+    profile = None
     if p.is_dir():
         manifest = read_bundle(p, verify=verify)
         model_file = p / manifest.model
-        preferred, profile_threads = _profile_runtime(manifest.target)
-        threads = threads if threads is not None else profile_threads
+        profile = _profile(manifest.target)
+        if threads is None and profile is not None:
+            threads = profile.threads
+        preferred = backend or (profile.backend if profile else None)
         try:
-            name = backend_for(model_file, backend or preferred)
+            name = backend_for(model_file, preferred, device)
         except EdgesmithError:
-            name = backend_for(model_file, backend)
+            name = backend_for(model_file, backend, device)
     else:
         model_file = p
-        name = backend_for(p, backend)
+        name = backend_for(p, backend, device)
+    if not model_file.is_file():
+        raise ModelLoadError(f"model file not found: {model_file}", hint="check the path")
     if model_file.stat().st_size == 0:
         raise ModelLoadError(
             f"{model_file} is empty", hint="the file is truncated; export or download it again"
         )
-    session = get_backend(name).open_session(model_file, device=device, threads=threads)
-    return Model(session, manifest=manifest, nan_policy=nan_policy, path=p)
+    weights = None
+    if model_file.suffix.lower() == ".onnx":
+        from edgesmith.runtime.onnxfile import scan_onnx
+
+        weights = scan_onnx(model_file).precision
+    device, profile_opts = _profile_options(profile, name, device)
+    session = get_backend(name).open_session(
+        model_file, device=device, threads=threads, options={**profile_opts, **opts}
+    )
+    return Model(
+        session,
+        manifest=manifest,
+        nan_policy=nan_policy,
+        path=p,
+        model_file=model_file,
+        weights=weights or session.info.get("weights"),
+    )

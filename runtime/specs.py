@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +32,26 @@ class TensorSpec:
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
         return cls(name=str(d["name"]), shape=tuple(d["shape"]), dtype=str(d["dtype"]))
 
+    @cached_property
+    def np_dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.dtype)
+
+    @cached_property
+    def batched(self) -> bool:
+        """True when dimension 0 is symbolic, so that samples can be stacked along it."""
+        return bool(self.shape) and not isinstance(self.shape[0], int)
+
+    @cached_property
+    def _tail(self) -> tuple[int, ...] | None:
+        # shape[1:] when dimension 0 alone is symbolic: one tuple comparison then checks a shape
+        if self.batched and all(isinstance(d, int) for d in self.shape[1:]):
+            return tuple(int(d) for d in self.shape[1:])
+        return None
+
     def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        tail = self._tail
+        if tail is not None:
+            return len(shape) == len(self.shape) and shape[1:] == tail
         return len(shape) == len(self.shape) and all(
             not isinstance(want, int) or want == got
             for want, got in zip(self.shape, shape, strict=True)
@@ -42,7 +64,7 @@ def _shape_str(shape: tuple[int | str, ...]) -> str:
 
 def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np.ndarray:
     """Return ``x`` as a numpy array if it matches ``spec``; otherwise raise one clear InputError."""
-    if not isinstance(x, np.ndarray):
+    if type(x) is not np.ndarray and not isinstance(x, np.ndarray):
         if hasattr(x, "__array__") or isinstance(x, list | tuple):
             x = np.asarray(x)
         else:
@@ -50,22 +72,39 @@ def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np
                 f"input '{spec.name}' must be a numpy array, got {type(x).__name__}",
                 hint="pass np.asarray(...)",
             )
-    if x.dtype != np.dtype(spec.dtype):
+    dtype = x.dtype
+    if dtype is not spec.np_dtype and dtype != spec.np_dtype:
         raise InputError(
             f"input '{spec.name}' has dtype {x.dtype}, expected {spec.dtype}",
             hint=f"convert with x.astype(np.{spec.dtype})",
         )
-    if not spec.accepts_shape(tuple(x.shape)):
+    if not spec.accepts_shape(x.shape):
         raise InputError(
             f"input '{spec.name}' has shape {list(x.shape)}, expected {_shape_str(spec.shape)}",
             hint="the first dimension is the batch; add it with x[None] for a single sample",
         )
-    if nan_policy == "error" and x.dtype.kind == "f" and not np.isfinite(x).all():
+    if nan_policy == "error" and dtype.kind == "f" and not _all_finite(x):
         raise InputError(
             f"input '{spec.name}' contains NaN or Inf",
             hint="clean the input, or load the model with nan_policy='allow'",
         )
     return x
+
+
+# _all_finite's dot product may overflow (huge finite values: rechecked) or meet Inf (rejected);
+# numpy's warnings about it would only be noise, and errstate() costs more than the scan itself.
+warnings.filterwarnings(
+    "ignore", r"(overflow|invalid value) encountered in dot", RuntimeWarning, __name__
+)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    # x.x is NaN or Inf when any element is; one BLAS call is the cheapest full scan there is
+    if x.dtype.char in "fd" and x.size:
+        flat = x.reshape(-1)
+        if math.isfinite(np.dot(flat, flat)):
+            return True
+    return bool(np.isfinite(x).all())
 
 
 def preprocess_images(images: np.ndarray, pre: dict[str, Any], spec: TensorSpec) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Each backend module provides ``open_session(path, device, threads, options) -> Session`` where a
 session has ``inputs``/``outputs`` (lists of TensorSpec), ``info`` (a dict saying what actually
-runs) and ``run(feeds) -> list[np.ndarray]``. Modules are imported only when used, so a device
+runs: backend, provider, precision) and ``run(feeds) -> list[np.ndarray]``, safe to call from
+several threads. Modules are imported only when used, so a device
 pays only for the backend it has.
 """
 
@@ -19,7 +20,14 @@ import numpy as np
 from edgesmith.errors import EdgesmithError
 from edgesmith.runtime.specs import TensorSpec
 
-__all__ = ["BACKENDS", "FORMAT_BACKENDS", "Session", "backend_for", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "DEVICE_BACKENDS",
+    "FORMAT_BACKENDS",
+    "Session",
+    "backend_for",
+    "get_backend",
+]
 
 # backend name -> (module implementing open_session(), pip install hint, importable libraries)
 BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -64,8 +72,21 @@ def get_backend(name: str) -> ModuleType:
         ) from None
 
 
-def backend_for(path: Path, preferred: str | None = None) -> str:
-    """The backend that runs ``path``: ``preferred`` if it can, else the first installed one."""
+# devices only one backend knows: an ONNX file asked to run on them goes to that backend
+DEVICE_BACKENDS: dict[str, str] = {"npu": "openvino", "edgetpu": "litert"}
+
+
+def _installed(name: str) -> bool:
+    return any(importlib.util.find_spec(lib) is not None for lib in BACKENDS[name][2])
+
+
+def backend_for(path: Path, preferred: str | None = None, device: str = "auto") -> str:
+    """The backend that runs ``path`` on ``device``: ``preferred`` if it can, else the first installed one.
+
+    Order for ``.onnx``: onnxruntime, then OpenVINO; ``.xml`` needs OpenVINO, ``.tflite`` LiteRT.
+    A device that only one backend knows (``npu``: OpenVINO) picks that backend when it can run
+    the file.
+    """
     suffix = path.suffix.lower()
     candidates = FORMAT_BACKENDS.get(suffix)
     if not candidates:
@@ -80,7 +101,10 @@ def backend_for(path: Path, preferred: str | None = None) -> str:
                 hint=f"use one of: {', '.join(candidates)}",
             )
         return preferred
+    special = DEVICE_BACKENDS.get(device.lower().split(".")[0])
+    if special in candidates and _installed(special):
+        return special
     for name in candidates:
-        if any(importlib.util.find_spec(lib) is not None for lib in BACKENDS[name][2]):
+        if _installed(name):
             return name
     return candidates[0]  # get_backend() will say how to install it

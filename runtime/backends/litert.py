@@ -3,11 +3,19 @@
 Quantized input and output tensors (full-integer models) are (de)quantized here with the
 tensor's scale and zero point, so callers always pass and receive float arrays. A model
 exported with batch 1 runs a larger batch sample by sample.
+
+Delegates: XNNPACK (built into the interpreter) by default; an external delegate by the path of
+its shared library (``options["delegate"]``), e.g. the Edge TPU's ``libedgetpu.so.1``, which
+``device="edgetpu"`` asks for. A delegate that fails to load is logged and XNNPACK runs instead.
+The model is read into memory rather than memory-mapped, so that an OTA agent rewriting the
+file's slot cannot pull pages from under a running interpreter.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,9 @@ __all__ = ["LiteRtSession", "open_session"]
 
 log = logging.getLogger(__name__)
 
+EDGETPU_DELEGATE = "libedgetpu.so.1"
+_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "int8"}
+
 
 def _quant(detail: dict[str, Any]) -> tuple[float, int] | None:
     scale, zero = detail.get("quantization", (0.0, 0))
@@ -40,6 +51,7 @@ class LiteRtSession:
 
     def __init__(self, interp: Any, path: Path, threads: int | None, delegate: str) -> None:
         self._interp = interp
+        self._lock = threading.Lock()
         self._in = interp.get_input_details()
         self._out = interp.get_output_details()
         self._dynamic = [bool((d["shape_signature"] < 0).any()) for d in self._in]
@@ -53,6 +65,7 @@ class LiteRtSession:
             "threads": threads,
             "quantized_io": any(_quant(d) for d in self._in + self._out),
         }
+        self.info["weights"] = self.info["precision"] = _weights_precision(interp)
 
     def _spec(self, d: dict[str, Any]) -> TensorSpec:
         sig = d.get("shape_signature", d["shape"])
@@ -87,10 +100,25 @@ class LiteRtSession:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [feeds[s.name] for s in self.inputs]
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
-        if all(self._dynamic) or self._fixed_batch[0] == n:
-            return self._run_one(arrays)
-        per_sample = [self._run_one([a[i : i + 1] for a in arrays]) for i in range(n)]
+        with self._lock:  # one interpreter: its tensors are shared state
+            if all(self._dynamic) or self._fixed_batch[0] == n:
+                return self._run_one(arrays)
+            per_sample = [self._run_one([a[i : i + 1] for a in arrays]) for i in range(n)]
         return [np.concatenate([p[j] for p in per_sample]) for j in range(len(self._out))]
+
+
+def _weights_precision(interp: Any) -> str:
+    """The data type holding most constant bytes (weights) of the model."""
+    sizes: dict[str, int] = {}
+    for d in interp.get_tensor_details():
+        if d["index"] in {x["index"] for x in interp.get_input_details()}:
+            continue
+        dt = str(np.dtype(d["dtype"]))
+        sizes[dt] = sizes.get(dt, 0) + int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize
+    if not sizes:
+        return "unknown"
+    top = max(sizes, key=lambda k: sizes[k])
+    return _PRECISION.get(top, top)
 
 
 def open_session(
@@ -99,21 +127,27 @@ def open_session(
     threads: int | None = None,
     options: dict[str, Any] | None = None,
 ) -> LiteRtSession:
-    """Open a ``.tflite`` file; XNNPACK by default, or ``options["delegate"]`` (a shared library path)."""
+    """Open a ``.tflite`` file; XNNPACK by default, or ``options["delegate"]`` (a shared library path).
+
+    ``device="edgetpu"`` asks for the Edge TPU delegate (``libedgetpu.so.1``); other devices run
+    on the CPU.
+    """
     options = options or {}
     delegates = []
     delegate_name = "XNNPACK"
-    if options.get("delegate"):
+    wanted = options.get("delegate") or (EDGETPU_DELEGATE if device.lower() == "edgetpu" else None)
+    if wanted:
         try:
-            delegates.append(load_delegate(str(options["delegate"])))
-            delegate_name = Path(str(options["delegate"])).name
-        except (ValueError, OSError) as exc:
-            log.warning(
-                "delegate %s failed to load (%s); falling back to XNNPACK", options["delegate"], exc
-            )
+            ctypes.CDLL(
+                str(wanted)
+            )  # fails cleanly when absent (load_delegate leaves a broken object)
+            delegates.append(load_delegate(str(wanted), dict(options.get("delegate_options", {}))))
+            delegate_name = Path(str(wanted)).name
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.warning("delegate %s failed to load (%s); falling back to XNNPACK", wanted, exc)
     try:
         interp = Interpreter(
-            model_path=str(path),
+            model_content=path.read_bytes(),
             num_threads=threads or None,
             experimental_delegates=delegates or None,
         )

@@ -1,4 +1,11 @@
-"""onnxruntime backend: execution providers tried in a stated order, CPU last."""
+"""onnxruntime backend: execution providers tried in a stated order, CPU last.
+
+Fallback order for ``device="auto"`` (``PROVIDER_ORDER``): TensorRT, CUDA, OpenVINO, QNN, CoreML,
+XNNPACK, CPU. Only providers the installed onnxruntime build offers are tried; when one fails to
+initialise, the session is opened again without it, and the provider that finally runs is logged
+and reported in ``info["provider"]``. A bundle whose target profile lists providers uses that order
+instead.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +19,11 @@ import onnxruntime as ort
 from edgesmith.errors import EdgesmithError, ModelLoadError
 from edgesmith.runtime.specs import TensorSpec
 
-__all__ = ["PROVIDER_ORDER", "OrtSession", "open_session"]
+__all__ = ["PROVIDER_ORDER", "OrtSession", "open_session", "providers_for"]
 
 log = logging.getLogger(__name__)
 
-# Preferred first. "auto" takes the first of these the installed onnxruntime offers, falling back
-# down the list (and always to CPU) when a provider fails to initialise.
+CPU = "CPUExecutionProvider"
 PROVIDER_ORDER = [
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -25,13 +31,14 @@ PROVIDER_ORDER = [
     "QNNExecutionProvider",
     "CoreMLExecutionProvider",
     "XnnpackExecutionProvider",
-    "CPUExecutionProvider",
+    CPU,
 ]
 _DEVICE_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": [CPU],
+    "cuda": ["CUDAExecutionProvider", CPU],
+    "gpu": ["CUDAExecutionProvider", "OpenVINOExecutionProvider", CPU],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU],
+    "npu": ["QNNExecutionProvider", "OpenVINOExecutionProvider", CPU],
 }
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -39,10 +46,14 @@ _ORT_TYPES = {
     "tensor(double)": "float64",
     "tensor(uint8)": "uint8",
     "tensor(int8)": "int8",
+    "tensor(uint16)": "uint16",
+    "tensor(int16)": "int16",
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
     "tensor(bool)": "bool",
 }
+# names written in profiles and by people (XNNPACKExecutionProvider) -> onnxruntime's spelling
+_CANONICAL = {p.lower(): p for p in PROVIDER_ORDER}
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -51,9 +62,11 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 class OrtSession:
-    """A thin wrapper over ``onnxruntime.InferenceSession``."""
+    """A thin wrapper over ``onnxruntime.InferenceSession`` (which is itself thread-safe)."""
 
-    def __init__(self, sess: ort.InferenceSession, threads: int | None) -> None:
+    def __init__(
+        self, sess: ort.InferenceSession, threads: int | None, precision: str | None
+    ) -> None:
         self._sess = sess
         self.inputs = [_spec(a) for a in sess.get_inputs()]
         self.outputs = [_spec(a) for a in sess.get_outputs()]
@@ -64,34 +77,59 @@ class OrtSession:
             "provider": sess.get_providers()[0],
             "providers": sess.get_providers(),
             "threads": threads,
+            "precision": precision,
         }
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._sess.run(self._output_names, feeds)
 
 
-def _providers_for(device: str) -> list[str]:
+def providers_for(device: str, preferred: list[str] | None = None) -> list[str]:
+    """The providers to try for ``device``, best first, limited to those this build offers."""
     available = set(ort.get_available_providers())
-    if device == "auto":
+    if preferred:
+        wanted = [_CANONICAL.get(p.lower(), p) for p in preferred]
+    elif device == "auto":
         wanted = PROVIDER_ORDER
-    elif device in _DEVICE_PROVIDERS:
-        wanted = _DEVICE_PROVIDERS[device]
-    elif device.endswith("ExecutionProvider"):
-        wanted = [device, "CPUExecutionProvider"]
+    elif device.lower() in _DEVICE_PROVIDERS:
+        wanted = _DEVICE_PROVIDERS[device.lower()]
+    elif device.lower().endswith("executionprovider"):
+        wanted = [_CANONICAL.get(device.lower(), device), CPU]
     else:
         raise EdgesmithError(
             f"onnxruntime does not know device '{device}'",
-            hint="use auto, cpu, cuda, tensorrt or an execution provider name",
+            hint="use auto, cpu, cuda, tensorrt, gpu, npu or an execution provider name",
         )
     chosen = [p for p in wanted if p in available]
+    if CPU not in chosen:
+        chosen.append(CPU)
     if device != "auto" and wanted[0] not in available:
         log.warning(
-            "%s is not available in this onnxruntime build (%s); falling back to %s",
+            "%s is not available in this onnxruntime build (it has %s); falling back to %s",
             wanted[0],
             ", ".join(sorted(available)),
-            chosen[0] if chosen else "CPUExecutionProvider",
+            chosen[0],
         )
-    return chosen or ["CPUExecutionProvider"]
+    return chosen
+
+
+def _session_options(threads: int | None, options: dict[str, Any]) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    for key, value in options.get("session_config", {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
+
+
+def _provider_options(provider: str, options: dict[str, Any]) -> dict[str, Any]:
+    opts = dict(options.get("provider_options", {}).get(provider, {}))
+    if provider == "TensorrtExecutionProvider" and options.get("precision") == "fp16":
+        opts.setdefault("trt_fp16_enable", True)
+    return opts
 
 
 def open_session(
@@ -100,29 +138,45 @@ def open_session(
     threads: int | None = None,
     options: dict[str, Any] | None = None,
 ) -> OrtSession:
-    """Open an ONNX model file on the best available execution provider for ``device``."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    for key, value in (options or {}).get("session_config", {}).items():
-        so.add_session_config_entry(str(key), str(value))
-    providers = _providers_for(device)
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"onnxruntime cannot load {path.name}: {msg}",
-            hint="is the file complete and a valid ONNX model? re-export it",
-        ) from None
-    if sess.get_providers()[0] != providers[0]:
+    """Open an ONNX model file on the best available execution provider for ``device``.
+
+    Options: ``providers`` (an explicit order), ``provider_options`` ({provider: {key: value}}),
+    ``session_config`` (onnxruntime session config entries), ``precision`` (``fp16`` lets
+    TensorRT build fp16 engines; the default keeps the model's own precision).
+    """
+    options = options or {}
+    providers = providers_for(device, options.get("providers"))
+    so = _session_options(threads, options)
+    sess = None
+    while sess is None:
+        try:
+            sess = ort.InferenceSession(
+                str(path),
+                sess_options=so,
+                providers=providers,
+                provider_options=[_provider_options(p, options) for p in providers],
+            )
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if len(providers) > 1:
+                log.warning(
+                    "%s failed to initialise (%s); trying %s", providers[0], msg, providers[1]
+                )
+                providers = providers[1:]
+                continue
+            raise ModelLoadError(
+                f"onnxruntime cannot load {path.name}: {msg[:300]}",
+                hint="is the file complete and a valid ONNX model? re-export it",
+            ) from None
+    running = sess.get_providers()[0]
+    if running != providers[0]:
         log.warning(
-            "execution provider %s failed to initialise; running on %s",
-            providers[0],
-            sess.get_providers()[0],
+            "execution provider %s failed to initialise; running on %s", providers[0], running
         )
-    log.info("onnxruntime %s on %s", path.name, sess.get_providers()[0])
-    return OrtSession(sess, threads)
+    log.info("onnxruntime %s on %s", path.name, running)
+    precision = (
+        "fp16"
+        if running == "TensorrtExecutionProvider" and options.get("precision") == "fp16"
+        else None
+    )
+    return OrtSession(sess, threads, precision)

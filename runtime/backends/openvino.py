@@ -1,8 +1,16 @@
-"""OpenVINO backend: CPU, GPU, NPU or AUTO devices; f32 inference precision unless asked otherwise."""
+"""OpenVINO backend: CPU, GPU, NPU or AUTO devices; f32 inference precision unless asked otherwise.
+
+OpenVINO runs f32 models in bf16 by default on CPUs with AVX-512 BF16 or AMX (DESIGN.md section 7);
+this backend pins ``INFERENCE_PRECISION_HINT=f32`` so results match the other backends, and takes
+``options["precision"]`` (``bf16``, ``f16``) when speed matters more than the last digits.
+``info["precision"]`` reports what the compiled model's compute layers actually run.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,9 @@ __all__ = ["OpenVinoSession", "open_session"]
 log = logging.getLogger(__name__)
 
 _DEVICES = {"auto": "AUTO", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16"}
+_SHORT = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
+_COMPUTE = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 _core: ov.Core | None = None
 
 
@@ -35,12 +46,42 @@ def _spec(port: Any, symbolic: str = "batch") -> TensorSpec:
     return TensorSpec(port.get_any_name(), shape, str(np.dtype(port.get_element_type().to_dtype())))
 
 
-class OpenVinoSession:
-    """A compiled OpenVINO model with one reusable infer request."""
+def _runtime_precision(compiled: Any, hint: str) -> str:
+    """The precision most compute layers of the compiled model run in (CPU plugin), else the hint."""
+    try:
+        counts: Counter[str] = Counter()
+        for op in compiled.get_runtime_model().get_ops():
+            rt = op.get_rt_info()
+            if "layerType" in rt and rt["layerType"].astype(str) in _COMPUTE:
+                counts[rt["runtimePrecision"].astype(str)] += 1
+        if counts:
+            return _SHORT.get(counts.most_common(1)[0][0], counts.most_common(1)[0][0])
+    except (RuntimeError, KeyError, AttributeError):
+        pass
+    return _SHORT.get(hint, hint)
 
-    def __init__(self, compiled: Any, device: str, threads: int | None, precision: str) -> None:
+
+def _weights_precision(model: Any) -> str:
+    """The element type holding most constant bytes (the weights) of the model."""
+    sizes: Counter[str] = Counter()
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            sizes[op.get_element_type().get_type_name()] += int(op.get_byte_size())
+    if not sizes:
+        return "unknown"
+    top = sizes.most_common(1)[0][0]
+    return _SHORT.get(top, top)
+
+
+class OpenVinoSession:
+    """A compiled OpenVINO model with one reusable infer request (calls are serialised)."""
+
+    def __init__(
+        self, compiled: Any, device: str, threads: int | None, hint: str, weights: str
+    ) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
         self.inputs = [_spec(p) for p in compiled.inputs]
         self.outputs = [_spec(p) for p in compiled.outputs]
         self._out_ports = list(compiled.outputs)
@@ -53,13 +94,39 @@ class OpenVinoSession:
             "version": ov.__version__,
             "provider": ",".join(exec_devices),
             "device": device,
-            "inference_precision": precision,
+            "inference_precision": hint,
+            "precision": _runtime_precision(compiled, hint),
+            "weights": weights,
             "threads": threads,
         }
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self._request.infer(feeds)
-        return [np.asarray(results[p]) for p in self._out_ports]
+        with self._lock:
+            # outputs are copied out of the request's buffers, which the next call reuses
+            results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
+            return [np.asarray(results[p]) for p in self._out_ports]
+
+
+def _pick_device(device: str, available: list[str], fallback: str | None) -> str:
+    ov_device = _DEVICES.get(device.lower(), device.upper())
+    if ov_device == "AUTO":
+        # OpenVINO's AUTO plugin drops per-device hints such as the inference precision, so pick
+        # the device here: a GPU when present, else the CPU (NPUs need static shapes: ask for them).
+        return "GPU" if any(d.startswith("GPU") for d in available) else "CPU"
+    if any(d.startswith(ov_device.split(".")[0]) for d in available):
+        return ov_device
+    if fallback:
+        log.warning(
+            "OpenVINO device %s is not present (available: %s); falling back to %s",
+            ov_device,
+            ", ".join(available),
+            fallback.upper(),
+        )
+        return fallback.upper()
+    raise EdgesmithError(
+        f"OpenVINO device '{ov_device}' is not present (available: {', '.join(available)})",
+        hint="use device='auto' or 'cpu'",
+    )
 
 
 def open_session(
@@ -70,32 +137,26 @@ def open_session(
 ) -> OpenVinoSession:
     """Compile an OpenVINO IR (``.xml`` + ``.bin``) or ONNX file on ``device``.
 
-    ``options["precision"]`` sets the inference precision hint (default ``f32``: exact results; ``bf16``
-    or ``f16`` trade accuracy for speed on CPUs and GPUs that have them).
+    Options: ``precision`` (inference precision hint: ``f32`` default, exact; ``bf16`` or ``f16``
+    trade accuracy for speed), ``performance_hint`` (``LATENCY`` default, or ``THROUGHPUT``),
+    ``fallback_device`` (used when ``device`` is absent, instead of an error).
     """
     options = options or {}
     core = _get_core()
-    available = core.available_devices
-    ov_device = _DEVICES.get(device.lower(), device.upper())
-    if ov_device == "AUTO":
-        # OpenVINO's AUTO plugin drops per-device hints such as the inference precision, so pick
-        # the device here: a GPU when present, else the CPU (NPUs need static shapes: ask for them).
-        ov_device = "GPU" if any(d.startswith("GPU") for d in available) else "CPU"
-    if ov_device not in ("AUTO",) and not any(
-        d.startswith(ov_device.split(".")[0]) for d in available
-    ):
-        raise EdgesmithError(
-            f"OpenVINO device '{ov_device}' is not present (available: {', '.join(available)})",
-            hint="use device='auto' or 'cpu'",
-        )
+    ov_device = _pick_device(device, list(core.available_devices), options.get("fallback_device"))
     if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
         raise ModelLoadError(
             f"{path.name} has no weights file {path.with_suffix('.bin').name}",
             hint="copy the .bin next to the .xml",
         )
     precision = str(options.get("precision", "f32"))
+    hint = _PRECISIONS.get(precision.lower())
+    if hint is None:
+        raise EdgesmithError(
+            f"unknown OpenVINO precision '{precision}'", hint="use f32, f16 or bf16"
+        )
     config: dict[str, Any] = (
-        {"INFERENCE_PRECISION_HINT": precision} if ov_device in ("CPU", "GPU") else {}
+        {"INFERENCE_PRECISION_HINT": hint} if ov_device in ("CPU", "GPU") else {}
     )
     if threads and ov_device == "CPU":
         config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -105,9 +166,11 @@ def open_session(
         compiled = core.compile_model(model, ov_device, config)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unknown error")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines[1:] if not ln.startswith("Check ")), first)
         raise ModelLoadError(
-            f"OpenVINO cannot load {path.name}: {first[:300]}",
+            f"OpenVINO cannot load {path.name}: {detail[:300]}",
             hint="is the file complete and a valid model? re-export it",
         ) from None
     log.info("openvino %s on %s", path.name, ov_device)
-    return OpenVinoSession(compiled, ov_device, threads, precision)
+    return OpenVinoSession(compiled, ov_device, threads, hint, _weights_precision(model))
