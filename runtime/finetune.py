@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_head",
     "feature_stats",
     "finetune_model",
+    "label_key",
     "require_head",
     "stratified_split",
     "train_head",
@@ -71,6 +72,10 @@ class FinetuneConfig(BaseModel):
     patience: int | None = Field(default=5, ge=1)  # early stopping on held-out loss; None: off
     min_delta: float = Field(default=0.0, ge=0)
     val_fraction: float = Field(default=0.2, gt=0, lt=1)  # held out when no split is given
+    distill: float = Field(
+        default=0.0, ge=0
+    )  # incremental: weight of distillation from the old head
+    temperature: float = Field(default=2.0, gt=0)
     normalize: bool = True  # standardise features with the training data's statistics
     warm_start: bool = True  # start from the current head (False: re-initialise it)
     seed: int = 0
@@ -143,6 +148,26 @@ def cross_entropy(
     total = w.sum() or 1.0
     loss = float((w * per_sample).sum() / total)
     grad = (np.exp(logp) - target) * (w / total)[:, None]
+    return loss, grad.astype(np.float32)
+
+
+def _distillation(
+    logits: np.ndarray, teacher: np.ndarray, temperature: float
+) -> tuple[float, np.ndarray]:
+    """``T^2 KL(softmax(teacher/T) || softmax(logits[:, :k]/T))`` (mean over samples), and its
+    gradient with respect to ``logits[:, :k]``."""
+
+    def log_softmax(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float64) / temperature
+        a = a - a.max(axis=1, keepdims=True)
+        return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+
+    k = teacher.shape[1]
+    lp, lq = log_softmax(teacher), log_softmax(logits[:, :k])
+    p = np.exp(lp)
+    n = len(logits)
+    loss = float(temperature**2 * (p * (lp - lq)).sum() / n)
+    grad = temperature * (np.exp(lq) - p) / n
     return loss, grad.astype(np.float32)
 
 
@@ -274,6 +299,7 @@ def train_head(
     config: FinetuneConfig | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     description: str = "fine-tune head",
+    teacher: np.ndarray | None = None,
 ) -> TrainResult:
     """Train (a copy of) ``head`` on features ``x`` and class indices ``y``.
 
@@ -282,7 +308,12 @@ def train_head(
         x: features (N, feature_size) or backbone outputs (N, ...).
         y: class indices in ``[0, head.classes)``.
         config: optimiser, epochs, L2, balancing, early stopping.
-        val: held-out (features, labels) for early stopping; the best epoch's weights are kept.
+        val: held-out (features, labels) for early stopping; the weights of the epoch with the
+            lowest held-out loss are kept (epoch 0: the starting head).
+        teacher: logits of the previous head on ``x`` (N, old classes): with
+            ``config.distill > 0`` the loss adds knowledge distillation (Hinton et al., 2015; as in
+            LwF and iCaRL) that keeps the old classes' outputs, ``distill * T^2 * KL(p_old || p_new)``
+            at temperature ``config.temperature``.
 
     Returns:
         The trained head with its history; a progress bar shows loss and accuracy per epoch.
@@ -310,6 +341,11 @@ def train_head(
     opt = _optimizer(cfg)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_params, bad = math.inf, 0, None, 0
+    if zv is not None and yv is not None and cfg.patience is not None:
+        # the starting head is epoch 0: training that only hurts gives it back unchanged
+        start_logits, _ = core.forward(zv)
+        best_loss, _ = cross_entropy(start_logits, np.where(yv < core.classes, yv, 0))
+        best_params = {k: v.copy() for k, v in core.params.items()}
     status: dict[str, object] = {}
     stopped = False
     for epoch in track(range(cfg.epochs), description, status=status):
@@ -320,6 +356,10 @@ def train_head(
             idx = perm[s : s + cfg.batch_size]
             logits, cache = core.forward(z[idx], train=True, rng=rng)
             loss, grad = cross_entropy(logits, y[idx], weights, cfg.label_smoothing)
+            if teacher is not None and cfg.distill > 0:
+                kd, kd_grad = _distillation(logits, teacher[idx], cfg.temperature)
+                loss += cfg.distill * kd
+                grad[:, : kd_grad.shape[1]] += cfg.distill * kd_grad
             opt.step(core.params, core.backward(cache, grad))
             loss_sum += loss * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
@@ -413,7 +453,7 @@ class FeatureCache:
         return self._rows[bid]
 
     def features(
-        self, model: Any, x: np.ndarray, batch: int = 64, description: str = "features"
+        self, model: Any, x: np.ndarray, batch: int = 16, description: str = "features"
     ) -> np.ndarray:
         """Flattened backbone features of samples ``x`` (uint8 images or model inputs)."""
         x = np.asarray(x)
@@ -474,7 +514,8 @@ def require_head(model: Any) -> Head:
     return head
 
 
-def _slug(text: str) -> str:
+def label_key(text: str) -> str:
+    """A label as folder names write it: lower case, runs of other characters as one '-'."""
     import re
 
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
@@ -500,8 +541,10 @@ def encode_labels(
         return arr.astype(np.int64), list(labels)
     names = [str(v) for v in arr.tolist()]
     lookup = {lab: i for i, lab in enumerate(labels)}
-    lookup.update({_slug(lab): i for i, lab in enumerate(labels) if _slug(lab) not in lookup})
-    unknown = sorted({n for n in names if n not in lookup and _slug(n) not in lookup})
+    lookup.update(
+        {label_key(lab): i for i, lab in enumerate(labels) if label_key(lab) not in lookup}
+    )
+    unknown = sorted({n for n in names if n not in lookup and label_key(n) not in lookup})
     out_labels = list(labels)
     if unknown:
         if not add_classes:
@@ -513,7 +556,7 @@ def encode_labels(
         for n in unknown:
             lookup[n] = len(out_labels)
             out_labels.append(n)
-    idx = [lookup[n] if n in lookup else lookup[_slug(n)] for n in names]
+    idx = [lookup[n] if n in lookup else lookup[label_key(n)] for n in names]
     return np.asarray(idx, np.int64), out_labels
 
 
@@ -624,7 +667,8 @@ def finetune_model(
     if cfg.normalize:
         start = start.renormalize(*feature_stats(train_x))
     before = evaluate_head(head0, fv, yv)
-    result = train_head(start, train_x, train_y, cfg, val=(fv, yv))
+    teacher = head0(train_x) if cfg.distill > 0 else None  # keeps the old classes' outputs
+    result = train_head(start, train_x, train_y, cfg, val=(fv, yv), teacher=teacher)
     after = evaluate_head(result.head, fv, yv)
     if replay is not None:
         replay.add(ft, yt, FeatureCache.backbone_id(model), labels)

@@ -105,6 +105,12 @@ def _summary(result: Any, out: Path | None) -> str:
     help="Replay buffer file for incremental learning (read, trained on, updated).",
 )
 @click.option(
+    "--distill",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Weight of distillation from the current head (keeps old classes) [2.0 with --replay, else 0].",
+)
+@click.option(
     "--replay-size",
     type=click.IntRange(min=1),
     default=2000,
@@ -159,6 +165,7 @@ def finetune_cmd(
     cache: Path | None,
     replay: Path | None,
     replay_size: int,
+    distill: float | None,
     sign_key: Path | None,
     activate: bool,
     root: Path | None,
@@ -236,6 +243,7 @@ def finetune_cmd(
             cache=FeatureCache(cache) if cache else None,
             replay=buf,
             balance=False if no_balance else None,
+            distill=distill if distill is not None else (2.0 if replay is not None else None),
             **options,
         )
         if buf is not None and replay is not None:

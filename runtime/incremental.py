@@ -194,7 +194,8 @@ class IncrementalLearner:
     Args:
         head: the starting head (e.g. ``model.head``).
         labels: its class names; new names in a batch add classes.
-        config: training settings for every step (warm start from the previous step's head).
+        config: training settings for every step (warm start from the previous step's head);
+            the default adds distillation from the previous head (``distill=2.0``).
         capacity: replay buffer size (samples); 0 disables replay (plain fine-tuning, forgets).
         backbone: the backbone id the features come from (``FeatureCache.backbone_id(model)``).
     """
@@ -210,7 +211,7 @@ class IncrementalLearner:
     ) -> None:
         self.head = head
         self.labels = list(labels)
-        self.config = config or FinetuneConfig()
+        self.config = config or FinetuneConfig(distill=2.0)
         self.buffer = ReplayBuffer(capacity, seed) if capacity else None
         self.backbone = backbone
         self.first_classes: list[int] = list(range(len(labels)))
@@ -221,9 +222,11 @@ class IncrementalLearner:
         self, x: np.ndarray, y: Sequence[Any] | np.ndarray, among: Sequence[int] | None = None
     ) -> dict[str, Any]:
         """Accuracy of the current head overall and per class on labelled features (``among``:
-        predictions restricted to those classes, see :func:`evaluate_head`)."""
-        yi, _ = encode_labels(y, self.labels, add_classes=False)
-        return evaluate_head(self.head, x, yi, among=among)
+        predictions restricted to those classes, see :func:`evaluate_head`). Samples of classes
+        not learnt yet are left out."""
+        yi, _ = encode_labels(y, self.labels, add_classes=True)
+        known = yi < len(self.labels)
+        return evaluate_head(self.head, flatten_features(x)[known], yi[known], among=among)
 
     def learn(
         self,
@@ -265,6 +268,7 @@ class IncrementalLearner:
         if self.config.normalize:
             head = head.renormalize(*feature_stats(tx))
         tr, va = stratified_split(ty, self.config.val_fraction, self.config.seed + len(self.steps))
+        teacher = self.head(tx[tr]) if self.config.distill > 0 and self.steps else None
         result = train_head(
             head,
             tx[tr],
@@ -272,6 +276,7 @@ class IncrementalLearner:
             self.config,
             val=(tx[va], ty[va]) if len(va) else None,
             description=f"incremental step {len(self.steps) + 1}",
+            teacher=teacher,
         )
         self.head, self.labels = result.head, labels
         if self.buffer is not None:

@@ -138,9 +138,14 @@ def _names(y: Sequence[Any] | np.ndarray, labels: list[str]) -> np.ndarray:
 
 
 def _accuracy(head: Head, labels: list[str], feats: np.ndarray, names: np.ndarray) -> float:
+    """Share of samples whose predicted label is theirs (names compared as slugs, so that a
+    class added from a folder 'ankle-boot' and a fleet label 'Ankle boot' are one class)."""
+    from edgesmith.runtime.finetune import label_key
+
     pred = head(feats).argmax(1)
-    got = np.asarray([labels[i] if i < len(labels) else "" for i in pred.tolist()], dtype=str)
-    return float((got == names).mean())
+    got = [label_key(labels[i]) if i < len(labels) else "" for i in pred.tolist()]
+    want = [label_key(str(n)) for n in names.tolist()]
+    return float(np.mean([a == b for a, b in zip(got, want, strict=True)]))
 
 
 def _features(model: Any, x: np.ndarray) -> np.ndarray:

@@ -172,6 +172,28 @@ def test_mlp_gradients_equal_torch_autograd(smallcnn) -> None:
     )
 
 
+def test_distillation_loss_and_gradient_equal_torch(feats: dict) -> None:
+    from edgesmith.runtime.finetune import _distillation
+
+    rng = np.random.default_rng(0)
+    logits = (feats["x"][:32] @ rng.normal(0, 0.3, (64, 10))).astype(np.float32)
+    teacher = (feats["x"][:32] @ rng.normal(0, 0.3, (64, 7))).astype(np.float32)
+    loss, grad = _distillation(logits, teacher, 2.0)
+    t = torch.tensor(logits, requires_grad=True)
+    t_loss = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(t[:, :7] / 2.0, 1),
+            torch.softmax(torch.from_numpy(teacher) / 2.0, 1),
+            reduction="batchmean",
+        )
+        * 4.0
+    )
+    t_loss.backward()
+    assert loss == pytest.approx(t_loss.item(), rel=1e-5)
+    np.testing.assert_allclose(grad, t.grad.numpy()[:, :7], rtol=1e-4, atol=1e-7)
+    assert np.all(t.grad.numpy()[:, 7:] == 0)  # new classes are not distilled
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_training_follows_torch_step_for_step(feats: dict, optimizer: str) -> None:
     """Same initial head, same batches, same optimiser settings: the same weights after 3 epochs."""
@@ -306,17 +328,25 @@ def test_balanced_weights_and_early_stopping(feats: dict) -> None:
     assert len(set(tr) & set(va)) == 0 and abs(len(va) - 300) <= 10
     assert set(feats["y"][va]) == set(range(10))
     # 30 training samples, a large learning rate and no L2: the held-out loss soon rises
+    from edgesmith.runtime.finetune import _init_like
+
     small = tr[:30]
-    start = load_head(*_head_args(feats))
+    shipped = load_head(*_head_args(feats))
+    start = _init_like(shipped, np.random.default_rng(0))
     cfg = FinetuneConfig(epochs=300, lr=0.05, weight_decay=0, patience=3)
-    res = train_head(
-        start, feats["x"][small], feats["y"][small], cfg, val=(feats["x"][va], feats["y"][va])
-    )
-    assert res.stopped_early and len(res.history) < 300
+    val = (feats["x"][va], feats["y"][va])
+    res = train_head(start, feats["x"][small], feats["y"][small], cfg, val=val)
+    assert res.stopped_early and len(res.history) < 300 and res.best_epoch >= 1
     best = min(h["val_loss"] for h in res.history)
     assert res.history[res.best_epoch - 1]["val_loss"] == best
-    got = evaluate_head(res.head, feats["x"][va], feats["y"][va])["loss"]
+    got = evaluate_head(res.head, *val)["loss"]
     assert got == pytest.approx(best, rel=1e-4)  # the best epoch's weights were restored
+    # shuffled labels only hurt a good head: it comes back unchanged (epoch 0 was the best)
+    noisy = np.random.default_rng(0).permutation(feats["y"][tr])
+    res = train_head(shipped, feats["x"][tr], noisy, cfg, val=val)
+    assert res.best_epoch == 0 and res.stopped_early
+    for k, v in shipped.params.items():
+        np.testing.assert_array_equal(res.head.params[k], v)
 
 
 def _head_args(feats: dict) -> tuple:
@@ -367,10 +397,11 @@ def test_incremental_batches_with_replay_keep_the_first_classes(
     head5, labels = load(b5).head, load(head_bundle).labels
     x, y, xt, yt = feats["x"], feats["y"], feats["xt"], feats["yt"]
     names, tnames = np.array(labels)[y], np.array(labels)[yt]
-    cfg = FinetuneConfig(epochs=20, patience=5, lr=1e-2)
+    cfg = FinetuneConfig(epochs=20, patience=5, distill=2.0)
     finals = {}
-    for capacity in (500, 0):
-        learner = IncrementalLearner(head5, labels[:5], cfg, capacity=capacity)
+    for capacity, distill in ((500, 2.0), (0, 0.0)):  # replay + distillation vs plain fine-tuning
+        c = cfg.model_copy(update={"distill": distill})
+        learner = IncrementalLearner(head5, labels[:5], c, capacity=capacity)
         first = y < 5
         r0 = learner.learn(x[first], names[first], xt, tnames)
         for c in range(5, 10):
