@@ -127,14 +127,14 @@ def numpy_vs_torch(
 ) -> dict[str, Any]:
     import torch
 
-    from edgesmith.runtime.finetune import FinetuneConfig, _init_like, feature_stats, train_head
     from edgesmith.runtime.head import Head, LayerSpec
+    from edgesmith.runtime.training import FinetuneConfig, feature_stats, init_like, train_head
 
     shape = Head.from_arrays(
         [LayerSpec(type="linear", in_features=f.shape[1], out_features=10)],
         {"layers.0.weight": np.zeros((10, f.shape[1])), "layers.0.bias": np.zeros(10)},
     )
-    start = _init_like(shape, np.random.default_rng(args.seed))
+    start = init_like(shape, np.random.default_rng(args.seed))
     mean, std = feature_stats(f)
     z, zt = ((f - mean) / std).astype(np.float32), ((ft - mean) / std).astype(np.float32)
     cfg = FinetuneConfig(
@@ -250,23 +250,23 @@ def incremental_run(
     seed: int,
 ) -> dict[str, Any]:
     """One seed: a fresh 5-class head learns classes 0-4, then 5 batches of one new class each."""
-    from edgesmith.runtime.finetune import (
+    from edgesmith.runtime.head import Head, LayerSpec
+    from edgesmith.runtime.incremental import IncrementalLearner
+    from edgesmith.runtime.training import (
         FinetuneConfig,
-        _init_like,
         evaluate_head,
         feature_stats,
+        init_like,
         stratified_split,
         train_head,
     )
-    from edgesmith.runtime.head import Head, LayerSpec
-    from edgesmith.runtime.incremental import IncrementalLearner
 
     first = list(range(5))
     shape = Head.from_arrays(
         [LayerSpec(type="linear", in_features=f.shape[1], out_features=5)],
         {"layers.0.weight": np.zeros((5, f.shape[1])), "layers.0.bias": np.zeros(5)},
     )
-    start = _init_like(shape, np.random.default_rng(seed))
+    start = init_like(shape, np.random.default_rng(seed))
     cfg = FinetuneConfig(
         epochs=args.inc_epochs, lr=args.inc_lr, patience=5, distill=args.distill, seed=seed
     )
@@ -291,7 +291,7 @@ def incremental_run(
             )
         runs[tag] = {"capacity": capacity, "distill": kd, "steps": curve}
     # the reference: one head trained on all batches at once, with the same settings
-    joint = _init_like(
+    joint = init_like(
         shape.add_classes(5, np.random.default_rng(seed)), np.random.default_rng(seed)
     )
     joint = joint.renormalize(*feature_stats(f))

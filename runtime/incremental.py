@@ -24,15 +24,15 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import DataError
-from edgesmith.runtime.finetune import (
+from edgesmith.runtime.finetune import encode_labels
+from edgesmith.runtime.head import Head, flatten_features
+from edgesmith.runtime.training import (
     FinetuneConfig,
-    encode_labels,
     evaluate_head,
     feature_stats,
     stratified_split,
     train_head,
 )
-from edgesmith.runtime.head import Head, flatten_features
 
 __all__ = ["IncrementalLearner", "ReplayBuffer", "StepReport"]
 

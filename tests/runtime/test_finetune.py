@@ -10,17 +10,17 @@ import pytest
 
 from edgesmith.errors import BundleError, DataError, RecipeError
 from edgesmith.runtime import load
-from edgesmith.runtime.finetune import (
-    FeatureCache,
+from edgesmith.runtime.finetune import FeatureCache, encode_labels
+from edgesmith.runtime.head import Head, LayerSpec, load_head
+from edgesmith.runtime.training import (
     FinetuneConfig,
     balanced_weights,
     cross_entropy,
-    encode_labels,
     evaluate_head,
+    init_like,
     stratified_split,
     train_head,
 )
-from edgesmith.runtime.head import Head, LayerSpec, load_head
 from tests.finetune_helpers import REPO, fmnist, restrict_classes
 
 torch = pytest.importorskip("torch")
@@ -173,7 +173,7 @@ def test_mlp_gradients_equal_torch_autograd(smallcnn) -> None:
 
 
 def test_distillation_loss_and_gradient_equal_torch(feats: dict) -> None:
-    from edgesmith.runtime.finetune import _distillation
+    from edgesmith.runtime.training import _distillation
 
     rng = np.random.default_rng(0)
     logits = (feats["x"][:32] @ rng.normal(0, 0.3, (64, 10))).astype(np.float32)
@@ -328,11 +328,9 @@ def test_balanced_weights_and_early_stopping(feats: dict) -> None:
     assert len(set(tr) & set(va)) == 0 and abs(len(va) - 300) <= 10
     assert set(feats["y"][va]) == set(range(10))
     # 30 training samples, a large learning rate and no L2: the held-out loss soon rises
-    from edgesmith.runtime.finetune import _init_like
-
     small = tr[:30]
     shipped = load_head(*_head_args(feats))
-    start = _init_like(shipped, np.random.default_rng(0))
+    start = init_like(shipped, np.random.default_rng(0))
     cfg = FinetuneConfig(epochs=300, lr=0.05, weight_decay=0, patience=3)
     val = (feats["x"][va], feats["y"][va])
     res = train_head(start, feats["x"][small], feats["y"][small], cfg, val=val)

@@ -29,7 +29,9 @@ def effnet_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / art["bundle"]
 
 
-def test_effnet_backbone_bundle_finetunes_on_the_device(effnet_bundle: Path, tmp_path: Path) -> None:
+def test_effnet_backbone_bundle_finetunes_on_the_device(
+    effnet_bundle: Path, tmp_path: Path
+) -> None:
     from edgesmith.devices.ota import check_health
     from edgesmith.runtime import load
 
