@@ -415,3 +415,14 @@ def test_incremental_batches_with_replay_keep_the_first_classes(
     assert ten_way > start - 0.08, finals
     assert np.mean(per_class[5:]) > 0.75  # and the arriving classes were learnt
     assert finals[0][1] < 0.3 and finals[0][2] < 0.6, finals  # without replay: forgotten
+
+
+def test_the_server_serves_head_bundles_as_logits(head_bundle: Path) -> None:
+    pytest.importorskip("starlette")
+    from edgesmith.runtime.oip import model_metadata
+    from edgesmith.runtime.serve import _self_check
+
+    model = load(head_bundle)
+    _self_check(model, head_bundle)  # the hot-swap check: golden logits through run_checked
+    meta = model_metadata(model)
+    assert meta["outputs"][0]["name"] == "logits" and meta["outputs"][0]["shape"] == [-1, 10]

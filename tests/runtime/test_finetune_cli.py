@@ -121,3 +121,22 @@ def test_progress_line_shows_loss_and_accuracy(capsys: pytest.CaptureFixture[str
         set_quiet(quiet)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "fine-tune head: 3/3 (0 s, eta 0 s) loss 0.3333 accuracy 0.7"
+
+
+def test_finetune_on_the_device_imports_no_torch(head_bundle: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = image_folder(tmp_path / "data", LABELS, range(100))
+    code = (
+        "import sys, json\nfrom edgesmith.cli import main\n"
+        f"try:\n    main(['-q', 'finetune', {str(head_bundle)!r}, '--data', {str(data)!r}, "
+        f"'-o', {str(tmp_path / 'v2')!r}, '--epochs', '2'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "onnxruntime" in loaded and (tmp_path / "v2" / "head.npz").is_file()
+    assert [m for m in ("torch", "onnx", "tensorflow", "matplotlib") if m in loaded] == []
