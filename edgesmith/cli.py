@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "keygen": "edgesmith.devices.cli:keygen_cmd",
     "ota": "edgesmith.devices.ota.cli:ota_group",
     "serve": "edgesmith.runtime.cli:serve_cmd",
+    "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
 }
 
 

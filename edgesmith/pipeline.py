@@ -75,9 +75,17 @@ class Evaluator:
         inputs: np.ndarray,
         metric: Metric,
         threads: int | None,
+        head: Any = None,
     ) -> None:
         self.recipe, self.reference, self.targets, self.inputs = recipe, reference, targets, inputs
         self.metric, self.threads = metric, threads
+        # trainable_head builds export the backbone: outputs are head(backbone(x)), in numpy
+        self.head = head
+
+    def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """The artifact's outputs for ``x`` (with the numpy head applied when there is one)."""
+        out = np.asarray(model(x))
+        return out if self.head is None else self.head(out)
 
     def evaluate(
         self,
@@ -96,7 +104,7 @@ class Evaluator:
             fixed if isinstance(fixed, int) else EVAL_BATCH
         )  # a model exported with a fixed batch
         outs = [
-            np.asarray(model(self.inputs[i : i + step]))
+            self.logits(model, self.inputs[i : i + step])
             for i in track(range(0, len(self.inputs), step), f"evaluate {path.name}")
         ]
         out = np.concatenate(outs)
@@ -106,7 +114,7 @@ class Evaluator:
         one = self.inputs[:1]
         from edgesmith.runtime.bench import time_fn
 
-        lat = time_fn(lambda: model(one), warmup=20, runs=200, max_seconds=15.0)
+        lat = time_fn(lambda: self.logits(model, one), warmup=20, runs=200, max_seconds=15.0)
         files = files or [path]
         return Artifact(
             fmt,
@@ -190,6 +198,7 @@ def _write_bundle(
     version: int,
     golden_inputs: np.ndarray,
     sign_key: Any = None,
+    head: Any = None,
 ) -> str:
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import write_bundle
@@ -201,6 +210,8 @@ def _write_bundle(
     expected = np.concatenate(
         [np.asarray(model(golden_inputs[i : i + step])) for i in range(0, len(golden_inputs), step)]
     )
+    if head is not None:
+        expected = head(expected)
     rel = f"bundles/{art.path.stem}"
     golden_file = out / ".work" / f"golden-{art.path.stem}.npz"
     golden_file.parent.mkdir(parents=True, exist_ok=True)
@@ -239,10 +250,40 @@ def _write_bundle(
         },
         "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
     }
+    if head is not None:
+        _add_head(manifest, files, head, model.outputs[0].name, p, out)
     write_bundle(
         out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
     )
     return rel
+
+
+def _add_head(
+    manifest: dict[str, Any],
+    files: dict[str, Path],
+    head: Any,
+    feature_output: str,
+    p: Prepared,
+    out: Path,
+) -> None:
+    """A trainable-head bundle: the head's arrays, its manifest entry, and logits as the output."""
+    from edgesmith.runtime.head import HEAD_FILE
+
+    cfg = p.recipe.trainable_head
+    assert cfg is not None
+    path = head.save(out / ".work" / HEAD_FILE)
+    files[HEAD_FILE] = path
+    manifest["outputs"] = [{"name": "logits", "shape": ["batch", head.classes], "dtype": "float32"}]
+    manifest["trainable_head"] = head.spec(
+        feature_output,
+        policy=cfg.policy,
+        trained={
+            "by": "build",
+            "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "recipe": p.recipe.name,
+            "module": cfg.module,
+        },
+    )
 
 
 def build(
@@ -328,7 +369,17 @@ def build(
             report["failures"] += ctx.extra.pop("failures", [])
         final = _measure(ctx.model, p) if recipe.stages else base
         inputs = _eval_inputs(p.data.eval)
-        ev = Evaluator(recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads)
+        head = None
+        if recipe.trainable_head is not None:  # export the backbone; the head ships as arrays
+            from edgesmith.heads import split_head
+
+            split = split_head(ctx.model, recipe.trainable_head.module, p.example)
+            ctx.model, head = split.backbone, split.head
+            ctx.evaluate = lambda m: _measure(split.composed(m), p)["accuracy"]
+            ctx.extra["trainable_head"] = split
+        ev = Evaluator(
+            recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads, head=head
+        )
         artifacts: list[Artifact] = []
         for fmt in recipe.export:
             spec_fmt = EXPORTERS[fmt]
@@ -343,7 +394,7 @@ def build(
         for art in artifacts:
             if not art.parity.passed:
                 report["failures"].append(f"{art.path.name}: parity failed: {art.parity.reason}")
-            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key)
+            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head)
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

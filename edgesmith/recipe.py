@@ -25,6 +25,7 @@ __all__ = [
     "PreprocessConfig",
     "Recipe",
     "StageSpec",
+    "TrainableHeadConfig",
     "dump_recipe",
     "load_recipe",
     "parse_recipe",
@@ -130,6 +131,20 @@ def _default_parity() -> dict[str, ParityTolerance]:
     }
 
 
+class TrainableHeadConfig(_Strict):
+    """``trainable_head``: export the model without this head (the backbone) and ship the head as
+    arrays, so that devices can fine-tune it (docs/finetune.md).
+
+    ``module`` is the dotted name of the head submodule: an ``nn.Linear``, or an ``nn.Sequential``
+    of Linear/ReLU/Dropout (a leading Flatten allowed). ``policy`` says what an OTA update does
+    with a head a device fine-tuned: ``keep`` re-applies it onto the new backbone when the
+    shapes match, ``replace`` installs the update's head.
+    """
+
+    module: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+    policy: Literal["keep", "replace"] = "keep"
+
+
 class StageSpec(BaseModel):
     """One validated entry of ``stages``: the stage name and its typed config."""
 
@@ -154,6 +169,7 @@ class Recipe(_Strict):
     stages: list[StageSpec] = Field(default_factory=list)
     export: list[str] = Field(default_factory=lambda: ["onnx"])
     parity: dict[str, ParityTolerance] = Field(default_factory=_default_parity)
+    trainable_head: TrainableHeadConfig | None = None
     base_dir: Path | None = Field(default=None, exclude=True)
 
     @field_validator("version")

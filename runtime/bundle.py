@@ -95,6 +95,14 @@ class Manifest(BaseModel):
     trainable_head: dict[str, Any] | None = None
     build: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("trainable_head")
+    @classmethod
+    def _head_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # schema edgesmith.head/1, defined with the head code (runtime/head.py)
+        from edgesmith.runtime.head import validate_head_spec
+
+        return None if v is None else validate_head_spec(v)
+
     @field_validator("expires")
     @classmethod
     def _iso_time(cls, v: str | None) -> str | None:
@@ -231,6 +239,12 @@ def _parse_manifest(raw: bytes, where: str) -> Manifest:
     if manifest.model not in manifest.files:
         raise BundleError(
             f"manifest names model file '{manifest.model}' but does not list it in 'files'",
+            hint="rebuild the bundle",
+        )
+    head_file = (manifest.trainable_head or {}).get("file")
+    if head_file is not None and head_file not in manifest.files:
+        raise BundleError(
+            f"manifest names head file '{head_file}' but does not list it in 'files'",
             hint="rebuild the bundle",
         )
     for rel in manifest.files:

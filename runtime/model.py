@@ -138,6 +138,38 @@ class Model:
             for p, row in zip(probs, top, strict=True)
         ]
 
+    # ------------------------------------------------------------------ trainable head
+    # (bundles whose manifest has ``trainable_head``: see runtime/head.py and runtime/finetune.py)
+
+    @property
+    def head(self) -> Any:
+        """The numpy :class:`~edgesmith.runtime.head.Head` of a trainable-head bundle, else None."""
+        return getattr(self._session, "head", None)
+
+    def features(self, x: Any) -> np.ndarray:
+        """The backbone's output (the head's input) for ``x``, prepared as for :meth:`__call__`.
+
+        Raises:
+            BundleError: the model has no trainable head.
+        """
+        from edgesmith.runtime.finetune import require_head
+
+        require_head(self)
+        spec = self.inputs[0]
+        return self._session.features({spec.name: self.prepare(x, spec)})
+
+    def finetune(self, x: Any, y: Any, **kwargs: Any) -> Any:
+        """Train the head on ``(x, y)`` on this device (numpy only); see
+        :func:`edgesmith.runtime.finetune.finetune_model` for the arguments.
+
+        Returns:
+            A :class:`~edgesmith.runtime.finetune.FinetuneResult` (the new head, metrics, history
+            and, with ``out=``, the new bundle version). This model is left unchanged.
+        """
+        from edgesmith.runtime.finetune import finetune_model
+
+        return finetune_model(self, x, y, **kwargs)
+
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.info.get('backend')}, provider={self.info.get('provider')}, precision={self.info.get('precision')})"
 
@@ -235,6 +267,11 @@ def load(
     session = get_backend(name).open_session(
         model_file, device=device, threads=threads, options={**profile_opts, **opts}
     )
+    if manifest is not None and manifest.trainable_head:  # backbone here, head in numpy
+        from edgesmith.runtime.head import HeadSession, load_head
+
+        head = load_head(p, manifest.trainable_head)
+        session = HeadSession(session, head, manifest.trainable_head)
     return Model(
         session,
         manifest=manifest,

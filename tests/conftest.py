@@ -61,3 +61,12 @@ data:
 target: x86-cpu
 export: [onnx]
 """
+
+
+@pytest.fixture(scope="session")
+def head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SmallCNN built with ``trainable_head: {module: classifier.4}`` once (about 10 s):
+    an ONNX backbone (64 features) plus a linear head in head.npz, unsigned, version 1."""
+    from tests.finetune_helpers import build_head_bundle
+
+    return build_head_bundle(tmp_path_factory.mktemp("head") / "out")

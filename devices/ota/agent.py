@@ -37,6 +37,7 @@ from edgesmith.errors import BundleError, EdgesmithError, UpdateError
 from edgesmith.runtime.bundle import (
     MANIFEST,
     SIGNATURE,
+    BundleCheck,
     Manifest,
     extract_bundle,
     fsync_dir,
@@ -101,6 +102,8 @@ class Agent:
         self._stop = threading.Event()
         self._mqtt: Any = None
         self._trusted: dict[str, bytes] | None = None
+        self._device_key: Any = None  # signs heads fine-tuned here (config.device_key)
+        self._device: dict[str, bytes] = {}  # its public key: trusted for head-only bundles
         self.state: dict[str, Any] = {}
         self.profile: Any = None
         self.device_id = ""
@@ -139,6 +142,10 @@ class Agent:
                     "no trusted public key configured",
                     hint="give the publisher's NAME.pub with --key (or trusted_keys in agent.yaml)",
                 )
+            if self.config.device_key:
+                from .local import load_device_key
+
+                self._device_key, self._device = load_device_key(self.config.device_key)
             self._recover()
             if self.config.mqtt:
                 from .mqtt import MqttLink
@@ -247,16 +254,54 @@ class Agent:
 
     def _slot_ok(self, slot: str) -> bool:
         try:
-            verify_bundle(
-                self.slots.path(slot),
-                trusted_keys=self._trusted,
-                require_signature=self.config.require_signature,
-            )
+            self._verify(self.slots.path(slot))
         except (BundleError, OSError):
             return False
         return check_health(
             self.slots.path(slot), self.config.latency_budget_ms, self.config.require_golden
         ).ok
+
+    # ------------------------------------------------------------------ keys (fleet and device)
+
+    def _bundle_keys(self) -> dict[str, bytes] | None:
+        if self._trusted is None and not self._device:
+            return None
+        return {**(self._trusted or {}), **self._device}
+
+    def _verify(self, path: Path, local: bool = False) -> BundleCheck:
+        """Verify a bundle's signature and files. A fleet key vouches for anything; the device's
+        own key only for a head fine-tuned here on a model the fleet published (and a ``local``
+        install must be such a bundle whoever signed it)."""
+        check = verify_bundle(
+            path, trusted_keys=self._bundle_keys(), require_signature=self.config.require_signature
+        )
+        signer = check.signed_by
+        by_device = (
+            signer is not None and signer in self._device and signer not in (self._trusted or {})
+        )
+        if by_device or local:
+            from .local import check_local_bundle
+
+            check_local_bundle(check.manifest, self.state.get("fleet_models", {}))
+        else:  # the fleet (or, without signatures, the operator) vouches for this model
+            from edgesmith.runtime.head import backbone_fingerprint
+
+            known = self.state.setdefault("fleet_models", {})
+            fp = backbone_fingerprint(check.manifest)
+            if fp not in known:
+                known[fp] = f"{check.manifest.name}:{check.manifest.version}"
+                for old in list(known)[:-8]:  # the last few are enough: slots hold two
+                    del known[old]
+        return check
+
+    def _fleet_version(self, m: Manifest | None) -> int | None:
+        """The fleet version a bundle derives from: a head fine-tuned here keeps its base's."""
+        if m is None:
+            return None
+        trained = (m.trainable_head or {}).get("trained", {})
+        if trained.get("by") == "device" and isinstance(trained.get("base_version"), int):
+            return int(trained["base_version"])
+        return m.version
 
     # ------------------------------------------------------------------ recovery
 
@@ -345,6 +390,7 @@ class Agent:
         t0 = time.perf_counter()
         installed = self.installed()
         cur = installed.version if installed else None
+        base = self._fleet_version(installed)  # a head fine-tuned here keeps its fleet version
         release = None
         try:
             self._step("check")
@@ -353,13 +399,13 @@ class Agent:
             if release is None:
                 result = UpdateResult("up-to-date", cur, name=installed.name if installed else None)
                 self._clean_incoming(keep=None)
-            elif installed and installed.name == release.name and release.version == cur:
+            elif installed and installed.name == release.name and release.version == base:
                 result = UpdateResult("up-to-date", cur, release.version, name=release.name)
                 self._clean_incoming(keep=None)
-            elif installed and installed.name == release.name and release.version < (cur or 0):
+            elif installed and installed.name == release.name and release.version < (base or 0):
                 raise UpdateError(
                     f"channel offers {release.name} version {release.version}, older than the "
-                    f"installed {cur}: no downgrade",
+                    f"installed {base}: no downgrade",
                     hint="to undo a release, publish a new, higher version",
                 )
             elif self._failed_before(release.name, release.version):
@@ -414,6 +460,28 @@ class Agent:
         m = self.installed()
         try:
             result = self._install(Path(bundle), None)
+        except (UpdateError, BundleError, EdgesmithError) as exc:
+            result = UpdateResult("failed", m.version if m else None, reason=exc.message)
+        except OSError as exc:
+            result = UpdateResult("failed", m.version if m else None, reason=_os_reason(exc))
+        return self._report(result, t0)
+
+    def install_local(
+        self, bundle: str | Path, gate: Callable[[Path, Manifest], None] | None = None
+    ) -> UpdateResult:
+        """Install a bundle made on this device (a fine-tuned head) through the same A/B switch.
+
+        The bundle must change nothing but the head of the installed model (same model files).
+        ``gate(slot_path, manifest)`` runs after the health check, before the switch; raising
+        :class:`UpdateError` there refuses the bundle (``rolled-back``, the old model stays).
+        Refusals are not remembered as failed fleet versions. See
+        :func:`edgesmith.devices.ota.local.activate`.
+        """
+        self.start()
+        t0 = time.perf_counter()
+        m = self.installed()
+        try:
+            result = self._install(Path(bundle), None, local=True, gate=gate)
         except (UpdateError, BundleError, EdgesmithError) as exc:
             result = UpdateResult("failed", m.version if m else None, reason=exc.message)
         except OSError as exc:
@@ -480,7 +548,7 @@ class Agent:
 
     # ------------------------------------------------------------------ install
 
-    def _check_manifest(self, m: Manifest, expect: Release | None) -> None:
+    def _check_manifest(self, m: Manifest, expect: Release | None, local: bool = False) -> None:
         installed = self.installed()
         if expect is not None and (m.name, m.version, m.target) != (
             expect.name,
@@ -505,29 +573,43 @@ class Agent:
             raise UpdateError(
                 f"{m.name} version {m.version} expired at {m.expires}", hint="publish a fresh build"
             )
-        if installed is not None and installed.name == m.name and m.version <= installed.version:
+        # a fleet bundle must be newer than the fleet version the installed one derives from; a
+        # local one (a head fine-tuned here) newer than the installed bundle itself
+        floor = installed.version if local and installed else self._fleet_version(installed)
+        if installed is not None and installed.name == m.name and m.version <= (floor or 0):
             raise UpdateError(
-                f"{m.name} version {m.version} is not newer than the installed version {installed.version}: "
+                f"{m.name} version {m.version} is not newer than the installed version {floor}: "
                 "no downgrade or replay",
                 hint="publish a higher version",
+            )
+        if local and (installed is None or installed.name != m.name):
+            raise UpdateError(
+                f"a fine-tuned {m.name} can only replace an installed {m.name}",
+                hint="fine-tune the installed model (ROOT/current)",
             )
         if installed is not None and installed.name != m.name and self.config.name != m.name:
             raise UpdateError(
                 f"this device runs '{installed.name}'; the bundle is '{m.name}'",
                 hint=f"to switch models, set the agent's name to '{m.name}'",
             )
-        if self._failed_before(m.name, m.version):
+        if not local and self._failed_before(m.name, m.version):
             raise UpdateError(
                 f"{m.name} version {m.version} failed on this device before: "
                 + self.state["failed"][f"{m.name}:{m.version}"],
                 hint="publish a fixed, higher version",
             )
 
-    def _install(self, src: Path, expect: Release | None) -> UpdateResult:
-        keys, strict = self._trusted, self.config.require_signature
+    def _install(
+        self,
+        src: Path,
+        expect: Release | None,
+        local: bool = False,
+        gate: Callable[[Path, Manifest], None] | None = None,
+    ) -> UpdateResult:
+        keys, strict = self._bundle_keys(), self.config.require_signature
         self._step("verify")
-        m = verify_bundle(src, trusted_keys=keys, require_signature=strict).manifest
-        self._check_manifest(m, expect)
+        m = self._verify(src, local=local).manifest
+        self._check_manifest(m, expect, local=local)
         installed = self.installed()
         key = f"{m.name}:{m.version}"
         attempts = self.state.setdefault("attempts", {})
@@ -546,6 +628,8 @@ class Agent:
             "previous_slot": self.slots.active(),
             "previous_version": installed.version if installed else None,
         }
+        if local:
+            txn["local"] = True
         self.state["txn"] = txn
         self.slots.write_state(self.state)
         dest = self.slots.path(slot)
@@ -555,7 +639,7 @@ class Agent:
             self.slots.clear(slot)
             if src.is_dir():
                 self._copy_bundle(src, dest, m)
-                verify_bundle(dest, trusted_keys=keys, require_signature=strict)
+                self._verify(dest, local=local)
             else:
                 extract_bundle(
                     src,
@@ -574,12 +658,19 @@ class Agent:
             raise
         ctx = self._ctx("before_install", txn, dest)
         try:
+            if not local and installed is not None:
+                m = self._head_policy(dest, m, installed)
             self._step("before_install")
             self._hook("before_install", ctx)
             self._step("health")
             report = check_health(dest, self.config.latency_budget_ms, self.config.require_golden)
             if not report.ok:
                 raise _Rollback(f"health check failed: {report.reason}")
+            if gate is not None:
+                try:
+                    gate(dest, m)
+                except (UpdateError, BundleError) as exc:
+                    raise _Rollback(exc.message) from None
         except _Rollback as exc:
             return self._abandon(txn, exc.reason)
         self._step("switch")
@@ -596,6 +687,17 @@ class Agent:
         if src.suffix == ".tar" and src.parent == self.slots.incoming:
             src.unlink(missing_ok=True)
         return UpdateResult("installed", m.version, m.version, txn["previous_version"], m.name)
+
+    def _head_policy(self, dest: Path, m: Manifest, installed: Manifest) -> Manifest:
+        """OTA policy ``keep``: re-apply a head fine-tuned here onto the update's backbone."""
+        from .local import keep_local_head
+
+        try:
+            merged = keep_local_head(self, dest, m)
+        except (EdgesmithError, OSError, ValueError) as exc:
+            log.warning("keeping the local head failed (%s); installing the update's head", exc)
+            return m
+        return merged or m
 
     def _copy_bundle(self, src: Path, dest: Path, m: Manifest) -> None:
         """Copy a bundle folder's listed files (only those) into a new slot, durably."""
@@ -638,8 +740,9 @@ class Agent:
         except UpdateError as exc:
             raise _Rollback(exc.message) from None
 
-    def _mark_failed(self, name: str, version: int, reason: str) -> None:
-        self.state.setdefault("failed", {})[f"{name}:{version}"] = reason
+    def _mark_failed(self, name: str, version: int, reason: str, local: bool = False) -> None:
+        if not local:  # a refused local head must not block the fleet version of that number
+            self.state.setdefault("failed", {})[f"{name}:{version}"] = reason
         self.state.get("attempts", {}).pop(f"{name}:{version}", None)
         self.state.pop("txn", None)
         self.slots.write_state(self.state)
@@ -671,7 +774,7 @@ class Agent:
     def _abandon(self, txn: dict[str, Any], reason: str) -> UpdateResult:
         """Fail an update before the switch: the old model never stopped being current."""
         log.error("update to %s %s rolled back: %s", txn["name"], txn["version"], reason)
-        self._mark_failed(txn["name"], txn["version"], reason)
+        self._mark_failed(txn["name"], txn["version"], reason, local=bool(txn.get("local")))
         self._rollback_hook(txn, reason)
         return UpdateResult(
             "rolled-back",

@@ -31,6 +31,9 @@ class AgentConfig(BaseModel):
         default_factory=list
     )  # publisher public keys (*.pub or folders)
     require_signature: bool = True
+    # this device's own private key (NAME.key, mode 0600): signs heads fine-tuned here; its public
+    # key is trusted only for bundles that change nothing but the head (docs/finetune.md)
+    device_key: Path | None = None
     mqtt: str | None = None  # HOST:PORT of the broker for announcements and status
     report_url: str | None = None  # status is POSTed here as JSON
     poll_interval_s: float = Field(default=300.0, gt=0)

@@ -1,0 +1,432 @@
+"""On-device fine-tuning of a bundle's trainable head, in numpy only.
+
+onnxruntime-training cannot be installed next to onnxruntime (DESIGN.md section 7), and a device
+has no torch: the backbone runs on the inference backend once per sample (:class:`FeatureCache`),
+and the head (runtime/head.py) is trained in numpy (runtime/training.py: softmax cross-entropy,
+SGD with momentum or Adam, L2 on the weights, class-balanced loss weights, early stopping on a
+held-out split). The result is a new bundle version (:func:`write_finetuned`): same backbone file,
+new ``head.npz``, regenerated golden outputs, updated metrics and provenance, signed with the
+device key if given.
+
+Example:
+    >>> model = load("bundles/fmnist-cnn-head")                       # doctest: +SKIP
+    >>> result = model.finetune(images, labels, epochs=20, out="fmnist-cnn-head-v2")  # doctest: +SKIP
+    >>> result.metrics["holdout_accuracy"], result.metrics["previous_holdout_accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.errors import BundleError, DataError
+from edgesmith.progress import track
+from edgesmith.runtime.head import HEAD_FILE, Head, backbone_fingerprint, flatten_features
+from edgesmith.runtime.training import (
+    FinetuneConfig,
+    evaluate_head,
+    feature_stats,
+    init_like,
+    stratified_split,
+    train_head,
+)
+
+__all__ = [
+    "FeatureCache",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "encode_labels",
+    "finetune_model",
+    "label_key",
+    "require_head",
+    "write_finetuned",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- features
+
+
+class FeatureCache:
+    """Backbone outputs keyed by (backbone file hash, sample bytes): the backbone runs once per sample.
+
+    Within a run every epoch reuses the features; with ``path`` (a folder) they persist across
+    runs, one ``features-<backbone>.npz`` per backbone (plain arrays, read without pickle), so
+    data that arrives again, or the held-out split of an earlier run, costs nothing.
+    """
+
+    def __init__(self, path: str | Path | None = None, max_items: int = 200_000) -> None:
+        self.path = Path(path) if path else None
+        self.max_items = max_items
+        self._rows: dict[str, dict[bytes, np.ndarray]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def backbone_id(model: Any) -> str:
+        if model.manifest is not None:
+            return backbone_fingerprint(model.manifest)[:32]
+        return hashlib.sha256(str(model.info.get("file")).encode()).hexdigest()[:32]
+
+    @staticmethod
+    def key(sample: np.ndarray) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{sample.dtype.str}{sample.shape}".encode())
+        h.update(np.ascontiguousarray(sample).tobytes())
+        return h.digest()
+
+    def _table(self, bid: str) -> dict[bytes, np.ndarray]:
+        if bid not in self._rows:
+            self._rows[bid] = {}
+            f = self.path / f"features-{bid}.npz" if self.path else None
+            if f is not None and f.is_file():
+                try:
+                    with np.load(f, allow_pickle=False) as z:
+                        keys, feats = z["keys"], z["features"]
+                    self._rows[bid] = {bytes(k): row for k, row in zip(keys, feats, strict=True)}
+                except (ValueError, OSError, KeyError) as exc:
+                    log.warning("ignoring unreadable feature cache %s: %s", f, exc)
+        return self._rows[bid]
+
+    def features(
+        self, model: Any, x: np.ndarray, batch: int = 16, description: str = "features"
+    ) -> np.ndarray:
+        """Flattened backbone features of samples ``x`` (uint8 images or model inputs)."""
+        x = np.asarray(x)
+        bid = self.backbone_id(model)
+        table = self._table(bid)
+        keys = [self.key(s) for s in x]
+        todo = sorted({i for i, k in enumerate(keys) if k not in table}, key=int)
+        # one representative per distinct sample
+        seen: dict[bytes, int] = {}
+        todo = [i for i in todo if seen.setdefault(keys[i], i) == i]
+        self.misses += len(todo)
+        self.hits += len(x) - len(todo)
+        fixed = model.inputs[0].shape[0]
+        step = fixed if isinstance(fixed, int) else batch
+        for s in track(range(0, len(todo), step), description):
+            idx = todo[s : s + step]
+            out = flatten_features(model.features(x[idx]))
+            for i, row in zip(idx, out, strict=True):
+                table[keys[i]] = row
+        if len(table) > self.max_items:  # oldest first (dicts keep insertion order)
+            for k in list(table)[: len(table) - self.max_items]:
+                del table[k]
+        if not len(x):
+            return np.zeros((0, 0), np.float32)
+        return np.stack([table[k] for k in keys])
+
+    def save(self) -> None:
+        """Write the cache folder (atomically per backbone)."""
+        if self.path is None:
+            return
+        import io
+
+        from edgesmith.fsutil import atomic_write_bytes
+
+        for bid, table in self._rows.items():
+            if not table:
+                continue
+            buf = io.BytesIO()
+            np.savez(
+                buf,
+                keys=np.array(list(table), dtype="S16"),
+                features=np.stack(list(table.values())).astype(np.float32),
+            )
+            atomic_write_bytes(self.path / f"features-{bid}.npz", buf.getvalue(), mode=0o600)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def require_head(model: Any) -> Head:
+    """The model's head, or a BundleError saying how to get a bundle with one."""
+    head = getattr(model, "head", None)
+    if head is None:
+        raise BundleError(
+            f"{getattr(model, 'name', 'the model')} has no trainable head: it cannot be fine-tuned",
+            hint="build it with 'trainable_head: {module: NAME}' in the recipe (docs/finetune.md)",
+        )
+    return head
+
+
+def label_key(text: str) -> str:
+    """A label as folder names write it: lower case, runs of other characters as one '-'."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def encode_labels(
+    y: Sequence[Any] | np.ndarray, labels: list[str], add_classes: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """Class indices for ``y`` (indices, or names matched exactly or as slugs) and the label list.
+
+    Names not in ``labels`` are appended (sorted) when ``add_classes``; otherwise they are an error.
+
+    Raises:
+        DataError: labels outside the known set, or indices out of range.
+    """
+    arr = np.asarray(y)
+    if arr.dtype.kind in "iu":
+        if len(arr) and (arr.min() < 0 or arr.max() >= len(labels)):
+            raise DataError(
+                f"label indices must lie in [0, {len(labels)}), got {int(arr.min())}..{int(arr.max())}",
+                hint="give new classes by name, with add_classes (--add-classes)",
+            )
+        return arr.astype(np.int64), list(labels)
+    names = [str(v) for v in arr.tolist()]
+    lookup = {lab: i for i, lab in enumerate(labels)}
+    lookup.update(
+        {label_key(lab): i for i, lab in enumerate(labels) if label_key(lab) not in lookup}
+    )
+    unknown = sorted({n for n in names if n not in lookup and label_key(n) not in lookup})
+    out_labels = list(labels)
+    if unknown:
+        if not add_classes:
+            raise DataError(
+                f"labels outside the model's classes: {', '.join(unknown[:8])}"
+                + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""),
+                hint=f"known classes: {', '.join(labels)}; pass --add-classes (add_classes=True) to learn new ones",
+            )
+        for n in unknown:
+            lookup[n] = len(out_labels)
+            out_labels.append(n)
+    idx = [lookup[n] if n in lookup else lookup[label_key(n)] for n in names]
+    return np.asarray(idx, np.int64), out_labels
+
+
+# --------------------------------------------------------------------------- the bundle workflow
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune_model` produced."""
+
+    head: Head
+    labels: list[str]
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    trained: dict[str, Any]
+    bundle: Path | None = None
+    holdout: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def improved(self) -> bool:
+        """Whether the new head is at least as accurate on the held-out split as the old one."""
+        return bool(self.metrics["holdout_accuracy"] >= self.metrics["previous_holdout_accuracy"])
+
+
+def _class_groups(per_class: list[Any], new: set[int]) -> dict[str, float | None]:
+    def mean(ix: list[int]) -> float | None:
+        vals = [per_class[i] for i in ix if i < len(per_class) and per_class[i] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    all_ix = list(range(len(per_class)))
+    return {
+        "old_classes": mean([i for i in all_ix if i not in new]),
+        "new_classes": mean(sorted(new)),
+    }
+
+
+def finetune_model(
+    model: Any,
+    x: np.ndarray,
+    y: Sequence[Any] | np.ndarray,
+    *,
+    config: FinetuneConfig | dict[str, Any] | None = None,
+    add_classes: bool = False,
+    holdout: tuple[np.ndarray, Sequence[Any] | np.ndarray] | None = None,
+    out: str | Path | None = None,
+    sign_key: Any = None,
+    cache: FeatureCache | None = None,
+    replay: Any = None,
+    **options: Any,
+) -> FinetuneResult:
+    """Fine-tune the trainable head of a loaded bundle on this device.
+
+    Args:
+        model: a :class:`~edgesmith.runtime.Model` of a bundle with ``trainable_head``.
+        x: samples: uint8 images (preprocessed as the manifest says) or model inputs.
+        y: class indices, or label names (names outside the model's labels need ``add_classes``).
+        config: a :class:`FinetuneConfig` or dict; ``options`` override single fields
+            (``epochs=20, optimizer="sgd"``...).
+        add_classes: learn labels the model does not know (new output rows).
+        holdout: (x, y) held out for early stopping and the before/after comparison; None holds
+            out ``config.val_fraction`` of every class.
+        out: write the new bundle version here (see :func:`write_finetuned`).
+        sign_key: the device's Ed25519 private key (file or key object) that signs the new bundle.
+        cache: a :class:`FeatureCache` (persist features across runs); None: this run only.
+        replay: an :class:`~edgesmith.runtime.incremental.ReplayBuffer` of earlier samples'
+            features, trained on together with the new data and then updated with it.
+
+    Returns:
+        A :class:`FinetuneResult`; ``metrics`` has the held-out accuracy before and after, per
+        old and new classes.
+
+    Raises:
+        BundleError: the model has no trainable head. DataError: bad labels or data.
+    """
+    head0 = require_head(model)
+    cfg = FinetuneConfig.build(config, **options)
+    x = np.asarray(x)
+    if len(x) == 0:
+        raise DataError("no training samples", hint="give at least one sample per class")
+    if len(x) != len(y):
+        raise DataError(f"{len(x)} samples but {len(y)} labels", hint="one label per sample")
+    known = list(model.labels or [str(i) for i in range(head0.classes)])
+    yi, labels = encode_labels(y, known, add_classes)
+    if holdout is not None:
+        xv = np.asarray(holdout[0])
+        yv, labels = encode_labels(holdout[1], labels, add_classes)
+        xt, yt = x, yi
+    else:
+        tr, va = stratified_split(yi, cfg.val_fraction, cfg.seed)
+        xt, yt, xv, yv = x[tr], yi[tr], x[va], yi[va]
+    if len(yv) == 0:
+        raise DataError(
+            "the held-out split is empty",
+            hint="give at least two samples of a class, or a val/ folder",
+        )
+    cache = cache or FeatureCache()
+    ft = cache.features(model, xt, description="backbone features (train)")
+    fv = cache.features(model, xv, description="backbone features (held-out)")
+    new = set(range(len(known), len(labels)))
+    rng = np.random.default_rng(cfg.seed)
+    start = head0.add_classes(len(labels) - head0.classes, rng, [ft[yt == c] for c in sorted(new)])
+    if not cfg.warm_start:
+        start = init_like(start, rng)
+    train_x, train_y = ft, yt
+    if replay is not None and len(replay):
+        rx, ry = replay.arrays(FeatureCache.backbone_id(model), labels)
+        train_x, train_y = np.concatenate([ft, rx]), np.concatenate([yt, ry])
+    if cfg.normalize:
+        start = start.renormalize(*feature_stats(train_x))
+    before = evaluate_head(head0, fv, yv)
+    teacher = head0(train_x) if cfg.distill > 0 else None  # keeps the old classes' outputs
+    result = train_head(start, train_x, train_y, cfg, val=(fv, yv), teacher=teacher)
+    after = evaluate_head(result.head, fv, yv)
+    if replay is not None:
+        replay.add(ft, yt, FeatureCache.backbone_id(model), labels)
+    cache.save()
+    m = model.manifest
+    base_version = (
+        (m.trainable_head or {}).get("trained", {}).get("base_version", m.version) if m else None
+    )
+    trained = {
+        "by": "device",
+        "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "parent_version": model.version,
+        "base_version": base_version,
+        "backbone": backbone_fingerprint(m) if m else None,
+        "samples": len(yt),
+        "holdout_samples": len(yv),
+        "replay_samples": len(train_y) - len(yt),
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "balance": cfg.balance,
+        "added_classes": [labels[i] for i in sorted(new)],
+    }
+    metrics = {
+        "holdout_accuracy": after["accuracy"],
+        "previous_holdout_accuracy": before["accuracy"],
+        "holdout_loss": after["loss"],
+        "previous_holdout_loss": before["loss"],
+        "per_class": after["per_class"],
+        "previous_per_class": before["per_class"],
+        "before": _class_groups(before["per_class"], new),
+        "after": _class_groups(after["per_class"], new),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "stopped_early": result.stopped_early,
+        "feature_cache": {"hits": cache.hits, "misses": cache.misses},
+    }
+    res = FinetuneResult(result.head, labels, metrics, result.history, trained, holdout=(xv, yv))
+    if out is not None:
+        res.bundle = write_finetuned(model, res, out, sign_key=sign_key)
+    return res
+
+
+def write_finetuned(
+    model: Any, result: FinetuneResult, out: str | Path, sign_key: Any = None
+) -> Path:
+    """Write ``result`` as the next version of ``model``'s bundle (atomically).
+
+    The backbone and every other file are copied unchanged; ``head.npz`` is the new head; the
+    golden outputs are recomputed (same inputs, backbone here plus the new head) with the old
+    tolerances scaled to the new logits; ``version`` grows by one; ``labels`` and
+    ``trainable_head`` (with ``trained`` provenance) and ``metrics`` are updated.
+
+    Raises:
+        BundleError: the model was not loaded from a bundle folder, or ``out`` exists.
+    """
+    import tempfile
+
+    from edgesmith.runtime.bundle import write_bundle
+
+    m = model.manifest
+    src = Path(model.info.get("path") or "")
+    if m is None or not src.is_dir():
+        raise BundleError(
+            "only a model loaded from a bundle folder can be written as a new version",
+            hint="load the bundle folder, not the model file",
+        )
+    spec = dict(m.trainable_head or {})
+    golden_cfg = dict(m.golden or {})
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".finetune-") as tmp:
+        files = {
+            rel: src / rel
+            for rel in m.files
+            if rel not in (spec.get("file"), golden_cfg.get("file"))
+        }
+        head_path = result.head.save(Path(tmp) / HEAD_FILE)
+        files[HEAD_FILE] = head_path
+        if golden_cfg.get("file"):
+            with np.load(src / str(golden_cfg["file"]), allow_pickle=False) as z:
+                g_in, g_old = np.asarray(z["inputs"]), np.asarray(z["outputs"])
+            g_out = result.head(model.features(g_in))
+            golden_path = Path(tmp) / "golden.npz"
+            np.savez(golden_path, inputs=g_in, outputs=g_out)
+            files[str(golden_cfg["file"])] = golden_path
+            ratio = float(np.abs(g_out).max() or 1.0) / float(np.abs(g_old).max() or 1.0)
+            golden_cfg["atol"] = float(golden_cfg.get("atol", 1e-4)) * max(ratio, 1.0)
+        doc = m.to_json()
+        for k in ("schema", "files", "created"):
+            doc.pop(k, None)
+        doc["version"] = m.version + 1
+        doc["labels"] = result.labels
+        doc["outputs"] = [
+            {"name": "logits", "shape": ["batch", len(result.labels)], "dtype": "float32"}
+        ]
+        doc["trainable_head"] = result.head.spec(
+            spec.get("feature_output", "features"),
+            policy=spec.get("policy", "keep"),
+            trained=result.trained,
+        )
+        if golden_cfg:
+            doc["golden"] = golden_cfg
+        base_metrics = m.metrics.get("build", m.metrics)
+        doc["metrics"] = {
+            "metric": "top1",
+            "accuracy": result.metrics["holdout_accuracy"],
+            "evaluated_on": "device holdout",
+            **{
+                k: v
+                for k, v in result.metrics.items()
+                if k not in ("per_class", "previous_per_class")
+            },
+            "build": base_metrics,
+        }
+        write_bundle(out, doc, files, sign_key=sign_key)
+    return out

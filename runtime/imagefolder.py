@@ -1,0 +1,145 @@
+"""Labelled image folders for on-device fine-tuning (Pillow, no torch).
+
+Layout: ``DIR/<class>/*.png`` (a held-out split is drawn from it), or ``DIR/train/<class>/...``
+plus ``DIR/val/<class>/...`` (or ``test/``, ``holdout/``) for an explicit held-out split. Images
+must already look like what the model sees: the bundle's image size (``preprocess.resize``, else
+the input's size) and channel count (gray for ``channels: GRAY``, RGB otherwise). Other sizes
+are refused unless ``resize=True``; other modes (alpha, palette, 16-bit, CMYK) are always refused,
+so that wrong data cannot silently train the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.errors import DataError
+
+__all__ = ["IMAGE_SUFFIXES", "ImageSet", "expected_image", "read_image_folder"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+HOLDOUT_DIRS = ("val", "holdout", "test")
+MAX_PIXELS = 4096 * 4096
+
+
+@dataclass
+class ImageSet:
+    """Images (N, H, W) or (N, H, W, 3) uint8, their class names and files."""
+
+    x: np.ndarray
+    y: np.ndarray
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def expected_image(
+    preprocess: dict[str, Any] | None, input_shape: tuple[Any, ...]
+) -> tuple[int | None, int | None, str]:
+    """(height, width, PIL mode) that images for a bundle must have."""
+    pre = preprocess or {}
+    gray = pre.get("channels") == "GRAY"
+    h = w = None
+    if pre.get("resize"):
+        h, w = (int(v) for v in pre["resize"])
+    elif len(input_shape) == 4:
+        dims = input_shape[2:4] if pre.get("layout", "NCHW") == "NCHW" else input_shape[1:3]
+        if all(isinstance(d, int) for d in dims):
+            h, w = int(dims[0]), int(dims[1])
+    return h, w, "L" if gray else "RGB"
+
+
+def _read_one(
+    path: Path, size: tuple[int | None, int | None], mode: str, resize: bool
+) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(
+                    f"{path}: {im.width}x{im.height} is too large for an image of this model",
+                    hint="resize the images first",
+                )
+            if im.mode != mode:
+                what = {"L": "gray (1 channel)", "RGB": "RGB (3 channels)"}[mode]
+                raise DataError(
+                    f"{path}: image mode {im.mode} ({len(im.getbands())} channel(s)); the model "
+                    f"takes {what} images",
+                    hint=f"convert the images (PIL: img.convert('{mode}')), e.g. drop the alpha channel",
+                )
+            h, w = size
+            if h is not None and w is not None and (im.height, im.width) != (h, w):
+                if not resize:
+                    raise DataError(
+                        f"{path}: image is {im.width}x{im.height}; the model takes {w}x{h}",
+                        hint="give images of the model's size, or pass --resize to resize them",
+                    )
+                return np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"cannot read image {path}: {exc}", hint="remove or replace the corrupt file"
+        ) from None
+
+
+def _read_split(
+    root: Path, size: tuple[int | None, int | None], mode: str, resize: bool
+) -> ImageSet:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"{root} has no class folders", hint="lay images out as DIR/<class>/<image>.png"
+        )
+    files: list[Path] = []
+    names: list[str] = []
+    for c in classes:
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                files.append(f)
+                names.append(c)
+    if not files:
+        raise DataError(
+            f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+            hint="put the labelled images in DIR/<class>/",
+        )
+    from edgesmith.progress import track
+
+    images = [_read_one(f, size, mode, resize) for f in track(files, f"reading {root.name}")]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{root}: images of different sizes {sorted(shapes)[:3]}",
+            hint="give images of one size, or pass --resize",
+        )
+    return ImageSet(np.stack(images), np.asarray(names, dtype=str), files)
+
+
+def read_image_folder(
+    root: str | Path,
+    preprocess: dict[str, Any] | None,
+    input_shape: tuple[Any, ...],
+    resize: bool = False,
+) -> tuple[ImageSet, ImageSet | None]:
+    """Read a labelled image folder: (training set, explicit held-out set or None).
+
+    Raises:
+        DataError: a missing or empty folder, a corrupt image, or an image of the wrong size or
+            channel count.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}", hint="give a folder of DIR/<class>/*.png")
+    h, w, mode = expected_image(preprocess, input_shape)
+    held = next((root / d for d in HOLDOUT_DIRS if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and held is not None:
+        return _read_split(root / "train", (h, w), mode, resize), _read_split(
+            held, (h, w), mode, resize
+        )
+    return _read_split(root, (h, w), mode, resize), None
