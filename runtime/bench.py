@@ -110,6 +110,18 @@ def _inputs(model: Any, batch: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    On Linux ``VmHWM`` is this process's own high-water mark; ``ru_maxrss`` would also carry the
+    parent's resident size at fork time across ``exec``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
