@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "export": "edgesmith.cli:export_cmd",
     "run": "edgesmith.runtime.cli:run_cmd",
     "bench": "edgesmith.runtime.cli:bench_cmd",
+    "prune": "edgesmith.compress.cli:prune_cmd",
+    "distill": "edgesmith.compress.cli:distill_cmd",
 }
 
 
@@ -135,6 +137,8 @@ def build_cmd(
         data["target"] = target
         r = parse_recipe(data, r.base_dir or recipe.parent, source=str(recipe))
     report = build(r, out, force=force, bundle_version=bundle_version, on_failure=_print_summary)
+    if report is None:  # a torchrun rank other than 0: rank 0 writes and prints
+        return
     _print_summary(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
