@@ -112,10 +112,18 @@ def wrap(module: nn.Module, dev: torch.device) -> nn.Module:
     """``module`` wrapped in DistributedDataParallel when distributed, else unchanged."""
     if not is_distributed():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # buffers (BatchNorm statistics) follow rank 0 at every forward, so the ranks end identical
+    sync = (
+        {"forward_sync_buffers": True}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": True}
+    )
     return DistributedDataParallel(
-        module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=True
+        module, device_ids=[dev.index] if dev.type == "cuda" else None, **sync
     )
 
 
