@@ -77,6 +77,56 @@ class AttentionPruner(tp.pruner.BasePruningFunc):
         return self.get_out_channels(layer)
 
 
+class _OpaqueRecurrent(torch.autograd.Function):
+    """Runs an RNN layer as one autograd node (inputs: the sequence and the weights).
+
+    Depending on the kernel (oneDNN or the reference implementation used for projections,
+    dropout or some dtypes), an RNN's autograd graph is one fused node or hundreds of
+    gate-splitting ops; torch-pruning traces the latter as channel splits and fails with an
+    IndexError (DESIGN.md section 7). During tracing every RNN layer is made one node.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Any, x: torch.Tensor, *tensors: torch.Tensor) -> Any:  # type: ignore[override]
+        with torch.no_grad():
+            out, state = run(x)
+        states = state if isinstance(state, tuple) else (state,)
+        return (out, *states)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError("only used to trace the dependency graph")
+
+
+class _opaque_recurrent_layers:
+    """Context manager: RNN layers of ``model`` run through :class:`_OpaqueRecurrent`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            original = layer.forward
+
+            def forward(
+                x: Any, hx: Any = None, original: Any = original, layer: Any = layer
+            ) -> Any:
+                if not isinstance(x, torch.Tensor):  # PackedSequence: leave it as it is
+                    return original(x, hx)
+                extra = [t for t in (hx if isinstance(hx, tuple) else (hx,)) if t is not None]
+                outs = _OpaqueRecurrent.apply(
+                    lambda inp: original(inp, hx), x, *extra, *layer.parameters()
+                )
+                state = outs[1] if len(outs) == 2 else (outs[1], outs[2])
+                return outs[0], state
+
+            layer.forward = forward  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer in self.layers:
+            del layer.forward
+
+
 def _leaf_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], Any, dict[int, str]]:
     """Names of the parameterised layers in execution order, the output, and output-id -> name."""
     order: list[str] = []
@@ -234,7 +284,7 @@ class StructuredPruner:
         ]
         self.ignored_names = sorted(user_ignored | set(self.kept))
         rp = RecurrentPruner()
-        with warnings.catch_warnings(), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad(), _opaque_recurrent_layers(model):
             warnings.simplefilter("ignore")
             self.pruner = _NearestRoundingPruner(
                 model,
