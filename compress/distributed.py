@@ -31,6 +31,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "rank",
+    "sync_buffers",
     "unwrap",
     "world_size",
     "wrap",
@@ -138,6 +139,20 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank.
+
+    DDP syncs buffers before each forward, so after the last training step every rank still
+    holds its own statistics; call this before evaluating or saving so all ranks agree.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 def broadcast_object(obj: Any) -> Any:

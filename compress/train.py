@@ -325,6 +325,7 @@ def fit(
                 bar.update(step + 1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
         finally:
             bar.close()
+        dist_.sync_buffers(module)  # every rank evaluates (and decides) on the same weights
         module.eval()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -377,7 +378,7 @@ def fit(
                     f"{cfg.min_delta} for {cfg.patience} epoch(s); best epoch {best_epoch}"
                 )
             break
-    if best_state is not None:
+    if evaluate is not None and best_state is not None:
         module.load_state_dict(best_state)
     module.to("cpu").eval()
     if main:
