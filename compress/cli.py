@@ -51,6 +51,18 @@ def _config(cls: Any, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
         ) from None
 
 
+def _round_to(value: str | None) -> int | str | None:
+    if value is None or value.strip() in ("0", "auto"):
+        return None if value is None or value.strip() == "0" else "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise EdgesmithError(
+            f"--round-to must be auto, 0 or a positive integer, got '{value}'",
+            hint="e.g. --round-to 16",
+        ) from None
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise EdgesmithError(f"{out} already exists", hint="pass --force to overwrite it")
@@ -150,8 +162,7 @@ def _pct(a: float, b: float) -> str:
 )
 @click.option(
     "--round-to",
-    type=click.IntRange(min=0),
-    help="Channel counts multiple of this (default 8; 0: no rounding).",
+    help="Channel counts multiple of this: auto (default: 16 with AVX-512, else 8), N, or 0 (free).",
 )
 @click.option(
     "--ignore",
@@ -175,7 +186,7 @@ def prune_cmd(
     method: str | None,
     importance: str | None,
     scope: str | None,
-    round_to: int | None,
+    round_to: str | None,
     ignore: tuple[str, ...],
     keep_first: bool | None,
     steps: int | None,
@@ -213,14 +224,14 @@ def prune_cmd(
             "method": method,
             "importance": importance,
             "scope": scope,
-            "round_to": round_to or None,
+            "round_to": _round_to(round_to),
             "ignore": list(ignore) or None,
             "keep_first": keep_first,
             "steps": steps,
             "finetune_epochs": finetune_epochs,
         },
     )
-    if round_to == 0:
+    if round_to is not None and round_to.strip() == "0":
         cfg = cfg.model_copy(update={"round_to": None})
     p = _prepare(recipe)
     with tempfile.TemporaryDirectory(prefix="edgesmith-prune-") as tmp:

@@ -10,7 +10,8 @@ Options (all optional except the target)::
         method: structured       # structured | unstructured
         importance: l2           # l1 | l2 | bn_scale | taylor
         scope: layer             # layer (same fraction per layer) | global (ranked across layers)
-        round_to: 8              # channel counts stay multiples of this (null: free)
+        round_to: auto           # channel multiples: auto = the target's SIMD width in floats
+                                 # (16 with AVX-512, else 8); an integer; null: free
         ignore: [classifier.1]   # layers (names or globs) whose width is kept; the output layer always is
         keep_first: false        # keep the first layer's width too
         steps: 1                 # reach the target in this many steps ...
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,7 +44,7 @@ class PruneConfig(StageConfig):
     method: Literal["structured", "unstructured"] = "structured"
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     scope: Literal["layer", "global"] = "layer"
-    round_to: int | None = Field(default=8, ge=1)
+    round_to: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
     ignore: list[str] = Field(default_factory=list)
     keep_first: bool = False
     max_layer_ratio: float = Field(default=0.9, gt=0, lt=1)
@@ -144,6 +145,16 @@ def _onnx_latency_ms(
     return float(distributed.broadcast_object(latency))
 
 
+def simd_channels(profile: dict[str, Any]) -> int:
+    """Channel multiple that fills the target's vector registers with fp32: 16 with AVX-512, else 8.
+
+    ONNX Runtime's CPU convolutions work on blocks of this many channels (NCHWc); other counts
+    are padded, and measured slower than the unpruned model here (docs/benchmarks.md).
+    """
+    isa = [str(i).lower() for i in profile.get("isa") or []]
+    return 16 if any(i.startswith("avx512") for i in isa) else 8
+
+
 def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
     """Prune ``ctx.model`` in place as ``cfg`` says; returns the fields of the stage's report row.
 
@@ -184,12 +195,13 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         def grad_batches() -> list[Any]:
             return _loader(data, cfg.batch_size, cfg.taylor_batches, seed)
 
+    round_to = simd_channels(ctx.profile) if cfg.round_to == "auto" else cfg.round_to
     pruner = StructuredPruner(
         model,
         ctx.example_input,
         importance=cfg.importance,
         scope=cfg.scope,
-        round_to=cfg.round_to,
+        round_to=round_to,
         ignore=cfg.ignore,
         keep_first=cfg.keep_first,
         max_layer_ratio=cfg.max_layer_ratio,
@@ -202,7 +214,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         "method": "structured",
         "importance": cfg.importance,
         "scope": cfg.scope,
-        "round_to": cfg.round_to,
+        "round_to": round_to,
         "kept_layers": pruner.ignored_names,
     }
     if cfg.sparsity is not None:

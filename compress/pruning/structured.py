@@ -284,6 +284,10 @@ class StructuredPruner:
         ]
         self.ignored_names = sorted(user_ignored | set(self.kept))
         rp = RecurrentPruner()
+        # the graph is traced through autograd: a frozen model (a teacher) must record it too
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
         with warnings.catch_warnings(), torch.enable_grad(), _opaque_recurrent_layers(model):
             warnings.simplefilter("ignore")
             self.pruner = _NearestRoundingPruner(
@@ -304,6 +308,8 @@ class StructuredPruner:
                 },
                 root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *RECURRENT_TYPES],
             )
+        for p in frozen:
+            p.requires_grad_(False)
         self.initial_heads = {n: m.num_heads for n, m in self.attention.items()}
         groups = list(
             self.pruner.DG.get_all_groups(

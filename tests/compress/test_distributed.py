@@ -93,3 +93,39 @@ def test_two_cpu_processes_match_one(pruned_cnn: nn.Module, tmp_path: Path) -> N
     resumed = ddp_worker.run(ddp_out, pruned, epochs=2, resume=True)
     assert resumed["resumed_from"] == 1 and resumed["epochs_run"] == 2
     assert resumed["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_build_under_torchrun_writes_once(cnn_recipe: Path) -> None:
+    """`torchrun -m edgesmith build`: both ranks prune and distil, rank 0 alone writes the output."""
+    text = (
+        cnn_recipe.read_text().replace("train: 512", "train: 256").replace("eval: 300", "eval: 200")
+    )
+    cnn_recipe.write_text(text)
+    out = cnn_recipe.parent / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "edgesmith",
+        "build",
+        str(cnn_recipe),
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    prune, dist = report["stages"]
+    assert prune["macs"] <= 0.5 * report["baseline"]["macs"]
+    assert dist["world_size"] == 2 and dist["epochs_run"] == 1
+    assert proc.stdout.count("wrote ") + proc.stderr.count("wrote ") == 1
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]  # no leftovers

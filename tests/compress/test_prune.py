@@ -63,6 +63,8 @@ def test_global_scope_prunes_layers_by_different_fractions() -> None:
 
 def test_ignored_and_first_layers_keep_their_width() -> None:
     model = trained("SmallCNN")
+    for p in model.parameters():  # a frozen model (e.g. a teacher) is traced all the same
+        p.requires_grad_(False)
     pruner = StructuredPruner(model, EXAMPLE, ignore=["classifier.*"], keep_first=True)
     pruner.prune_to_macs(int(pruner.base_macs * 0.7))
     widths = layer_widths(model)
@@ -98,6 +100,16 @@ def test_bn_scale_without_batchnorm_is_an_error() -> None:
 def test_sparsity_outside_zero_one_is_rejected(value: float) -> None:
     with pytest.raises(ValidationError, match="strictly between 0 and 1"):
         PruneConfig(sparsity=value)
+
+
+def test_auto_channel_multiple_follows_the_target_isa() -> None:
+    from edgesmith.compress.prune import simd_channels
+    from edgesmith.devices.profiles import load_profile
+
+    assert simd_channels(load_profile("intel-cpu").model_dump()) == 16  # AVX-512: 16 floats
+    assert simd_channels(load_profile("x86-cpu").model_dump()) == 8  # AVX2: 8
+    assert simd_channels(load_profile("rpi5").model_dump()) == 8
+    assert PruneConfig(sparsity=0.5).round_to == "auto"
 
 
 def test_config_needs_exactly_one_target() -> None:
@@ -162,6 +174,7 @@ def test_prune_command_writes_a_loadable_smaller_model(cnn_recipe: Path, capsys)
     row = json.loads(stdout[stdout.index("{") :])
     assert row["macs"] <= 0.5 * row["macs_before"] and row["macs_reduction"] >= 0.5
     assert row["size_bytes"] < row["size_bytes_before"]
+    assert row["round_to"] == 8  # auto: x86-cpu is an AVX2 profile
     assert "MACs 18.49 M ->" in err
     with safe_open(str(out), "pt") as f:
         assert "edgesmith.structure" in (f.metadata() or {})
@@ -188,3 +201,30 @@ def test_recipe_check_reports_bad_sparsity_with_its_line(cnn_recipe: Path, capsy
     code, _, err = run_main(["recipe", "check", str(cnn_recipe)], capsys)
     assert code == 2
     assert "stages[0].prune.sparsity" in err and ":10:" in err
+
+
+@pytest.mark.slow
+def test_latency_budget_and_unstructured_build(cnn_recipe: Path, capsys) -> None:
+    """A latency budget reached step by step; an unstructured build reports compressed sizes."""
+    out = cnn_recipe.parent / "fast.safetensors"
+    code, stdout, err = run_main(
+        ["prune", str(cnn_recipe), "-o", str(out), "--latency-ms", "0.15", "--json"], capsys
+    )
+    if code == 0:
+        row = json.loads(stdout[stdout.index("{") :])
+        assert row["latency_ms_after"] <= 0.15 < row["latency_ms_before"]
+    else:  # the budget may be out of reach on a loaded machine: then a clear error, no file
+        assert code == 2 and "latency budget 0.15 ms not reached" in err and not out.exists()
+    text = cnn_recipe.read_text().replace(
+        "  - prune: {sparsity: 0.5}\n  - distill: {epochs: 1, temperature: 4.0, alpha: 0.7}\n",
+        "  - prune: {sparsity: 0.5, method: unstructured}\n",
+    )
+    cnn_recipe.write_text(text)
+    code, _, err = run_main(["build", str(cnn_recipe), "-o", str(cnn_recipe.parent / "b")], capsys)
+    assert code == 0, err
+    report = json.loads((cnn_recipe.parent / "b" / "report.json").read_text())
+    (row,) = report["stages"]
+    assert row["method"] == "unstructured" and row["macs"] == report["baseline"]["macs"]
+    assert row["compressed_bytes"] < row["compressed_bytes_before"]
+    (art,) = report["artifacts"]
+    assert art["compressed_bytes"] < art["size_bytes"]
