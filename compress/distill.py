@@ -23,6 +23,7 @@ Options::
         checkpoint_dir: ckpt/      # default: the build's work folder; checkpoints every epoch
         resume: false              # continue from checkpoint_dir/last.pt
         max_accuracy_drop: 0.005   # fail the build if the student is further below the teacher
+        bn_batches: 20             # BatchNorm statistics recomputed on this many batches per epoch
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class DistillConfig(StageConfig):
     checkpoint_dir: str | None = None
     resume: bool = False
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    bn_batches: int = Field(default=20, ge=0)
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -314,6 +316,7 @@ def distill(
                 seed=seed,
                 device=cfg.device,
                 max_steps_per_epoch=cfg.max_steps_per_epoch,
+                bn_batches=cfg.bn_batches,
             ),
             evaluate=(lambda m: evaluate(m.student)) if evaluate else None,
             checkpoint_dir=checkpoint_dir,

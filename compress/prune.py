@@ -17,6 +17,8 @@ Options (all optional except the target)::
         steps: 1                 # reach the target in this many steps ...
         finetune_epochs: 0.0     # ... fine-tuning this long after each (cross-entropy)
         max_accuracy_drop: 0.05  # fail the build if accuracy falls more than this
+        bn_batches: 20           # recompute BatchNorm statistics on this many training batches
+                                 # after pruning (0: off); SmallCNN at 50%: 77% -> 90% untrained
 
 This module imports no torch at import time (``edgesmith recipe check`` validates options).
 """
@@ -54,6 +56,7 @@ class PruneConfig(StageConfig):
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=64, ge=1)
     taylor_batches: int = Field(default=4, ge=1)
+    bn_batches: int = Field(default=20, ge=0)
     latency_step: float = Field(default=0.05, gt=0, lt=1)
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
@@ -114,6 +117,7 @@ def _finetune(ctx: Context, cfg: PruneConfig, seed: int, label: str) -> None:
             batch_size=cfg.batch_size,
             seed=seed,
             device=cfg.device,
+            bn_batches=cfg.bn_batches,
         ),
         description=label,
     )
@@ -217,10 +221,20 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         "round_to": round_to,
         "kept_layers": pruner.ignored_names,
     }
+
+    def recalibrate(step: int) -> None:
+        from edgesmith.compress.train import recalibrate_batchnorm_
+
+        row["bn_recalibrated"] = recalibrate_batchnorm_(
+            model, ctx.data.train, cfg.batch_size, cfg.bn_batches, seed + step, torch.device("cpu")
+        )
+        model.eval()
+
     if cfg.sparsity is not None:
         for i in range(1, cfg.steps + 1):
             target = int(base * (1 - cfg.sparsity * i / cfg.steps))
             pruner.prune_to_macs(target)
+            recalibrate(i)
             if cfg.finetune_epochs > 0:
                 _finetune(ctx, cfg, seed + i, f"prune step {i}/{cfg.steps}: fine-tune")
         row["target_sparsity"] = cfg.sparsity
@@ -245,6 +259,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
                     f"{1 - pruner.macs / base:.1%} of the MACs removed ({exc.message})",
                     hint="raise latency_ms, or allow more pruning (max_layer_ratio, fewer ignored layers)",
                 ) from None
+            recalibrate(step)
             if cfg.finetune_epochs > 0:
                 _finetune(ctx, cfg, seed + step, f"prune step {step}: fine-tune")
             latency = _onnx_latency_ms(model, ctx.example_input, threads, ctx.work_dir, cfg.device)

@@ -28,7 +28,14 @@ from edgesmith.compress import distributed as dist_
 from edgesmith.errors import CompressionError
 from edgesmith.progress import echo, is_quiet
 
-__all__ = ["CHECKPOINT_NAME", "FitConfig", "FitResult", "fit", "load_checkpoint"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FitConfig",
+    "FitResult",
+    "fit",
+    "load_checkpoint",
+    "recalibrate_batchnorm_",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,10 @@ class FitConfig:
         seed: shuffling and dropout seed.
         device: ``auto`` (this rank's GPU if any, else CPU), ``cpu`` or ``cuda``.
         max_steps_per_epoch: cap on optimizer steps per epoch (quick runs).
+        bn_batches: after every epoch, BatchNorm running statistics are recomputed over this
+            many training batches (0: keep the running averages). Networks built with a small
+            BatchNorm momentum (EfficientNet: 0.01) otherwise evaluate with statistics of the
+            weights from hundreds of steps ago.
     """
 
     epochs: float = 1.0
@@ -67,6 +78,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     max_steps_per_epoch: int | None = None
+    bn_batches: int = 20
 
 
 @dataclass
@@ -209,6 +221,38 @@ class _Progress:
             self.progress.stop()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm_(
+    module: nn.Module, dataset: Any, batch_size: int, batches: int, seed: int, dev: torch.device
+) -> bool:
+    """Recompute every BatchNorm's running mean and variance over ``batches`` training batches.
+
+    The same seeded batches on every rank, so distributed ranks agree without communication
+    ("precise BN"). Returns False when the module has no BatchNorm.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = module.training
+    module.train()
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset, generator=g)
+    )
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        module(x.to(dev))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    module.train(was_training)
+    return True
+
+
 def _epoch_steps(cfg: FitConfig, steps_per_epoch: int) -> list[int]:
     """Optimizer steps of each epoch (the last one partial for fractional ``epochs``)."""
     full = int(cfg.epochs)
@@ -325,6 +369,9 @@ def fit(
                 bar.update(step + 1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
         finally:
             bar.close()
+        recalibrate_batchnorm_(
+            module, train_set, cfg.batch_size, cfg.bn_batches, cfg.seed * 7919 + epoch, dev
+        )
         dist_.sync_buffers(module)  # every rank evaluates (and decides) on the same weights
         module.eval()
         record: dict[str, Any] = {

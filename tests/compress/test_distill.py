@@ -188,6 +188,21 @@ def test_early_stopping_restores_the_best_epoch(pruned_cnn: nn.Module, fmnist) -
         assert torch.equal(v, snapshots[1][k]), k
 
 
+def test_batchnorm_recalibration_averages_fresh_batch_statistics(fmnist) -> None:
+    from edgesmith.compress.train import recalibrate_batchnorm_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.01)).eval()
+    data = torch.utils.data.Subset(fmnist.train, range(96))
+    xs = torch.stack([data[i][0] for i in range(96)])
+    assert recalibrate_batchnorm_(model, data, 32, 3, seed=0, dev=torch.device("cpu"))
+    with torch.no_grad():
+        expected = model[0](xs).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean, expected, rtol=1e-4, atol=1e-5)
+    assert model[1].momentum == 0.01 and not model.training
+    assert not recalibrate_batchnorm_(nn.Linear(2, 2), data, 32, 3, 0, torch.device("cpu"))
+
+
 def test_distill_command_with_resume(cnn_recipe: Path, pruned_cnn: nn.Module, capsys) -> None:
     from edgesmith.compress.pruning.structure import save_model
 
