@@ -28,3 +28,7 @@ def _load_entry_points() -> None:
 
 
 _load_entry_points()
+
+# built-in stages (each module registers itself; no torch at import time)
+from edgesmith.compress import distill as _distill  # noqa: E402,F401
+from edgesmith.compress import prune as _prune  # noqa: E402,F401

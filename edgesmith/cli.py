@@ -35,6 +35,8 @@ COMMANDS: dict[str, str] = {
     "ota": "edgesmith.devices.ota.cli:ota_group",
     "serve": "edgesmith.runtime.cli:serve_cmd",
     "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
+    "prune": "edgesmith.compress.cli:prune_cmd",
+    "distill": "edgesmith.compress.cli:distill_cmd",
 }
 
 
@@ -156,6 +158,8 @@ def build_cmd(
         on_failure=_print_summary,
         sign_key=sign_key,
     )
+    if report is None:  # a torchrun rank other than 0: rank 0 writes and prints
+        return
     _print_summary(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))

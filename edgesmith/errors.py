@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BundleError",
     "CheckFailed",
+    "CompressionError",
     "DataError",
     "EdgesmithError",
     "ExportError",
@@ -75,6 +76,11 @@ class UnsupportedOpError(ExportError):
         self.format = fmt
         self.layer = layer
         self.workarounds = workarounds or []
+
+
+class CompressionError(EdgesmithError):
+    """A model cannot be compressed as asked: a layer that cannot be pruned, a teacher that does
+    not fit the student, a training checkpoint of another model."""
 
 
 class BundleError(EdgesmithError):

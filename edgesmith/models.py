@@ -235,5 +235,12 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
             hint="the factory must return an nn.Module",
         )
     if config.weights:
-        load_weights_(model, load_state_dict(config.weights), source=Path(config.weights).name)
+        state = load_state_dict(config.weights)
+        # pruned weights (edgesmith prune) carry their layer widths: resize the model first
+        from edgesmith.compress.pruning.structure import apply_structure_, read_structure
+
+        structure = read_structure(config.weights)
+        if structure is not None:
+            apply_structure_(model, structure, state)
+        load_weights_(model, state, source=Path(config.weights).name)
     return model.eval()

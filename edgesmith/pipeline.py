@@ -286,6 +286,40 @@ def _add_head(
     )
 
 
+def _run_stages_on_worker(recipe: Recipe) -> None:
+    """torchrun ranks other than 0: run the stages (their training steps are collective), quietly.
+
+    Rank 0 measures, exports and writes; the other ranks keep no output. Stage decisions that
+    depend on measurements are made identically on every rank (or broadcast from rank 0).
+    """
+    import copy
+    import tempfile
+
+    from edgesmith.compress import STAGES, Context
+    from edgesmith.progress import set_quiet
+
+    set_quiet(True)
+    p = prepare(recipe)
+    teacher = copy.deepcopy(p.model).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    with tempfile.TemporaryDirectory(prefix="edgesmith-rank-") as tmp:
+        ctx = Context(
+            recipe=recipe,
+            model=p.model,
+            teacher=teacher,
+            data=p.data,
+            example_input=p.example,
+            evaluate=lambda m: _measure(m, p)["accuracy"],
+            work_dir=Path(tmp),
+            profile=p.profile.model_dump(),
+        )
+        for spec in recipe.stages:
+            ctx = STAGES[spec.name](spec.config).run(ctx)
+            ctx.extra.pop("record", None)
+            ctx.extra.pop("failures", None)
+
+
 def build(
     recipe: Recipe,
     out: Path,
@@ -293,19 +327,21 @@ def build(
     bundle_version: int | None = None,
     on_failure: Callable[[dict[str, Any]], None] | None = None,
     sign_key: Any = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run a recipe end to end and write ``out`` atomically.
 
     ``sign_key`` (an Ed25519 private key object or key file) signs every bundle before it appears.
 
     Returns:
-        The report (as written to ``report.json``).
+        The report (as written to ``report.json``); None on torchrun ranks other than 0, which
+        only take part in the training stages.
 
     Raises:
         CheckFailed: an artifact failed its parity tolerance or a stage its budget; nothing is written.
         EdgesmithError: bad input (recipe, model, data).
     """
     from edgesmith.compress import STAGES, Context, StageRecord
+    from edgesmith.compress.distributed import is_distributed, is_main_process
     from edgesmith.export import EXPORTERS, get_exporter
     from edgesmith.measure import torch_latency
     from edgesmith.report import write_report
@@ -316,6 +352,9 @@ def build(
         from edgesmith.runtime.signing import load_private_key
 
         sign_key = load_private_key(sign_key)  # a bad key fails now, not after the build
+    if is_distributed() and not is_main_process():
+        _run_stages_on_worker(recipe)
+        return None  # rank 0 writes the output and the report
     t_start = time.perf_counter()
     p = prepare(recipe)
     version = bundle_version or int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))

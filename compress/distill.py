@@ -1,0 +1,391 @@
+"""The ``distill`` stage: knowledge distillation from a teacher into the (pruned) student.
+
+Recipe contract (DESIGN.md section 9): ``- distill: {epochs: 3, temperature: 4.0, alpha: 0.7}``.
+The loss is ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, plus
+``hint_weight * MSE(adapter(student feature), teacher feature)`` for every pair in ``hints``
+(FitNets); an adapter (1x1 convolution or linear layer, with pooling when the spatial sizes
+differ) is created automatically when the widths differ and dropped after training.
+
+Options::
+
+    - distill:
+        epochs: 3
+        temperature: 4.0
+        alpha: 0.7                 # weight of the soft (teacher) loss; 1 - alpha on the labels
+        lr: 0.001
+        batch_size: 64             # global batch (split across torchrun processes)
+        optimizer: adamw           # adamw | adam | sgd
+        patience: 2                # early stopping on the evaluation metric (best epoch kept)
+        hints: [features]          # layer names, or "student_layer:teacher_layer"
+        hint_weight: 1.0
+        teacher: {factory: ..., weights: ..., kwargs: {}}   # default: the model before any stage
+        student: {factory: ..., weights: ..., kwargs: {}}   # default: the current (pruned) model
+        checkpoint_dir: ckpt/      # default: the build's work folder; checkpoints every epoch
+        resume: false              # continue from checkpoint_dir/last.pt
+        max_accuracy_drop: 0.005   # fail the build if the student is further below the teacher
+        bn_batches: 20             # BatchNorm statistics recomputed on this many batches per epoch
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgesmith.compress import Context, Stage, StageConfig, register_stage
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss"]
+
+
+class ModelSpec(BaseModel):
+    """A model given in a stage's options: a factory (``file.py:fn`` or ``pkg.mod:fn``) and weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factory: str | None = None
+    weights: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelSpec:
+        if self.factory is None and not (self.weights or "").endswith(".pt2"):
+            raise ValueError("give 'factory' (plus 'weights'), or 'weights' naming a .pt2 file")
+        return self
+
+
+class DistillConfig(StageConfig):
+    """Options of the ``distill`` stage (see the module docstring)."""
+
+    epochs: float = Field(default=3, gt=0)
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    patience: int | None = Field(default=None, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+    hints: list[str] = Field(default_factory=list)
+    hint_weight: float = Field(default=1.0, ge=0)
+    teacher: ModelSpec | None = None
+    student: ModelSpec | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    bn_batches: int = Field(default=20, ge=0)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Hinton et al.'s distillation loss: soft KL at ``temperature`` (scaled by T^2) and hard CE.
+
+    Example:
+        >>> loss = kd_loss(student_logits, teacher_logits, labels, 4.0, 0.7)  # doctest: +SKIP
+    """
+    import torch.nn.functional as F
+
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student / t, dim=1),
+        F.log_softmax(teacher / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+    if alpha >= 1.0:
+        return soft
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student, targets)
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _split_hint(hint: str) -> tuple[str, str]:
+    s, _, t = hint.partition(":")
+    return s, (t or s)
+
+
+def _capture(model: nn.Module, names: list[str], store: dict[str, Any], role: str) -> list[Any]:
+    from edgesmith.errors import CompressionError
+
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+        if name not in modules:
+            import difflib
+
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            raise CompressionError(
+                f"hint layer '{name}' is not a layer of the {role} ({type(model).__name__})",
+                hint=(f"did you mean {', '.join(close)}? " if close else "")
+                + "write hints as 'layer' or 'student_layer:teacher_layer'",
+            )
+
+        def hook(m: Any, i: Any, o: Any, name: str = name) -> None:
+            store[name] = _first(o)
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    return hooks
+
+
+def _adapter(s: torch.Tensor, t: torch.Tensor, pair: str) -> nn.Module:
+    """A module mapping a student feature to the teacher feature's shape."""
+    from torch import nn
+
+    from edgesmith.errors import CompressionError
+
+    if s.shape == t.shape:
+        return nn.Identity()
+    if s.dim() != t.dim() or s.dim() not in (2, 3, 4):
+        raise CompressionError(
+            f"hint {pair}: cannot match student feature {list(s.shape)} to teacher feature {list(t.shape)}",
+            hint="pair layers whose outputs have the same rank (both (N, C, H, W), (N, L, C) or (N, C))",
+        )
+    if s.dim() == 4:
+        layers: list[nn.Module] = [nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False)]
+        if s.shape[2:] != t.shape[2:]:
+            layers.append(nn.AdaptiveAvgPool2d(tuple(t.shape[2:])))
+        return nn.Sequential(*layers)
+    if s.dim() == 3 and s.shape[1] != t.shape[1]:
+        raise CompressionError(
+            f"hint {pair}: sequence lengths differ ({s.shape[1]} vs {t.shape[1]})",
+            hint="pair layers with the same number of tokens or time steps",
+        )
+    return nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+
+
+class _StudentWithAdapters:
+    """Builds the trainable module: the student plus hint adapters (one DDP unit)."""
+
+    @staticmethod
+    def build(student: nn.Module, adapters: dict[str, nn.Module], names: list[str]) -> nn.Module:
+        from torch import nn
+
+        class Trainable(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.student = student
+                self.adapters = nn.ModuleDict({str(i): adapters[n] for i, n in enumerate(names)})
+                self.store: dict[str, Any] = {}
+                self.names = names
+                self.hooks = _capture(student, names, self.store, "student")
+
+            def forward(self, x: Any) -> Any:
+                self.store.clear()
+                logits = _first(self.student(x))
+                feats = [self.adapters[str(i)](self.store[n]) for i, n in enumerate(self.names)]
+                return logits, feats
+
+            def close(self) -> None:
+                for h in self.hooks:
+                    h.remove()
+
+        return Trainable()
+
+
+def load_model_spec(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> nn.Module:
+    """Instantiate a :class:`ModelSpec` (paths relative to ``base_dir``), pruned structure included."""
+    from edgesmith.models import build_model
+    from edgesmith.recipe import InputSpec, ModelConfig, _resolve_path, _resolve_ref
+
+    base = base_dir or Path.cwd()
+    cfg = ModelConfig(
+        factory=_resolve_ref(spec.factory, base) if spec.factory else None,
+        weights=_resolve_path(spec.weights, base),
+        kwargs=spec.kwargs,
+        input=InputSpec(shape=input_shape),
+    )
+    return build_model(cfg)
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
+    """Both models run on ``example`` and their outputs have the same shape.
+
+    Raises:
+        CompressionError: naming both shapes.
+    """
+    import torch
+
+    from edgesmith.errors import CompressionError
+
+    outs = []
+    for role, m in (("teacher", teacher), ("student", student)):
+        m.eval()
+        try:
+            with torch.no_grad():
+                outs.append(_first(m(example)))
+        except Exception as exc:
+            raise CompressionError(
+                f"the {role} ({type(m).__name__}) cannot run the model input {list(example.shape)}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                hint=f"give a {role} that takes the recipe's input",
+            ) from None
+    t, s = outs
+    if t.shape != s.shape:
+        raise CompressionError(
+            f"the teacher's output has shape {list(t.shape)} but the student's has {list(s.shape)}: "
+            "distillation matches outputs one to one",
+            hint="use a teacher trained on the same classes (same output layout) as the student",
+        )
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_set: Any,
+    cfg: DistillConfig,
+    example: torch.Tensor,
+    *,
+    evaluate: Any = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+) -> Any:
+    """Distill ``teacher`` into ``student`` in place; returns the :class:`~edgesmith.compress.train.FitResult`.
+
+    Raises:
+        CompressionError: mismatching outputs, unknown hint layers, a foreign checkpoint.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from edgesmith.compress.train import FitConfig, fit
+
+    check_teacher(teacher, student, example)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    pairs = [_split_hint(h) for h in cfg.hints]
+    s_names, t_names = [s for s, _ in pairs], [t for _, t in pairs]
+    t_store: dict[str, Any] = {}
+    t_hooks = _capture(teacher, t_names, t_store, "teacher")
+    s_store: dict[str, Any] = {}
+    s_hooks = _capture(student, s_names, s_store, "student")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        student.eval()
+        student(example)
+        teacher(example)
+    adapters = {s: _adapter(s_store[s], t_store[t], f"'{s}:{t}'") for s, t in pairs}
+    for h in s_hooks:
+        h.remove()
+    trainable = _StudentWithAdapters.build(student, adapters, s_names)
+    dev_holder: dict[str, Any] = {}
+
+    def loss_fn(out: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = out
+        if "dev" not in dev_holder or dev_holder["dev"] != x.device:
+            teacher.to(x.device)
+            dev_holder["dev"] = x.device
+        with torch.no_grad():
+            t_logits = _first(teacher(x))
+        loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
+        for f, t_name in zip(feats, t_names, strict=True):
+            loss = loss + cfg.hint_weight * F.mse_loss(f, t_store[t_name])
+        return loss, logits
+
+    try:
+        result = fit(
+            trainable,
+            train_set,
+            loss_fn,
+            FitConfig(
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay,
+                schedule=cfg.schedule,
+                patience=cfg.patience,
+                min_delta=cfg.min_delta,
+                seed=seed,
+                device=cfg.device,
+                max_steps_per_epoch=cfg.max_steps_per_epoch,
+                bn_batches=cfg.bn_batches,
+            ),
+            evaluate=(lambda m: evaluate(m.student)) if evaluate else None,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            description="distill",
+        )
+    finally:
+        trainable.close()
+        for h in t_hooks:
+            h.remove()
+        teacher.to("cpu")
+    student.eval()
+    return result
+
+
+@register_stage
+class Distill(Stage):
+    """Knowledge distillation (see :class:`DistillConfig`)."""
+
+    name = "distill"
+    config_cls = DistillConfig
+
+    def run(self, ctx: Context) -> Context:
+        cfg = self.config
+        assert isinstance(cfg, DistillConfig)
+        t0 = time.perf_counter()
+        base = ctx.recipe.base_dir
+        shape = ctx.recipe.model.input.shape
+        teacher = load_model_spec(cfg.teacher, base, shape) if cfg.teacher else ctx.teacher
+        if cfg.student is not None:
+            ctx.model = load_model_spec(cfg.student, base, shape)
+        ckpt_dir = (
+            (base or Path.cwd()) / cfg.checkpoint_dir
+            if cfg.checkpoint_dir
+            else ctx.work_dir / "distill"
+        )
+        seed = ctx.recipe.seed if cfg.seed is None else cfg.seed
+        result = distill(
+            ctx.model,
+            teacher,
+            ctx.data.train,
+            cfg,
+            ctx.example_input,
+            evaluate=ctx.evaluate,
+            checkpoint_dir=ckpt_dir,
+            resume=cfg.resume,
+            seed=seed,
+        )
+        row: dict[str, Any] = {
+            "temperature": cfg.temperature,
+            "alpha": cfg.alpha,
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "world_size": result.world_size,
+            "train_seconds": round(result.seconds, 2),
+            "history": result.history,
+        }
+        if result.resumed_from is not None:
+            row["resumed_from_epoch"] = result.resumed_from
+        if cfg.max_accuracy_drop is not None:
+            teacher_acc = ctx.evaluate(teacher)
+            acc = result.best_metric if result.best_metric is not None else ctx.evaluate(ctx.model)
+            row["teacher_accuracy"] = teacher_acc
+            if teacher_acc - acc > cfg.max_accuracy_drop:
+                ctx.extra.setdefault("failures", []).append(
+                    f"distill: student accuracy {acc:.4f} is {teacher_acc - acc:.4f} below the teacher's "
+                    f"{teacher_acc:.4f}, more than max_accuracy_drop {cfg.max_accuracy_drop}"
+                )
+        row["distill_seconds"] = round(time.perf_counter() - t0, 2)
+        ctx.extra["record"] = row
+        return ctx

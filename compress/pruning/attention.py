@@ -1,0 +1,230 @@
+"""Attention-head pruning: ``nn.MultiheadAttention`` becomes :class:`PrunableAttention`.
+
+``nn.MultiheadAttention`` ties its inner width to ``embed_dim`` (``num_heads * head_dim ==
+embed_dim``), so a head cannot be removed from it. :class:`PrunableAttention` computes the same
+function with separate q/k/v/out projections whose inner width is ``num_heads * head_dim``;
+removing a head removes ``head_dim`` rows from q, k and v and as many columns from the output
+projection. The embedding (residual) width stays as it is. The module exports to ONNX through
+``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PrunableAttention",
+    "convert_attention_",
+    "head_importance",
+    "prune_heads_",
+    "unconvertible_reason",
+]
+
+
+class PrunableAttention(nn.Module):
+    """A drop-in replacement for ``nn.MultiheadAttention`` whose heads can be removed.
+
+    Args:
+        embed_dim: width of the query input and of the output.
+        num_heads: attention heads.
+        head_dim: width of each head (``embed_dim // num_heads`` for a converted layer).
+        kdim / vdim: widths of the key and value inputs (default ``embed_dim``).
+        bias: projections with biases.
+        dropout: dropout on the attention weights while training.
+        batch_first: inputs are (batch, seq, feature) instead of (seq, batch, feature).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.k_proj = nn.Linear(kdim or embed_dim, inner, bias=bias)
+        self.v_proj = nn.Linear(vdim or embed_dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> PrunableAttention:
+        """The same function as ``mha`` (weights copied)."""
+        reason = unconvertible_reason(mha)
+        if reason:
+            raise ValueError(reason)
+        e = mha.embed_dim
+        bias = mha.in_proj_bias is not None
+        new = cls(
+            e, mha.num_heads, mha.head_dim, mha.kdim, mha.vdim, bias, mha.dropout, mha.batch_first
+        )
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                assert mha.in_proj_weight is not None
+                wq, wk, wv = mha.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            for proj, w in ((new.q_proj, wq), (new.k_proj, wk), (new.v_proj, wv)):
+                proj.weight.copy_(w)
+            if bias:
+                assert mha.in_proj_bias is not None
+                for proj, b in zip(
+                    (new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.chunk(3), strict=True
+                ):
+                    proj.bias.copy_(b)
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+        return new.train(mha.training)
+
+    def _mask(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        like: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """One additive float mask broadcastable to (batch, heads, L, S); nn.MHA's bool masks mean 'ignore'."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() != 2:
+                raise ValueError(
+                    "PrunableAttention takes a 2-D attn_mask (L, S); per-head masks no longer match pruned heads"
+                )
+            mask = _additive(attn_mask, like)[None, None]
+        if key_padding_mask is not None:
+            kpm = _additive(key_padding_mask, like)[:, None, None, :]
+            mask = kpm if mask is None else mask + kpm
+        return mask
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, lq, lk = query.shape[0], query.shape[1], key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, lq, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, lk, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, lk, h, d).transpose(1, 2)
+        mask = self._mask(attn_mask, key_padding_mask, q)
+        causal = is_causal and mask is None
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) * d**-0.5
+            if causal:
+                scores = scores.masked_fill(
+                    torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                )
+            if mask is not None:
+                scores = scores + mask
+            attn = F.dropout(scores.softmax(-1), p, self.training)
+            out = attn @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, h * d))
+        if not batched:
+            out = out.squeeze(0)
+            weights = weights.squeeze(0) if weights is not None else None
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            mask, float("-inf")
+        )
+    return mask.to(like.dtype)
+
+
+def unconvertible_reason(mha: nn.MultiheadAttention) -> str | None:
+    """Why ``mha`` cannot become a :class:`PrunableAttention`, or None."""
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "it has add_bias_kv=True (learned key/value biases appended to the sequence)"
+    if mha.add_zero_attn:
+        return "it has add_zero_attn=True"
+    return None
+
+
+def convert_attention_(model: nn.Module, skip: Sequence[nn.Module] = ()) -> list[str]:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (except ``skip``) in place.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MultiheadAttention) and module not in skip:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, PrunableAttention.from_mha(module))
+            replaced.append(name)
+    return replaced
+
+
+def head_importance(attn: PrunableAttention, p: int = 2, taylor: bool = False) -> torch.Tensor:
+    """One score per head: the norm of its q/k/v rows and output-projection columns."""
+    h, d = attn.num_heads, attn.head_dim
+    score = torch.zeros(h)
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            for name, w in proj.named_parameters():
+                if taylor:
+                    if w.grad is None:
+                        continue
+                    v = (w.data * w.grad).abs()
+                else:
+                    v = w.data.abs().pow(p)
+                if proj is attn.out_proj:
+                    if name == "weight":
+                        score += v.sum(0).view(h, d).sum(1)
+                else:
+                    score += v.reshape(h, d, -1).sum(dim=(1, 2))
+    return score
+
+
+def prune_heads_(attn: PrunableAttention, keep: Sequence[int]) -> None:
+    """Keep only the heads ``keep`` (indices into the current heads)."""
+    d = attn.head_dim
+    rows = torch.tensor([hd * d + i for hd in sorted(keep) for i in range(d)], dtype=torch.long)
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        proj.weight = nn.Parameter(proj.weight.data.index_select(0, rows).contiguous())
+        if proj.bias is not None:
+            proj.bias = nn.Parameter(proj.bias.data.index_select(0, rows).contiguous())
+        proj.out_features = len(rows)
+    attn.out_proj.weight = nn.Parameter(
+        attn.out_proj.weight.data.index_select(1, rows).contiguous()
+    )
+    attn.out_proj.in_features = len(rows)
+    attn.num_heads = len(keep)
