@@ -28,3 +28,5 @@ def _load_entry_points() -> None:
 
 
 _load_entry_points()
+
+from edgesmith.compress import quantize as _quantize  # noqa: E402,F401  (registers "quantize")

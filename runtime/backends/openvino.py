@@ -35,6 +35,15 @@ def _spec(port: Any, symbolic: str = "batch") -> TensorSpec:
     return TensorSpec(port.get_any_name(), shape, str(np.dtype(port.get_element_type().to_dtype())))
 
 
+def _ir_precision(model: Any) -> str | None:
+    """The inference precision an IR asks for in its runtime options (fp16/bf16 exports), if any."""
+    key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+    try:
+        return str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
 class OpenVinoSession:
     """A compiled OpenVINO model with one reusable infer request."""
 
@@ -93,15 +102,15 @@ def open_session(
             f"{path.name} has no weights file {path.with_suffix('.bin').name}",
             hint="copy the .bin next to the .xml",
         )
-    precision = str(options.get("precision", "f32"))
-    config: dict[str, Any] = (
-        {"INFERENCE_PRECISION_HINT": precision} if ov_device in ("CPU", "GPU") else {}
-    )
-    if threads and ov_device == "CPU":
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    config["PERFORMANCE_HINT"] = str(options.get("performance_hint", "LATENCY"))
     try:
         model = core.read_model(str(path))
+        precision = str(options.get("precision") or _ir_precision(model) or "f32")
+        config: dict[str, Any] = (
+            {"INFERENCE_PRECISION_HINT": precision} if ov_device in ("CPU", "GPU") else {}
+        )
+        if threads and ov_device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config["PERFORMANCE_HINT"] = str(options.get("performance_hint", "LATENCY"))
         compiled = core.compile_model(model, ov_device, config)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unknown error")
