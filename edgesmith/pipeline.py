@@ -91,9 +91,13 @@ class Evaluator:
         from edgesmith.runtime import load
 
         model = load(path, threads=self.threads, device="cpu")
+        fixed = model.inputs[0].shape[0]
+        step = (
+            fixed if isinstance(fixed, int) else EVAL_BATCH
+        )  # a model exported with a fixed batch
         outs = [
-            np.asarray(model(self.inputs[i : i + EVAL_BATCH]))
-            for i in track(range(0, len(self.inputs), EVAL_BATCH), f"evaluate {path.name}")
+            np.asarray(model(self.inputs[i : i + step]))
+            for i in track(range(0, len(self.inputs), step), f"evaluate {path.name}")
         ]
         out = np.concatenate(outs)
         tol = self.recipe.parity.get(precision) or self.recipe.parity["int8"]
@@ -190,7 +194,11 @@ def _write_bundle(
     from edgesmith.runtime.specs import TensorSpec
 
     model = load(art.path, device="cpu", threads=p.threads)
-    expected = np.asarray(model(golden_inputs))
+    fixed = model.inputs[0].shape[0]
+    step = fixed if isinstance(fixed, int) else len(golden_inputs)
+    expected = np.concatenate(
+        [np.asarray(model(golden_inputs[i : i + step])) for i in range(0, len(golden_inputs), step)]
+    )
     rel = f"bundles/{art.path.stem}"
     golden_file = out / ".work" / f"golden-{art.path.stem}.npz"
     golden_file.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,10 @@ def export(
         if dynamic_batch
         else None
     )
+    if dynamic_batch and all(getattr(x, "shape", (0,))[0] == 1 for x in example_inputs):
+        # torch.export specialises a dimension of size 1 (0/1 specialisation) and the exporter then
+        # silently falls back to a fixed batch; trace with a batch of two so the batch stays symbolic.
+        example_inputs = [torch.cat([x, x]) for x in example_inputs]
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with _quiet_exporter():
