@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "export": "edgesmith.cli:export_cmd",
     "run": "edgesmith.runtime.cli:run_cmd",
     "bench": "edgesmith.runtime.cli:bench_cmd",
+    "quantize": "edgesmith.compress.cli:quantize_cmd",
 }
 
 

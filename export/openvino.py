@@ -86,9 +86,13 @@ def export(
     output_names = output_names or (
         ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     )
+    trace_inputs = list(example_inputs)
+    if dynamic_batch and all(getattr(x, "shape", (0,))[0] == 1 for x in trace_inputs):
+        # a batch of 1 gets baked into reshapes (recurrent nets); trace with 2 to keep it symbolic
+        trace_inputs = [torch.cat([x, x]) for x in trace_inputs]
     try:
         with quiet(), torch.no_grad():
-            ov_model = ov.convert_model(model, example_input=tuple(example_inputs))
+            ov_model = ov.convert_model(model, example_input=tuple(trace_inputs))
         shapes = {
             i: ov.PartialShape([-1 if dynamic_batch else int(x.shape[0]), *map(int, x.shape[1:])])
             for i, x in enumerate(example_inputs)

@@ -155,10 +155,16 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
     pick = np.sort(order[: config.search_samples])
     sens = np.sort(order[: min(config.sensitivity_samples, len(pick))])
 
+    # after qat the budget counts from the model as it entered qat, not the fine-tuned float one
+    shift = state.get("base_accuracy", None)
+    shift = 0.0 if shift is None else shift - float(ev.metric(ev.reference, ev.targets))
+
     def probe(idx: np.ndarray) -> Probe:
-        return Probe(
+        p = Probe(
             ev.inputs[idx], ev.reference[idx], ev.targets[idx], ev.metric, tolerance, ev.threads
         )
+        p.base_accuracy += shift
+        return p
 
     initial = _initial_float(config, quantizer.layers, fmt)
     max_float = (
@@ -216,7 +222,7 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
             time_fn(lambda: m(one), warmup=20, runs=200, max_seconds=10.0)["p50"], 4
         )
     a = ev.evaluate(dest, fmt, "int8", files=files, extra={"quantization": info})
-    base = float(ev.metric(ev.reference, ev.targets))
+    base = state.get("base_accuracy", float(ev.metric(ev.reference, ev.targets)))
     drop = base - a.accuracy
     info["accuracy_drop"] = round(drop, 6)
     kept = ", ".join(by_id[lid].name for lid in result.float_layers) or "none"

@@ -80,8 +80,10 @@ class Probe:
         from edgesmith.runtime import load
 
         model = load(path, threads=self.threads, device="cpu")
+        fixed = model.inputs[0].shape[0]
+        step = fixed if isinstance(fixed, int) else 256  # a model exported with a fixed batch
         return np.concatenate(
-            [np.asarray(model(self.inputs[i : i + 256])) for i in range(0, len(self.inputs), 256)]
+            [np.asarray(model(self.inputs[i : i + step])) for i in range(0, len(self.inputs), step)]
         )
 
     def __call__(self, path: Path) -> Measurement:
