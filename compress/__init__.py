@@ -29,5 +29,5 @@ def _load_entry_points() -> None:
 
 _load_entry_points()
 
-from edgesmith.compress import quantize as _quantize  # noqa: E402,F401  (registers "quantize")
 from edgesmith.compress import qat as _qat  # noqa: E402,F401  (registers "qat")
+from edgesmith.compress import quantize as _quantize  # noqa: E402,F401  (registers "quantize")

@@ -18,9 +18,7 @@ __all__ = ["quantize_cmd"]
 
 @click.command("quantize")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder."
-)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option(
     "-f",
     "--format",

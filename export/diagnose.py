@@ -69,7 +69,11 @@ def locate_op(model: Any, example_inputs: Sequence[Any], op: str) -> tuple[str |
         layer = None
         if stack:
             path = list(stack.values())[-1][0]
-            layer = re.sub(r"^L\['self'\]\.?", "", str(path)).replace("_modules['", "").replace("']", "")
+            layer = (
+                re.sub(r"^L\['self'\]\.?", "", str(path))
+                .replace("_modules['", "")
+                .replace("']", "")
+            )
         trace = str(node.meta.get("stack_trace") or "").strip().splitlines()
         src = next((ln.strip() for ln in reversed(trace) if ln.strip().startswith("File ")), None)
         return layer or None, src

@@ -20,7 +20,7 @@ from edgesmith.errors import DataError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Layer", "ModuleNames", "Quantizer", "calibration_array"]
+__all__ = ["Layer", "ModuleNames", "Quantizer", "calibration_array", "display_name"]
 
 
 @dataclass(frozen=True)
@@ -123,21 +123,26 @@ class ModuleNames:
     def _trace_aliases(self, model: Any, example: Any) -> None:
         import torch
 
-        produced: dict[int, str] = {}
+        # tensor id -> (producing module, the tensor: kept alive so that its id is not reused)
+        produced: dict[int, tuple[str, Any]] = {}
         handles = []
 
         def hook(name: str) -> Any:
             def fn(mod: Any, inputs: Any, output: Any) -> None:
                 src = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
                 if src is not None and id(src) in produced and not _has_weight(mod):
-                    self.aliases[name] = self.aliases.get(produced[id(src)], produced[id(src)])
+                    origin = produced[id(src)][0]
+                    if not name.startswith(origin + "."):  # not a child of the producer
+                        self.aliases.setdefault(name, self.aliases.get(origin, origin))
                 if isinstance(output, torch.Tensor):
-                    produced[id(output)] = name
+                    produced[id(output)] = (name, output)
 
             return fn
 
+        # every module, not only leaves: a same-padding convolution holds a padding child and
+        # computes the convolution itself
         for name, mod in self.modules.items():
-            if name and not list(mod.children()):
+            if name:
                 handles.append(mod.register_forward_hook(hook(name)))
         try:
             with torch.no_grad():
@@ -180,21 +185,33 @@ class ModuleNames:
         for comp in comps:
             comp = re.sub(r"(;\d*)+$", "", comp)
             children = [
-                n for n in self.modules if n.startswith(path) and n.count(".") == path.count(".") + (1 if path else 0)
+                n
+                for n in self.modules
+                if n.startswith(path) and n.count(".") == path.count(".") + (1 if path else 0)
             ]
             found = None
             for child in children:
                 attr = child.rsplit(".", 1)[-1]
                 cls = type(self.modules[child]).__name__
-                if re.search(rf"(^|\.){re.escape(cls)}_{re.escape(attr)}(_\d+)?$", comp) or comp.endswith(
-                    f"{cls}_{attr}"
-                ):
+                if re.search(
+                    rf"(^|\.){re.escape(cls)}_{re.escape(attr)}(_\d+)?$", comp
+                ) or comp.endswith(f"{cls}_{attr}"):
                     found = child
                     break
             if found is None:
                 break
             path = found + "."
         return path.rstrip(".") or None
+
+
+def display_name(module: str | None, op: str, fallback: str, weighted: bool) -> str:
+    """How the report names a layer: the module for weighted ops (``features.3``), else
+    module and operator (``backbone._blocks.3:Add``), else the format's own node name."""
+    if module and weighted:
+        return module
+    if module:
+        return f"{module}:{op}"
+    return fallback
 
 
 def _has_weight(mod: Any) -> bool:

@@ -156,7 +156,7 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
     sens = np.sort(order[: min(config.sensitivity_samples, len(pick))])
 
     # after qat the budget counts from the model as it entered qat, not the fine-tuned float one
-    shift = state.get("base_accuracy", None)
+    shift = state.get("base_accuracy")
     shift = 0.0 if shift is None else shift - float(ev.metric(ev.reference, ev.targets))
 
     def probe(idx: np.ndarray) -> Probe:
@@ -200,7 +200,7 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
                 **by_id[lid].to_json(),
                 "extra_bytes": by_id[lid].params * 3,  # float32 instead of int8 weights
                 "accuracy_cost": round(result.costs[lid], 6) if lid in result.costs else None,
-                "noise_removed": float(f"{gains[lid]:.4g}") if lid in gains else None,
+                "noise_alone": float(f"{gains[lid]:.4g}") if lid in gains else None,
             }
             for lid in result.float_layers
         ],
@@ -220,6 +220,10 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
         one = ev.inputs[:1]
         info["latency_ms_all_int8"] = round(
             time_fn(lambda: m(one), warmup=20, runs=200, max_seconds=10.0)["p50"], 4
+        )
+    if result.sensitivity:
+        info["sensitivity_plot"] = _plot_sensitivity(
+            result, by_id, art.path.parent, ctx.recipe.name, fmt
         )
     a = ev.evaluate(dest, fmt, "int8", files=files, extra={"quantization": info})
     base = state.get("base_accuracy", float(ev.metric(ev.reference, ev.targets)))
@@ -242,3 +246,31 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
         f"{len(quantizer.layers)} layers float ({kept})"
     )
     return a
+
+
+def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, fmt: str) -> str:
+    """A bar chart of the most sensitive layers (kept-float ones highlighted); returns its file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = result.sensitivity[:25]
+    kept = set(result.float_layers)
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(top) + 1.2))
+    ax.barh(
+        [layer.name for layer, _ in top][::-1],
+        [max(noise, 1e-9) for _, noise in top][::-1],
+        color=["tab:orange" if layer.id in kept else "tab:blue" for layer, _ in top][::-1],
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("output noise with only this layer in int8 (||q - f||² / ||f||², log)")
+    ax.set_title(
+        f"{fmt} int8 sensitivity: orange = kept float ({len(kept)} of {len(by_id)} layers)"
+    )
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = out / f"{name}-{fmt}-int8-sensitivity.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name

@@ -1,9 +1,9 @@
 """Accuracy-aware mixed precision, for any format: keep the fewest layers float within the budget.
 
 1. Quantize everything; if the metric drop and the int8 parity tolerance hold, stop.
-2. Sensitivity: quantize all but one layer, for each layer, and measure how much of the output
-   noise (energy of the difference to the float outputs over the energy of the float outputs)
-   goes away; rank layers by that.
+2. Sensitivity: quantize one layer at a time (the rest float) and measure the output noise it
+   causes (energy of the difference to the float outputs over the energy of the float outputs);
+   rank layers by that. Measured alone, a layer's error is not masked by a worse layer's.
 3. Walk down the ranking, keeping 1, 2, 3, ... layers float, until the budget holds on the search
    samples (and on the whole evaluation set, when that is larger).
 4. Refine: try quantizing each kept layer again, least sensitive first; what still holds stays int8.
@@ -112,7 +112,7 @@ class SearchResult:
         float_layers: ids of the layers kept float in the chosen model (empty: all int8).
         accepted: whether the chosen model met the budget and the parity tolerance.
         measurement: the chosen model on the search samples.
-        sensitivity: ``(layer, noise removed by keeping it float)``, most sensitive first.
+        sensitivity: ``(layer, output noise with only that layer in int8)``, most sensitive first.
         costs: layer id -> metric drop measured with that layer quantized too (refine step).
         trials: every candidate tried, for the report.
         reason: why the budget could not be met (empty when accepted).
@@ -202,7 +202,9 @@ def search(
         return ok(trials.run(layers, verify, f"{note} (whole evaluation set)"))
 
     start = list(initial_float)
-    first = trials.run(start, probe, "all int8" if not start else "int8 with the given float layers")
+    first = trials.run(
+        start, probe, "all int8" if not start else "int8 with the given float layers"
+    )
     best = (start, first)
     if accept(start, first, "all int8"):
         return SearchResult(start, True, first, trials=trials.log)
@@ -211,12 +213,14 @@ def search(
         f"{fmt} int8: drop {first.drop * 100:.2f} points, top-1 agreement {first.agreement:.4f}: "
         "measuring per-layer sensitivity"
     )
-    base_noise = trials.run(start, sensitivity_probe, "sensitivity baseline").noise
     candidates = [layer for layer in quantizer.layers if layer.id not in start]
+    everything = [layer.id for layer in quantizer.layers]
     sensitivity: list[tuple[Layer, float]] = []
     for layer in track(candidates, f"sensitivity {fmt}"):
-        m = trials.run([*start, layer.id], sensitivity_probe, f"sensitivity {layer.name}")
-        sensitivity.append((layer, base_noise - m.noise))
+        # the layer alone in int8: its own error, not masked by the other layers' errors
+        alone = [x for x in everything if x != layer.id]
+        m = trials.run(alone, sensitivity_probe, f"sensitivity {layer.name}")
+        sensitivity.append((layer, m.noise))
     sensitivity.sort(key=lambda t: -t[1])
     order = [layer.id for layer, _ in sensitivity]
 
@@ -233,14 +237,18 @@ def search(
 
     costs: dict[str, float] = {}
     if chosen is not None and refine:
-        current = best[1]
-        for lid in reversed(chosen[len(start) :]):
-            layers = [x for x in chosen if x != lid]
-            m = trials.run(layers, probe, "refine")
-            costs[lid] = m.drop - current.drop
-            if accept(layers, m, "refine"):
-                chosen, current = layers, m
-                costs.pop(lid)
+        # passes until none of the kept layers can be quantized again: the result is 1-minimal,
+        # and the last pass measures what each kept layer is worth
+        current, changed = best[1], True
+        while changed:
+            changed, costs = False, {}
+            for lid in reversed(chosen[len(start) :]):
+                layers = [x for x in chosen if x != lid]
+                m = trials.run(layers, probe, "refine")
+                if accept(layers, m, "refine"):
+                    chosen, current, changed = layers, m, True
+                    break
+                costs[lid] = m.drop - current.drop
         best = (chosen, current)
 
     layers, m = best

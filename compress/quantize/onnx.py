@@ -16,16 +16,32 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames
+from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
 from edgesmith.compress.quantize.config import Scheme
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["LAYER_OPS", "OnnxQuantizer", "to_fp16", "weight_only_int8"]
+__all__ = ["OnnxQuantizer", "layer_ops", "to_fp16", "weight_only_int8"]
 
 log = logging.getLogger(__name__)
 
-# operators a search may keep in float: the ones with weights and the matrix products
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "Attention")
+# operators that only move or clip int8 data: never worth keeping float on their own
+TRANSPARENT_OPS = (
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather",
+    "GatherElements", "Pad", "Clip", "Relu", "LeakyRelu", "MaxPool", "Where", "TopK", "CumSum",
+    "ArgMax",
+)  # fmt: skip
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def layer_ops() -> set[str]:
+    """Operators onnxruntime quantizes (its QDQ and QLinear registries) that do arithmetic."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(TRANSPARENT_OPS)
+
+
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 CALIBRATION_BATCH = 32
 
@@ -49,8 +65,11 @@ class _Reader:
     """A CalibrationDataReader over a numpy array, in batches (the exported batch is dynamic)."""
 
     def __init__(self, name: str, data: np.ndarray, batch: int) -> None:
+        from edgesmith.progress import track
+
         self.name, self.data, self.batch = name, data, batch
-        self._it = iter(range(0, len(data), batch))
+        # consumed only when calibrating (later quantizations read the calibration cache)
+        self._it = iter(track(range(0, len(data), batch), "calibrating onnx"))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         i = next(self._it, None)
@@ -76,6 +95,16 @@ def _module_of(node: Any) -> str | None:
             mods = [s for s in scopes[:-1] if s]
             return mods[-1] if mods else None
     return None
+
+
+def _float_tensors(model: Any) -> set[str]:
+    """Names of float32 tensors (shape inference ran in pre-processing); all, if it did not."""
+    import onnx
+
+    infos = [*model.graph.value_info, *model.graph.output]
+    if not infos:
+        return {o for n in model.graph.node for o in n.output}
+    return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
 class OnnxQuantizer:
@@ -115,27 +144,40 @@ class OnnxQuantizer:
 
             with _ort_quiet():
                 quant_pre_process(str(fp32_path), str(self.source))
-        except Exception as exc:  # pre-processing is an optimisation; quantize the raw graph instead
+        except (
+            Exception
+        ) as exc:  # pre-processing is an optimisation; quantize the raw graph instead
             log.warning("onnx pre-processing failed (%s); quantizing the exported graph", exc)
             self.source = fp32_path
         self.cache = work_dir / "calibration.json"
         model = onnx.load(str(self.source))
+        # graph optimisation may drop the exporter's metadata: fall back to the exported graph's
+        exported = {n.name: _module_of(n) for n in onnx.load(str(fp32_path)).graph.node}
         self.input_name = model.graph.input[0].name
         inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
         names = names or ModuleNames()
+        ops = layer_ops()
+        floats = _float_tensors(model)
         self.layers = [
             Layer(
                 n.name,
-                names.resolve(_module_of(n)) or n.name,
+                display_name(
+                    names.resolve(_module_of(n) or exported.get(n.name)),
+                    n.op_type,
+                    n.name,
+                    weighted=n.op_type in WEIGHTED_OPS,
+                ),
                 n.op_type,
                 sum(inits.get(i, 0) for i in n.input[1:2]),
             )
             for n in model.graph.node
-            if n.op_type in LAYER_OPS
+            if n.op_type in ops and n.output and n.output[0] in floats
         ]
         self._kwargs: dict[str, Any] = {
             "per_channel": scheme.per_channel,
-            "activation_type": QuantType.QInt8 if scheme.activations_symmetric else QuantType.QUInt8,
+            "activation_type": QuantType.QInt8
+            if scheme.activations_symmetric
+            else QuantType.QUInt8,
             "weight_type": QuantType.QInt8,
             "calibrate_method": getattr(CalibrationMethod, _METHODS[scheme.method]),
             "extra_options": {
@@ -202,7 +244,9 @@ def weight_only_int8(fp32_path: Path, path: Path) -> list[Path]:
         init = inits.get(name)
         if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
             continue
-        if not all(n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and i == 1 for n, i in uses):
+        if not all(
+            n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and i == 1 for n, i in uses
+        ):
             continue
         w = numpy_helper.to_array(init).astype(np.float32)
         op = uses[0][0]

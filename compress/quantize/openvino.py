@@ -8,35 +8,64 @@ float layers needs one calibration, not one per candidate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Collection
+import warnings
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames
+from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
 from edgesmith.compress.quantize.config import Scheme
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["LAYER_OPS", "OpenVinoQuantizer", "to_bf16", "to_fp16", "weight_only_int8"]
+__all__ = ["OpenVinoQuantizer", "to_bf16", "to_fp16", "weight_only_int8"]
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = (
+WEIGHTED_OPS = (
     "Convolution",
     "GroupConvolution",
     "ConvolutionBackpropData",
     "GroupConvolutionBackpropData",
     "MatMul",
-    "LSTMSequence",
-    "GRUSequence",
 )
 _METHODS = ("minmax", "percentile")
 # ops that move int8 data without changing it: NNCF quantizes in front of them
-_AGNOSTIC = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "StridedSlice", "Slice", "Pad")
+_AGNOSTIC = (
+    "MaxPool",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "StridedSlice",
+    "Slice",
+    "Pad",
+)
+_NOT_LAYERS = ("FakeQuantize", "Constant", "Convert", "Parameter", "Result", "ShapeOf")
 _MODULE = re.compile(r"^__module\.([^/]+)/")
+
+
+@contextlib.contextmanager
+def _nncf_quiet() -> Iterator[None]:
+    from edgesmith.progress import is_quiet
+
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        if is_quiet():
+            from edgesmith.export._quiet import quiet
+
+            with quiet():
+                yield
+        else:
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _module_of(op: Any, depth: int = 2) -> str | None:
@@ -140,8 +169,6 @@ class OpenVinoQuantizer:
         )
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        from edgesmith.export._quiet import quiet
-
         if scheme.method not in _METHODS:
             raise EdgesmithError(
                 f"calibration_method '{scheme.method}' is not available for openvino",
@@ -156,7 +183,10 @@ class OpenVinoQuantizer:
             options["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
         advanced = AdvancedQuantizationParameters(**options)
         dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-        with quiet():
+        # NNCF shows its own progress bars (statistics collection, bias correction); only its
+        # INFO log lines are silenced
+        with _nncf_quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             self.quantized = nncf.quantize(
                 core.read_model(str(fp32_path)),
                 dataset,
@@ -170,13 +200,20 @@ class OpenVinoQuantizer:
         float_ops = {op.get_friendly_name(): op for op in self.float_model.get_ops()}
         self.layers = []
         for op in self.quantized.get_ordered_ops():
-            if op.get_type_name() not in LAYER_OPS or not _is_quantized(op):
+            kind = op.get_type_name()
+            if kind in _NOT_LAYERS or kind in _AGNOSTIC or not _is_quantized(op):
                 continue
             fop = float_ops.get(op.get_friendly_name())
-            w = _const_source(fop.input(1)) if fop is not None and fop.get_input_size() > 1 else None
+            w = (
+                _const_source(fop.input(1))
+                if fop is not None and fop.get_input_size() > 1
+                else None
+            )
             params = int(np.prod(list(w.get_output_shape(0)))) if w is not None else 0
-            name = names.resolve(_module_of(op)) or op.get_friendly_name()
-            self.layers.append(Layer(op.get_friendly_name(), name, op.get_type_name(), params))
+            name = display_name(
+                names.resolve(_module_of(op)), kind, op.get_friendly_name(), kind in WEIGHTED_OPS
+            )
+            self.layers.append(Layer(op.get_friendly_name(), name, kind, params))
 
     def _revert(self, op: Any, float_op: Any | None) -> None:
         from openvino import opset13 as ops
@@ -198,7 +235,9 @@ class OpenVinoQuantizer:
         if qa and fa:
             fsrc = _const_source(fa[0].input(fa[1]))
             if fsrc is not None:
-                qa[0].input(qa[1]).replace_source_output(ops.constant(fsrc.get_data().copy()).output(0))
+                qa[0].input(qa[1]).replace_source_output(
+                    ops.constant(fsrc.get_data().copy()).output(0)
+                )
 
     def quantize(self, path: Path, float_layers: Collection[str]) -> list[Path]:
         """Write the int8 IR with ``float_layers`` (friendly names) kept in float."""

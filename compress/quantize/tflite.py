@@ -18,22 +18,27 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames
+from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
 from edgesmith.compress.quantize.config import Scheme
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["LAYER_OPS", "TfliteQuantizer", "to_fp16", "weight_only_int8"]
+__all__ = ["TfliteQuantizer", "to_fp16", "weight_only_int8"]
 
-LAYER_OPS = (
+WEIGHTED_OPS = (
     "CONV_2D",
     "DEPTHWISE_CONV_2D",
     "FULLY_CONNECTED",
     "BATCH_MATMUL",
     "TRANSPOSE_CONV",
     "CONV_3D",
-    "UNIDIRECTIONAL_SEQUENCE_LSTM",
     "EMBEDDING_LOOKUP",
 )
+# ops that only move int8 data (or convert it): never worth keeping float on their own
+TRANSPARENT_OPS = (
+    "RESHAPE", "TRANSPOSE", "PAD", "PADV2", "MAX_POOL_2D", "SQUEEZE", "STRIDED_SLICE", "SLICE",
+    "GATHER", "SPLIT", "PACK", "UNPACK", "BROADCAST_TO", "DEQUANTIZE", "QUANTIZE", "RELU",
+    "RELU6", "RELU_N1_TO_1", "CONCATENATION", "DELEGATE",
+)  # fmt: skip
 _METHODS = {"minmax": "min_max_uniform_quantize", "mse": "MSE"}
 
 
@@ -96,13 +101,21 @@ class TfliteQuantizer:
         names = names or ModuleNames()
         self.layers = []
         for op in ops:
-            if op["op_name"] not in LAYER_OPS or not len(op["outputs"]):
+            if op["op_name"] in TRANSPARENT_OPS or not len(op["outputs"]):
+                continue
+            if tensors[op["outputs"][0]]["dtype"] != np.float32:
                 continue
             out = tensors[op["outputs"][0]]["name"]
-            weight = tensors[op["inputs"][1]] if len(op["inputs"]) > 1 and op["inputs"][1] >= 0 else None
+            weighted = op["op_name"] in WEIGHTED_OPS
+            weight = (
+                tensors[op["inputs"][1]]
+                if weighted and len(op["inputs"]) > 1 and op["inputs"][1] >= 0
+                else None
+            )
             params = int(np.prod(weight["shape"])) if weight is not None else 0
-            label = names.from_tflite(weight["name"] if weight is not None else out)
-            self.layers.append(Layer(out, label or names.from_tflite(out) or out, op["op_name"], params))
+            module = names.from_tflite(weight["name"] if weight is not None else out)
+            label = display_name(module or names.from_tflite(out), op["op_name"], out, weighted)
+            self.layers.append(Layer(out, label, op["op_name"], params))
         self._config = qtyping.OpQuantizationConfig(
             activation_tensor_config=qtyping.TensorQuantizationConfig(
                 num_bits=8, symmetric=scheme.activations_symmetric
@@ -118,12 +131,16 @@ class TfliteQuantizer:
             explicit_dequantize=False,
         )
         from edgesmith.export._quiet import quiet
+        from edgesmith.progress import track
 
+        samples = track(
+            ({input_name: calibration[i : i + 1]} for i in range(len(calibration))),
+            "calibrating tflite",
+            total=len(calibration),
+        )
         with quiet():
             qt = self._quantizer()
-            self._calibration = qt.calibrate(
-                {self.signature: [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]}
-            )
+            self._calibration = qt.calibrate({self.signature: samples})
 
     def _quantizer(self, float_layers: Collection[str] = ()) -> Any:
         from ai_edge_quantizer import quantizer
@@ -131,7 +148,10 @@ class TfliteQuantizer:
 
         qt = quantizer.Quantizer(str(self.fp32_path))
         qt.update_quantization_recipe(
-            regex=".*", operation_name="*", op_config=self._config, algorithm_key=_METHODS[self.scheme.method]
+            regex=".*",
+            operation_name="*",
+            op_config=self._config,
+            algorithm_key=_METHODS[self.scheme.method],
         )
         for layer in sorted(float_layers):
             qt.update_quantization_recipe(
