@@ -238,8 +238,11 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
             f"{base:.4f} float, {len(result.float_layers)} layer(s) kept float: {kept}); {why}; "
             "try the qat stage, more calibration samples, max_float_layers, or a larger budget"
         )
-    elif not result.accepted and a.parity.passed:
-        ctx.extra.setdefault("failures", []).append(f"{dest.name}: {result.reason}")
+    elif not result.accepted:
+        ctx.extra.setdefault("failures", []).append(
+            f"{dest.name}: no int8 model met the checks; {result.reason}; try the qat stage, more "
+            "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance"
+        )
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
         f"top-1 agreement {a.parity.top1_agreement:.4f}, {len(result.float_layers)} of "

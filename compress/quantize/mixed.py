@@ -42,6 +42,7 @@ class Measurement:
     noise: float  # ||q - f||^2 / ||f||^2 over the outputs
     samples: int
     parity_ok: bool
+    parity_reason: str = ""
 
     @property
     def drop(self) -> float:
@@ -101,6 +102,7 @@ class Probe:
             float((diff**2).sum()) / self._ref_energy,
             len(out),
             parity.passed,
+            parity.reason,
         )
 
 
@@ -255,9 +257,10 @@ def search(
     if chosen is not None:
         return SearchResult(layers, True, m, sensitivity, costs, trials.log)
     budget = f"max_accuracy_drop {max_accuracy_drop}" if max_accuracy_drop is not None else "none"
+    parity = f"int8 parity: {m.parity_reason}" if m.parity_reason else "int8 parity holds"
     reason = (
         f"best found keeps {len(layers)} layer(s) float (max_float_layers={max_float_layers}): "
-        f"drop {m.drop * 100:.2f} points (budget: {budget}), top-1 agreement {m.agreement:.4f} "
-        f"(needs {probe.tolerance.top1_agreement}) on {m.samples} samples"
+        f"drop {m.drop * 100:.2f} points (budget: {budget}), top-1 agreement {m.agreement:.4f}; "
+        f"{parity} (on {m.samples} samples)"
     )
     return SearchResult(layers, False, m, sensitivity, costs, trials.log, reason)

@@ -131,16 +131,18 @@ class TfliteQuantizer:
             explicit_dequantize=False,
         )
         from edgesmith.export._quiet import quiet
-        from edgesmith.progress import track
+        from edgesmith.progress import is_quiet
 
-        samples = track(
-            ({input_name: calibration[i : i + 1]} for i in range(len(calibration))),
-            "calibrating tflite",
-            total=len(calibration),
-        )
-        with quiet():
-            qt = self._quantizer()
+        samples = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
+        qt = self._quantizer()
+        # ai-edge-quantizer shows its own calibration progress bar; silenced only with --quiet
+        with quiet() if is_quiet() else contextlib.nullcontext():
             self._calibration = qt.calibrate({self.signature: samples})
+        if not self._calibration:
+            raise EdgesmithError(
+                "ai-edge-quantizer collected no calibration statistics",
+                hint="check that the calibration samples match the model input",
+            )
 
     def _quantizer(self, float_layers: Collection[str] = ()) -> Any:
         from ai_edge_quantizer import quantizer

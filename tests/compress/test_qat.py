@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from edgesmith.compress.qat import prepare_qat
@@ -56,3 +57,15 @@ def test_qat_stage_fine_tunes_then_exports_int8(recipe_dir: Path) -> None:
         qat["accuracy_before"] - int8["accuracy"], 6
     )
     assert int8["quantization"]["accuracy_drop"] <= 0.01
+
+
+@pytest.mark.slow
+def test_qat_then_int8_for_every_format(recipe_dir: Path) -> None:
+    text = QAT_RECIPE.replace("steps: 4", "steps: 100").replace(
+        "export: [onnx]", "export: [onnx, openvino, tflite]"
+    )
+    report = build(load_recipe(write_recipe(recipe_dir, text)), recipe_dir / "out")
+    int8 = {a["format"]: a for a in report["artifacts"] if a["precision"] == "int8"}
+    assert set(int8) == {"onnx", "openvino", "tflite"}
+    for a in int8.values():
+        assert a["parity"]["passed"] and a["quantization"]["accuracy_drop"] <= 0.01

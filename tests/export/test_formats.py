@@ -100,3 +100,18 @@ def test_unsupported_op_names_op_layer_and_workarounds(fmt: str, tmp_path: Path)
     assert all(o in (err.hint or "") for o in others) and f"export to {fmt}" not in (err.hint or "")
     assert "replace the module" in (err.hint or "")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_command_writes_the_ir_pair(recipe_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgesmith.cli import cli
+    from tests.conftest import BASE_RECIPE, write_recipe
+
+    recipe = write_recipe(recipe_dir, BASE_RECIPE)
+    out = recipe_dir / "model" / "fmnist.xml"
+    res = CliRunner().invoke(cli, ["export", str(recipe), "-f", "openvino", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fmnist.bin", "fmnist.xml"]
+    assert "top-1 agreement 1.0000" in res.output
+    assert load(out).info["backend"] == "openvino"
