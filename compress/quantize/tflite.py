@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,8 @@ class TfliteQuantizer:
         samples = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
         qt = self._quantizer()
         # ai-edge-quantizer shows its own calibration progress bar; silenced only with --quiet
-        with quiet() if is_quiet() else contextlib.nullcontext():
+        with quiet() if is_quiet() else contextlib.nullcontext(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "preserve_all_tensors is for debugging": it is
             self._calibration = qt.calibrate({self.signature: samples})
         if not self._calibration:
             raise EdgesmithError(
