@@ -32,3 +32,5 @@ _load_entry_points()
 # built-in stages (each module registers itself; no torch at import time)
 from edgesmith.compress import distill as _distill  # noqa: E402,F401
 from edgesmith.compress import prune as _prune  # noqa: E402,F401
+from edgesmith.compress import qat as _qat  # noqa: E402,F401  (registers "qat")
+from edgesmith.compress import quantize as _quantize  # noqa: E402,F401  (registers "quantize")

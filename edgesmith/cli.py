@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
     "prune": "edgesmith.compress.cli:prune_cmd",
     "distill": "edgesmith.compress.cli:distill_cmd",
+    "quantize": "edgesmith.compress.cli:quantize_cmd",
 }
 
 

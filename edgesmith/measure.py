@@ -44,6 +44,45 @@ def torch_outputs(
     return np.concatenate(outs), np.concatenate(targets)
 
 
+def _rnn_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Analytic MACs of recurrent layers, which FlopCounterMode does not count (fused CPU kernels)."""
+    import torch
+
+    gates = {torch.nn.LSTM: 4, torch.nn.GRU: 3, torch.nn.RNN: 1}
+    found: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if type(mod) not in gates:
+            continue
+
+        def hook(m: Any, args: Any, _out: Any, name: str = name) -> None:
+            x = args[0]
+            if isinstance(x, torch.nn.utils.rnn.PackedSequence):
+                steps, batch = int(x.data.shape[0]), 1
+            else:
+                steps, batch = (
+                    (x.shape[1], x.shape[0])
+                    if m.batch_first
+                    else (x.shape[0], x.shape[1] if x.dim() == 3 else 1)
+                )
+            dirs = 2 if m.bidirectional else 1
+            hidden, total = m.hidden_size, 0
+            for layer in range(m.num_layers):
+                inp = m.input_size if layer == 0 else hidden * dirs
+                total += gates[type(m)] * hidden * (inp + hidden) * steps * batch * dirs
+            found[name] = found.get(name, 0) + int(total)
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            if hooks:
+                model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass, counted at the dispatcher (FlopCounterMode).
 

@@ -17,16 +17,26 @@ __all__ = ["EXPORTERS", "Format", "get_exporter"]
 
 @dataclass(frozen=True)
 class Format:
-    """A model file format: its suffix, the exporter module, and the runtime backend that runs it."""
+    """A model file format: its suffix, the exporter module, and the runtime backend that runs it.
+
+    ``side_suffixes`` name the files that travel with the model file (OpenVINO's ``.bin``).
+    """
 
     name: str
     suffix: str
     module: str
     backend: str
+    side_suffixes: tuple[str, ...] = ()
+
+    def files(self, path: Path) -> list[Path]:
+        """The model file and its side files."""
+        return [path, *(path.with_suffix(s) for s in self.side_suffixes)]
 
 
 EXPORTERS: dict[str, Format] = {
     "onnx": Format("onnx", ".onnx", "edgesmith.export.onnx", "onnxruntime"),
+    "tflite": Format("tflite", ".tflite", "edgesmith.export.tflite", "litert"),
+    "openvino": Format("openvino", ".xml", "edgesmith.export.openvino", "openvino", (".bin",)),
 }
 
 

@@ -109,7 +109,7 @@ def export(
     except Exception as exc:
         from edgesmith.export.diagnose import diagnose
 
-        raise diagnose(exc, "onnx", model) from exc
+        raise diagnose(exc, "onnx", model, example_inputs) from exc
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             with contextlib.suppress(FileNotFoundError):

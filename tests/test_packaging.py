@@ -40,6 +40,12 @@ def test_wheel_file_list(tmp_path: Path, repo_root: Path) -> None:
         "edgesmith/py.typed",
     ):
         assert expected in names, expected
+    # every source module lands in the wheel (a sub-package missing from pyproject's list would not)
+    for folder in ("edgesmith", "compress", "export", "runtime", "devices"):
+        for src in (repo_root / folder).rglob("*.py"):
+            rel = src.relative_to(repo_root / folder).as_posix()
+            name = f"edgesmith/{rel}" if folder == "edgesmith" else f"edgesmith/{folder}/{rel}"
+            assert name in names, f"{name} missing from the wheel"
     assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert (

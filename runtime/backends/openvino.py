@@ -61,6 +61,15 @@ def _runtime_precision(compiled: Any, hint: str) -> str:
     return _SHORT.get(hint, hint)
 
 
+def _ir_precision(model: Any) -> str | None:
+    """The inference precision an IR asks for in its runtime options (fp16/bf16 exports), if any."""
+    key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+    try:
+        return str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def _weights_precision(model: Any) -> str:
     """The element type holding most constant bytes (the weights) of the model."""
     sizes: Counter[str] = Counter()
@@ -149,20 +158,21 @@ def open_session(
             f"{path.name} has no weights file {path.with_suffix('.bin').name}",
             hint="copy the .bin next to the .xml",
         )
-    precision = str(options.get("precision", "f32"))
-    hint = _PRECISIONS.get(precision.lower())
-    if hint is None:
-        raise EdgesmithError(
-            f"unknown OpenVINO precision '{precision}'", hint="use f32, f16 or bf16"
-        )
-    config: dict[str, Any] = (
-        {"INFERENCE_PRECISION_HINT": hint} if ov_device in ("CPU", "GPU") else {}
-    )
-    if threads and ov_device == "CPU":
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    config["PERFORMANCE_HINT"] = str(options.get("performance_hint", "LATENCY"))
     try:
         model = core.read_model(str(path))
+        # an fp16/bf16 export asks for its precision in the IR; options override, f32 otherwise
+        precision = str(options.get("precision") or _ir_precision(model) or "f32")
+        hint = _PRECISIONS.get(precision.lower())
+        if hint is None:
+            raise EdgesmithError(
+                f"unknown OpenVINO precision '{precision}'", hint="use f32, f16 or bf16"
+            )
+        config: dict[str, Any] = (
+            {"INFERENCE_PRECISION_HINT": hint} if ov_device in ("CPU", "GPU") else {}
+        )
+        if threads and ov_device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config["PERFORMANCE_HINT"] = str(options.get("performance_hint", "LATENCY"))
         compiled = core.compile_model(model, ov_device, config)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unknown error")

@@ -1,0 +1,197 @@
+"""The ``qat`` stage: quantization-aware fine-tuning with torchao's PT2E flow, then int8 per format.
+
+For when post-training quantization cannot meet the budget. The model is exported with
+``torch.export``, fake-quantized with torchao's ``prepare_qat_pt2e`` (per-channel symmetric int8
+weights, asymmetric uint8 activations: the scheme the x86/Arm CPU targets run), and fine-tuned
+for a few hundred steps, distilling from the model as it entered the stage. The fine-tuned
+weights stay in the PyTorch model (the export shares its parameters), so every format is then
+quantized with its own tool exactly as the ``quantize`` stage does (which ``qat`` registers,
+with the same options) and checked with the same parity tolerances. The accuracy budget is
+measured against the model as it entered ``qat``, not against the fine-tuned float model.
+
+Example (recipe)::
+
+    stages:
+      - qat: {steps: 300, max_accuracy_drop: 0.005}
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from edgesmith.compress import register_stage
+from edgesmith.compress.base import Stage
+from edgesmith.compress.quantize.config import QuantizeConfig
+from edgesmith.errors import EdgesmithError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgesmith.compress.base import Context
+
+__all__ = ["QAT", "QATConfig", "prepare_qat"]
+
+
+class QATConfig(QuantizeConfig):
+    """Quantization-aware training options, plus every ``quantize`` option for the export.
+
+    Attributes:
+        steps: optimizer steps of fine-tuning.
+        batch_size: training batch (default: ``data.batch_size``).
+        lr: Adam learning rate (small: the model is already trained).
+        distill: weight of the distillation loss against the model as it entered the stage
+            (0: labels only).
+        temperature: distillation temperature.
+        eval_samples: evaluation samples for the fake-quantized accuracy in the report.
+    """
+
+    steps: int = Field(default=300, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    distill: float = Field(default=0.5, ge=0.0, le=1.0)
+    temperature: float = Field(default=2.0, gt=0)
+    eval_samples: int = Field(default=1000, ge=1)
+
+
+def prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> Any:
+    """A fake-quantized training copy of ``model`` that shares its parameters (torchao PT2E).
+
+    Raises:
+        EdgesmithError: the model cannot be captured by ``torch.export``.
+    """
+    import torch
+    from torch.export import Dim
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from edgesmith.export._quiet import quiet
+
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(is_qat=True)
+    )
+    x = torch.cat([example, example]) if example.shape[0] == 1 else example
+    try:
+        with quiet():
+            ep = torch.export.export(
+                model.train(), (x,), dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},)
+            )
+            return prepare_qat_pt2e(ep.module(), quantizer)
+    except Exception as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise EdgesmithError(
+            f"qat: torch.export cannot capture the model: {type(exc).__name__}: {first[:200]}",
+            hint="use the quantize stage (post-training) for this model, or make it exportable",
+        ) from exc
+
+
+@register_stage
+class QAT(Stage):
+    """Quantization-aware fine-tuning, then int8 export of every format (see ``QATConfig``)."""
+
+    name = "qat"
+    config_cls = QATConfig
+
+    def run(self, ctx: Context) -> Context:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from torch.utils.data import DataLoader
+        from torchao.quantization.pt2e import (
+            allow_exported_model_train_eval,
+            move_exported_model_to_eval,
+            move_exported_model_to_train,
+        )
+
+        from edgesmith.compress.quantize.hook import install
+        from edgesmith.measure import torch_outputs
+        from edgesmith.progress import echo, track
+
+        cfg = self.config
+        assert isinstance(cfg, QATConfig)
+        install(ctx, cfg, stage="qat")  # checks formats and calibration data before training
+        t0 = time.perf_counter()
+        base_accuracy = float(ctx.evaluate(ctx.model))
+        teacher = copy.deepcopy(ctx.model).eval()
+        model = ctx.model
+        prepared = prepare_qat(model, ctx.example_input)
+        move_exported_model_to_train(prepared)
+        generator = torch.Generator().manual_seed(ctx.recipe.seed)
+        loader = DataLoader(
+            ctx.data.train,
+            batch_size=cfg.batch_size or ctx.recipe.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+        )
+        if len(loader) == 0:
+            raise EdgesmithError(
+                "qat: the training set is smaller than one batch",
+                hint="raise data.train or lower the qat batch_size",
+            )
+        opt = torch.optim.Adam([p for p in prepared.parameters() if p.requires_grad], lr=cfg.lr)
+        losses: list[float] = []
+        it = iter(loader)
+        t = cfg.temperature
+        for _ in track(range(cfg.steps), "qat fine-tuning"):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                x, y = next(it)
+            out = prepared(x)
+            loss = F.cross_entropy(out, y)
+            if cfg.distill > 0:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / t, dim=1)
+                kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
+                loss = (1 - cfg.distill) * loss + cfg.distill * kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        move_exported_model_to_eval(prepared)
+        allow_exported_model_train_eval(prepared)
+        # the export shares the parameters; copy explicitly anyway so the contract is visible
+        trained = prepared.state_dict()
+        own = model.state_dict()
+        missing = [k for k in own if k not in trained]
+        if missing:
+            raise EdgesmithError(
+                f"qat: the fine-tuned graph lacks {len(missing)} of the model's tensors ({missing[0]}, ...)",
+                hint="use the quantize stage (post-training) for this model",
+            )
+        model.load_state_dict({k: trained[k] for k in own})
+        model.eval()
+        n = min(cfg.eval_samples, len(ctx.data.eval))
+        from torch.utils.data import Subset
+
+        sub = Subset(ctx.data.eval, list(range(n)))
+        with torch.no_grad():
+            fq_out, targets = torch_outputs(prepared, sub)
+        fq_accuracy = float((np.asarray(fq_out).argmax(1) == targets).mean())
+        ctx.extra["quantize"]["base_accuracy"] = base_accuracy
+        k = max(1, len(losses) // 10)
+        ctx.extra["record"] = {
+            **ctx.extra.get("record", {}),
+            "qat": {
+                "steps": cfg.steps,
+                "loss_first": round(float(np.mean(losses[:k])), 5),
+                "loss_last": round(float(np.mean(losses[-k:])), 5),
+                "accuracy_before": round(base_accuracy, 6),
+                "fake_quant_top1": round(fq_accuracy, 6),
+                "fake_quant_samples": n,
+                "seconds": round(time.perf_counter() - t0, 1),
+            },
+        }
+        echo(
+            f"qat: {cfg.steps} steps, loss {losses[0]:.4f} -> {np.mean(losses[-k:]):.4f}; "
+            f"fake-quantized top-1 {fq_accuracy:.4f} on {n} samples (float before: {base_accuracy:.4f})"
+        )
+        return ctx

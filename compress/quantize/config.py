@@ -1,0 +1,126 @@
+"""Options of the ``quantize`` stage and the int8 scheme a target profile asks for (import-light)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edgesmith.compress.base import StageConfig
+
+__all__ = ["PRECISIONS", "QuantizeConfig", "Scheme", "resolve_scheme"]
+
+# What a quantize stage can derive from each fp32 artifact: static int8 (weights and activations),
+# weight-only int8 (``w8``: int8 weights, float compute), and half-precision variants.
+PRECISIONS = ("int8", "w8", "fp16", "bf16")
+WEIGHTS = ("per-channel-symmetric", "per-tensor-symmetric")
+ACTIVATIONS = ("asymmetric-uint8", "symmetric-int8")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+class QuantizeConfig(StageConfig):
+    """Post-training quantization of every exported format, within an accuracy budget.
+
+    Attributes:
+        scheme: ``int8`` (the only integer scheme; kept for the recipe contract).
+        max_accuracy_drop: the largest tolerated absolute drop of the recipe's metric (0.005 = half a
+            point of top-1) against the float model; None checks nothing. When all-int8 misses it,
+            the most sensitive layers stay in float, fewest first.
+        precisions: which variants to derive from each fp32 artifact (``int8``, ``w8``, ``fp16``, ``bf16``).
+        weights / activations / format: override the target profile's int8 scheme.
+        calibration_method: ``minmax`` (all formats), ``percentile`` / ``entropy`` (onnx; percentile
+            also openvino), ``mse`` (tflite, openvino).
+        calibration_samples: how many calibration samples to use (default: all of ``data.calibration``).
+        min_calibration_samples: fewer than this is an error (int8 ranges from a handful of samples
+            are noise).
+        search_samples: evaluation samples used while searching for float layers (the final check
+            uses the whole evaluation set).
+        sensitivity_samples: samples used to rank layers by sensitivity.
+        max_float_layers: the most layers that may stay float (default: a quarter of the candidates).
+        float_layers: layers (by name, as reported) to keep float from the start.
+        refine: after the search, try to quantize each kept-float layer again (fewer float layers).
+    """
+
+    scheme: Literal["int8"] = "int8"
+    max_accuracy_drop: float | None = None
+    precisions: list[Literal["int8", "w8", "fp16", "bf16"]] = Field(
+        default_factory=lambda: ["int8"], min_length=1
+    )
+    weights: Literal["per-channel-symmetric", "per-tensor-symmetric"] | None = None
+    activations: Literal["asymmetric-uint8", "symmetric-int8"] | None = None
+    format: Literal["QDQ", "QOperator"] | None = None
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    calibration_samples: int | None = Field(default=None, ge=1)
+    min_calibration_samples: int = Field(default=32, ge=1)
+    search_samples: int = Field(default=2000, ge=50)
+    sensitivity_samples: int = Field(default=300, ge=20)
+    max_float_layers: int | None = Field(default=None, ge=0)
+    float_layers: list[str] = Field(default_factory=list)
+    refine: bool = True
+
+    @field_validator("max_accuracy_drop")
+    @classmethod
+    def _budget(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(
+                f"max_accuracy_drop must be between 0 and 1 (an absolute drop of the metric, "
+                f"e.g. 0.005 for half a point of top-1), got {v}"
+            )
+        return v
+
+    @field_validator("precisions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"precisions listed twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _calibration(self) -> QuantizeConfig:
+        if self.calibration_samples is not None and (
+            self.calibration_samples < self.min_calibration_samples
+        ):
+            raise ValueError(
+                f"calibration_samples={self.calibration_samples} is below "
+                f"min_calibration_samples={self.min_calibration_samples}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The int8 scheme in force: from the target profile, overridden by the stage's options."""
+
+    per_channel: bool = True
+    activations_symmetric: bool = False  # False: asymmetric uint8 (U8S8 on x86/Arm CPUs)
+    qdq: bool = True  # onnx only: QDQ (portable, fast on ORT) vs QOperator
+    method: str = "minmax"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": "per-channel-symmetric" if self.per_channel else "per-tensor-symmetric",
+            "activations": "symmetric-int8" if self.activations_symmetric else "asymmetric-uint8",
+            "format": "QDQ" if self.qdq else "QOperator",
+            "calibration_method": self.method,
+        }
+
+
+def resolve_scheme(profile: dict[str, Any] | None, config: QuantizeConfig) -> Scheme:
+    """The int8 scheme for a target: the profile's ``int8`` section, then the config's overrides.
+
+    Profile fields are read defensively (a missing or partial ``int8`` section means the defaults:
+    per-channel symmetric weights, asymmetric uint8 activations, QDQ).
+    """
+    raw = (profile or {}).get("int8") or {}
+    if not isinstance(raw, dict):
+        raw = getattr(raw, "model_dump", dict)()
+    weights = config.weights or str(raw.get("weights", WEIGHTS[0]))
+    activations = config.activations or str(raw.get("activations", ACTIVATIONS[0]))
+    fmt = config.format or str(raw.get("format", "QDQ"))
+    return Scheme(
+        per_channel=weights != "per-tensor-symmetric",
+        activations_symmetric=activations == "symmetric-int8",
+        qdq=fmt.upper() != "QOPERATOR",
+        method=config.calibration_method,
+    )

@@ -1,0 +1,310 @@
+"""ONNX int8 with onnxruntime.quantization: static QDQ (or QOperator), per-channel weights.
+
+The model is pre-processed once (``quant_pre_process``: shape inference and graph fusions), then
+calibrated once into a cache file, so that each quantization with another set of float layers
+(``nodes_to_exclude``) costs a graph rewrite, not a calibration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
+from edgesmith.compress.quantize.config import Scheme
+from edgesmith.errors import EdgesmithError
+
+__all__ = ["OnnxQuantizer", "layer_ops", "to_fp16", "weight_only_int8"]
+
+log = logging.getLogger(__name__)
+
+# operators that only move or clip int8 data: never worth keeping float on their own
+TRANSPARENT_OPS = (
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather",
+    "GatherElements", "Pad", "Clip", "Relu", "LeakyRelu", "MaxPool", "Where", "TopK", "CumSum",
+    "ArgMax",
+)  # fmt: skip
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def layer_ops() -> set[str]:
+    """Operators onnxruntime quantizes (its QDQ and QLinear registries) that do arithmetic."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(TRANSPARENT_OPS)
+
+
+_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+CALIBRATION_BATCH = 32
+
+
+@contextlib.contextmanager
+def _ort_quiet() -> Iterator[None]:
+    """onnxruntime.quantization logs advice at WARNING and prints histogram progress."""
+    from edgesmith.export._quiet import quiet
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with quiet():
+            yield
+    finally:
+        root.setLevel(level)
+
+
+class _Reader:
+    """A CalibrationDataReader over a numpy array, in batches (the exported batch is dynamic)."""
+
+    def __init__(self, name: str, data: np.ndarray, batch: int) -> None:
+        from edgesmith.progress import track
+
+        self.name, self.data, self.batch = name, data, batch
+        # consumed only when calibrating (later quantizations read the calibration cache)
+        self._it = iter(track(range(0, len(data), batch), "calibrating onnx"))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        i = next(self._it, None)
+        return None if i is None else {self.name: self.data[i : i + self.batch]}
+
+    def __len__(self) -> int:
+        return (len(self.data) + self.batch - 1) // self.batch
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(range(start_index * self.batch, end_index * self.batch, self.batch))
+
+
+def _module_of(node: Any) -> str | None:
+    """The module path the dynamo exporter recorded for a node (``pkg.torch.onnx.name_scopes``)."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            mods = [s for s in scopes[:-1] if s]
+            return mods[-1] if mods else None
+    return None
+
+
+def _float_tensors(model: Any) -> set[str]:
+    """Names of float32 tensors (shape inference ran in pre-processing); all, if it did not."""
+    import onnx
+
+    infos = [*model.graph.value_info, *model.graph.output]
+    if not infos:
+        return {o for n in model.graph.node for o in n.output}
+    return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+class OnnxQuantizer:
+    """Static int8 for ONNX Runtime, calibrated once.
+
+    Args:
+        fp32_path: the exported float ``.onnx``.
+        calibration: calibration inputs, samples first.
+        scheme: the int8 scheme (per-channel, activation signedness, QDQ/QOperator, method).
+        work_dir: a private folder for the pre-processed model and the calibration cache.
+        names: maps exporter scopes to PyTorch module names (for the report).
+    """
+
+    format = "onnx"
+
+    def __init__(
+        self,
+        fp32_path: Path,
+        calibration: np.ndarray,
+        scheme: Scheme,
+        work_dir: Path,
+        names: ModuleNames | None = None,
+    ) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantType
+
+        if scheme.method not in _METHODS:
+            raise EdgesmithError(
+                f"calibration_method '{scheme.method}' is not available for onnx",
+                hint=f"use one of: {', '.join(_METHODS)}",
+            )
+        self.scheme = scheme
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.source = work_dir / "preprocessed.onnx"
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            with _ort_quiet():
+                quant_pre_process(str(fp32_path), str(self.source))
+        except (
+            Exception
+        ) as exc:  # pre-processing is an optimisation; quantize the raw graph instead
+            log.warning("onnx pre-processing failed (%s); quantizing the exported graph", exc)
+            self.source = fp32_path
+        self.cache = work_dir / "calibration.json"
+        model = onnx.load(str(self.source))
+        # graph optimisation may drop the exporter's metadata: fall back to the exported graph's
+        exported = {n.name: _module_of(n) for n in onnx.load(str(fp32_path)).graph.node}
+        self.input_name = model.graph.input[0].name
+        inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+        names = names or ModuleNames()
+        ops = layer_ops()
+        floats = _float_tensors(model)
+        self.layers = [
+            Layer(
+                n.name,
+                display_name(
+                    names.resolve(_module_of(n) or exported.get(n.name)),
+                    n.op_type,
+                    n.name,
+                    weighted=n.op_type in WEIGHTED_OPS,
+                ),
+                n.op_type,
+                sum(inits.get(i, 0) for i in n.input[1:2]),
+            )
+            for n in model.graph.node
+            if n.op_type in ops and n.output and n.output[0] in floats
+        ]
+        self._kwargs: dict[str, Any] = {
+            "per_channel": scheme.per_channel,
+            "activation_type": QuantType.QInt8
+            if scheme.activations_symmetric
+            else QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "calibrate_method": getattr(CalibrationMethod, _METHODS[scheme.method]),
+            "extra_options": {
+                "ActivationSymmetric": scheme.activations_symmetric,
+                "WeightSymmetric": True,
+            },
+        }
+        self._calibration = calibration
+        self.quantize(work_dir / "calibrate.onnx", ())  # calibrates and fills the cache
+
+    def quantize(self, path: Path, float_layers: Collection[str]) -> list[Path]:
+        """Write the int8 model with ``float_layers`` (node names) left in float."""
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with _ort_quiet():
+                quantize_static(
+                    str(self.source),
+                    str(tmp),
+                    _Reader(self.input_name, self._calibration, CALIBRATION_BATCH),
+                    quant_format=QuantFormat.QDQ if self.scheme.qdq else QuantFormat.QOperator,
+                    nodes_to_exclude=sorted(float_layers),
+                    calibration_cache_path=str(self.cache),
+                    **self._kwargs,
+                )
+            _strip_debug_info(tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return [path]
+
+
+def _strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node metadata (module scopes, stack traces: ~100 kB on
+    EfficientNet-Lite0) from a quantized model; the report has already taken the layer names."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+def to_fp16(fp32_path: Path, path: Path) -> list[Path]:
+    """A float16 copy of the model (float32 inputs and outputs), with onnxruntime's converter."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    with _ort_quiet():
+        half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _save(half, path)
+    return [path]
+
+
+def weight_only_int8(fp32_path: Path, path: Path) -> list[Path]:
+    """Int8 weights (per output channel, symmetric) dequantized at load time; float compute.
+
+    Every float initializer feeding a ``Conv``/``Gemm``/``MatMul`` weight input becomes an int8
+    tensor plus a ``DequantizeLinear`` node: a 4x smaller file, the float kernels at run time.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    new_nodes = []
+    for name, uses in consumers.items():
+        init = inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        if not all(
+            n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and i == 1 for n, i in uses
+        ):
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        op = uses[0][0]
+        if op.op_type == "Gemm":
+            axis = 0 if next((a.i for a in op.attribute if a.name == "transB"), 0) else 1
+        elif op.op_type == "ConvTranspose":
+            axis = 1
+        else:
+            axis = 0 if op.op_type == "Conv" else w.ndim - 1
+        reduce = tuple(d for d in range(w.ndim) if d != axis)
+        scale = np.maximum(np.abs(w).max(axis=reduce), 1e-12) / 127.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        graph.initializer.remove(init)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(q, f"{name}_int8"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{name}_zero"),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                [name],
+                name=f"{name}_dequantize",
+                axis=axis,
+            )
+        )
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)
+    _save(model, path)
+    return [path]
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

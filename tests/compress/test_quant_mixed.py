@@ -1,0 +1,144 @@
+"""Accuracy-aware mixed precision: the search keeps the fewest layers float, or says why it cannot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesmith.compress.quantize.mixed import Probe, search
+from edgesmith.recipe import ParityTolerance
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """SmallCNN exported to ONNX, an onnxruntime quantizer calibrated once, 2000 test images."""
+    from edgesmith.compress.quantize.base import ModuleNames
+    from edgesmith.compress.quantize.config import Scheme
+    from edgesmith.compress.quantize.onnx import OnnxQuantizer
+    from edgesmith.export.onnx import export
+    from edgesmith.measure import torch_outputs
+    from edgesmith.metrics import top1
+    from edgesmith.pipeline import _eval_inputs, prepare
+    from edgesmith.recipe import load_recipe
+    from tests.conftest import FMNIST_RECIPE
+
+    recipe = load_recipe(FMNIST_RECIPE)
+    recipe.data.eval, recipe.data.calibration = 2000, 128
+    p = prepare(recipe)
+    work = tmp_path_factory.mktemp("mixed")
+    fp32 = export(p.model, (p.example,), work / "fp32.onnx")
+    calib = np.stack([p.data.calibration[i][0].numpy() for i in range(128)])
+    q = OnnxQuantizer(fp32, calib, Scheme(), work / "q", ModuleNames(p.model, p.example))
+    ref, targets = torch_outputs(p.model, p.data.eval)
+    inputs = _eval_inputs(p.data.eval)
+
+    def probe(agreement: float) -> Probe:
+        return Probe(
+            inputs,
+            ref,
+            targets,
+            top1,
+            ParityTolerance(top1_agreement=agreement, max_abs_diff=None),
+            2,
+        )
+
+    return q, probe, work
+
+
+def test_layers_carry_pytorch_names(setup) -> None:  # type: ignore[no-untyped-def]
+    q, _, _ = setup
+    # batch norms are folded into the convolutions; the report names the convolution modules
+    assert [layer.name for layer in q.layers] == [
+        "features.0",
+        "features.3",
+        "features.7",
+        "features.10",
+        "classifier.1",
+        "classifier.4",
+    ]
+    assert [layer.params for layer in q.layers] == [288, 9216, 18432, 36864, 200704, 640]
+
+
+def test_search_keeps_the_fewest_layers_float(setup) -> None:  # type: ignore[no-untyped-def]
+    q, probe, work = setup
+    strict = probe(1.0)  # int8 must give the float model's top-1 on every one of 2000 images
+    all_int8 = strict(q.quantize(work / "all.onnx", [])[0])
+    assert not all_int8.parity_ok  # precondition: all-int8 does not meet it
+    result = search(
+        q,
+        strict,
+        sensitivity_probe=probe(1.0),
+        verify=None,
+        max_accuracy_drop=0.005,
+        max_float_layers=6,
+        refine=True,
+        work_dir=work,
+        suffix=".onnx",
+    )
+    assert result.accepted and result.measurement.agreement == 1.0
+    assert 1 <= len(result.float_layers) < len(q.layers)
+    gains = [g for _, g in result.sensitivity]
+    assert gains == sorted(gains, reverse=True) and len(gains) == len(q.layers)
+    # 1-minimal: quantizing any kept layer too breaks the requirement again
+    for lid in result.float_layers:
+        rest = [x for x in result.float_layers if x != lid]
+        assert not strict(q.quantize(work / "rest.onnx", rest)[0]).parity_ok
+    assert not list(work.glob("candidate-*"))  # candidates are cleaned up
+
+
+def test_unmeetable_budget_reports_the_best_and_why(setup) -> None:  # type: ignore[no-untyped-def]
+    q, probe, work = setup
+    result = search(
+        q,
+        probe(1.0),
+        sensitivity_probe=probe(1.0),
+        verify=None,
+        max_accuracy_drop=0.0,
+        max_float_layers=0,
+        work_dir=work,
+        suffix=".onnx",
+    )
+    assert not result.accepted and result.float_layers == []
+    assert "max_float_layers=0" in result.reason
+    assert "int8 parity: top-1 agreement" in result.reason and "< 1.0" in result.reason
+    assert result.trials[0]["step"] == "all int8"
+
+
+BUDGET_MISS = """\
+version: 1
+name: miss
+model:
+  factory: model.py:SmallCNN
+  weights: weights.safetensors
+  input: {shape: [1, 1, 28, 28], dtype: float32}
+data: {kind: fashion-mnist, calibration: 64, eval: 300}
+target: x86-cpu
+stages:
+  - quantize: {max_float_layers: 0}
+export: [onnx]
+parity:
+  int8: {top1_agreement: 0.9, max_abs_diff: 1.0e-6}
+"""
+
+
+def test_budget_miss_exits_1_with_the_best_result(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgesmith.cli import main
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(recipe_dir, BUDGET_MISS)
+    out = recipe_dir / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(recipe), "-o", str(out), "--max-accuracy-drop", "0.0"])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert e.value.code == 1
+    error = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert "miss-onnx-int8.onnx" in error and "max_float_layers=0" in error
+    assert "int8 parity: max abs diff" in error and "> 1e-06" in error
+    # the summary with the best result is printed although nothing is written
+    assert "| `miss-onnx-int8.onnx` | onnx | int8 |" in err + captured.out
+    assert not out.exists() and not any(p.name.startswith(".out") for p in recipe_dir.iterdir())
