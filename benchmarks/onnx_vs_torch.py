@@ -25,7 +25,7 @@ import torch
 from _timing import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe.yaml"
+RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe-fp32.yaml"
 
 COLD_ORT = """
 import time; t0 = time.perf_counter()

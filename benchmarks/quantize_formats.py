@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
-    "fmnist": ROOT / "examples" / "fashion_mnist" / "recipe.yaml",
+    "fmnist": ROOT / "examples" / "fashion_mnist" / "recipe-fp32.yaml",
     "effnet": ROOT / "examples" / "efficientnet_lite0" / "recipe-int8.yaml",
 }
 BACKEND = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}

@@ -1,6 +1,6 @@
 """The reference model for the runtime and server benchmarks, built once and cached.
 
-``reference_bundle()`` runs ``edgesmith build examples/fashion_mnist/recipe.yaml`` into a cache
+``reference_bundle()`` runs ``edgesmith build examples/fashion_mnist/recipe-fp32.yaml`` into a cache
 folder (``$TMPDIR/edgesmith-bench-reference``) the first time and returns the bundle folder;
 ``reference_onnx()`` returns the bare ONNX file inside it. Run it alone to build the cache:
 
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe.yaml"
+RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe-fp32.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 
 

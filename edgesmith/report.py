@@ -70,10 +70,17 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     xs = [b["macs"] / 1e6] + [s["macs"] / 1e6 for s in report["stages"]]
     ys = [b["accuracy"]] + [s["accuracy"] for s in report["stages"]]
     ax1.plot(xs, ys, "-o", color="tab:blue")
+    labels: dict[
+        tuple[float, float], list[str]
+    ] = {}  # stages that left the model as it was share a point
     for x, y, name in zip(
         xs, ys, ["baseline"] + [s["name"] for s in report["stages"]], strict=True
     ):
-        ax1.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels.setdefault((x, y), []).append(name)
+    for (x, y), names in labels.items():
+        ax1.annotate(
+            ", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
     ax1.set_xlabel("MACs (millions, batch 1)")
     ax1.set_ylabel(f"accuracy ({report.get('metric', 'top1')})")
     ax1.set_title("compression stages")
@@ -82,26 +89,26 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         [b["latency_ms"]], [b["accuracy"]], marker="s", color="black", label="PyTorch eager fp32"
     )
     colors = {"onnx": "tab:blue", "tflite": "tab:orange", "openvino": "tab:purple"}
-    for a in report["artifacts"]:
+    markers = {"fp32": "o", "int8": "^", "fp16": "s", "bf16": "D", "w8": "v"}
+    for a in report["artifacts"]:  # a legend, not labels: artifacts of similar speed overlap
         ax2.scatter(
             [a["latency_ms"]],
             [a["accuracy"]],
             color=colors.get(a["format"], "tab:gray"),
-            marker="o" if a["precision"] == "fp32" else "^",
+            marker=markers.get(a["precision"], "P"),
             s=30 + a["size_bytes"] / max(b["size_bytes"], 1) * 60,
-        )
-        ax2.annotate(
-            f"{a['format']} {a['precision']}",
-            (a["latency_ms"], a["accuracy"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
+            alpha=0.85,
+            label=f"{a['format']} {a['precision']}",
         )
     ax2.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax2.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax2.xaxis.set_minor_formatter(NullFormatter())  # "3x10^-1" labels collide on a short axis
     ax2.set_xlabel("latency, batch 1, p50 (ms, log)")
     ax2.set_title("artifacts (marker area ∝ size)")
     ax2.grid(alpha=0.3)
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="best", fontsize=7, markerscale=0.7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

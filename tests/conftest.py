@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST_DIR = ROOT / "examples" / "fashion_mnist"
-FMNIST_RECIPE = FMNIST_DIR / "recipe.yaml"
+FMNIST_RECIPE = FMNIST_DIR / "recipe-fp32.yaml"
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_bundle_verifies_and_predicts_like_pytorch(reference_build: Path) -> Non
     )  # type: ignore[index]
     # raw uint8 images go through the manifest's preprocessing and give PyTorch's answer
     images, _labels = read_fashion_mnist("/usr/share/datasets/fashion-mnist", "test")
-    recipe = load_recipe(Path(__file__).parents[2] / "examples/fashion_mnist/recipe.yaml")
+    recipe = load_recipe(Path(__file__).parents[2] / "examples/fashion_mnist/recipe-fp32.yaml")
     net = build_model(recipe.model)
     x = torch.from_numpy(((images[:64] / 255.0 - 0.286) / 0.353).astype(np.float32))[:, None]
     with torch.no_grad():

@@ -33,7 +33,7 @@ def ref_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         from edgesmith.recipe import load_recipe
 
         out = tmp_path_factory.mktemp("ref") / "build"
-        build(load_recipe(REPO / "examples/fashion_mnist/recipe.yaml"), out, bundle_version=1)
+        build(load_recipe(REPO / "examples/fashion_mnist/recipe-fp32.yaml"), out, bundle_version=1)
     report = json.loads((out / "report.json").read_text())
     return out / report["artifacts"][0]["bundle"]
 

@@ -21,7 +21,7 @@ import pytest
 from _serving import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe.yaml"
+RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe-fp32.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 PREPROCESS = {
     "channels": "GRAY",

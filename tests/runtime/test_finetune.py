@@ -31,7 +31,7 @@ def smallcnn():
     from edgesmith.models import build_model
     from edgesmith.recipe import load_recipe
 
-    return build_model(load_recipe(REPO / "examples/fashion_mnist/recipe.yaml").model).eval()
+    return build_model(load_recipe(REPO / "examples/fashion_mnist/recipe-fp32.yaml").model).eval()
 
 
 @pytest.fixture(scope="module")
