@@ -40,7 +40,9 @@ def reference_bundle(work: Path) -> Path:
 
     set_quiet(True)
     report = build(
-        load_recipe(ROOT / "examples/fashion_mnist/recipe-fp32.yaml"), work / "build", bundle_version=1
+        load_recipe(ROOT / "examples/fashion_mnist/recipe-fp32.yaml"),
+        work / "build",
+        bundle_version=1,
     )
     return work / "build" / report["artifacts"][0]["bundle"]
 
