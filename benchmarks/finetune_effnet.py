@@ -459,7 +459,8 @@ def main() -> None:
     result["incremental"] = incremental(f_inc, d["y_inc"], ft, d["yt"], labels, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result["incremental"], args.out.with_name("finetune_incremental.png"))
+    png = "finetune_incremental.png" if args.out.name == "finetune_effnet.json" else args.out.stem
+    plot(result["incremental"], args.out.with_name(png if png.endswith(".png") else png + ".png"))
 
     nt, inc = result["numpy_vs_torch"], result["incremental"]
     print(f"\nbackbone: {bundle} ({result['precision']}), {result['feature_size']} features")

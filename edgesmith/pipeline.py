@@ -393,6 +393,7 @@ def build(
             profile=p.profile.model_dump(),
         )
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        m = base
         for spec in recipe.stages:
             echo(f"stage {spec.name}")
             t0 = time.perf_counter()
@@ -409,7 +410,7 @@ def build(
             ctx.history.append(record)
             report["stages"].append(record.to_json())
             report["failures"] += ctx.extra.pop("failures", [])
-        final = _measure(ctx.model, p) if recipe.stages else base
+        final = m  # the last stage's measurement is of ctx.model as the stages left it
         inputs = _eval_inputs(p.data.eval)
         head = None
         if recipe.trainable_head is not None:  # export the backbone; the head ships as arrays

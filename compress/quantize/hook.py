@@ -161,7 +161,13 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
 
     def probe(idx: np.ndarray) -> Probe:
         p = Probe(
-            ev.inputs[idx], ev.reference[idx], ev.targets[idx], ev.metric, tolerance, ev.threads
+            ev.inputs[idx],
+            ev.reference[idx],
+            ev.targets[idx],
+            ev.metric,
+            tolerance,
+            ev.threads,
+            head=ev.head,
         )
         p.base_accuracy += shift
         return p
@@ -219,7 +225,7 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
         m = load(probe_path, threads=ev.threads, device="cpu")
         one = ev.inputs[:1]
         info["latency_ms_all_int8"] = round(
-            time_fn(lambda: m(one), warmup=20, runs=200, max_seconds=10.0)["p50"], 4
+            time_fn(lambda: ev.logits(m, one), warmup=20, runs=200, max_seconds=10.0)["p50"], 4
         )
     if result.sensitivity:
         info["sensitivity_plot"] = _plot_sensitivity(

@@ -57,6 +57,8 @@ class Probe:
         metric: the recipe's metric, ``metric(outputs, targets) -> float``.
         tolerance: the int8 parity tolerance (``top1_agreement``, ``max_abs_diff``).
         threads: runtime threads.
+        head: applied to the model file's outputs (a trainable-head build quantizes the backbone;
+            its outputs are compared as ``head(backbone(x))``).
     """
 
     def __init__(
@@ -67,9 +69,11 @@ class Probe:
         metric: Callable[[np.ndarray, np.ndarray], float],
         tolerance: Any,
         threads: int | None,
+        head: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.inputs, self.reference, self.targets = inputs, reference, targets
         self.metric, self.tolerance, self.threads = metric, tolerance, threads
+        self.head = head
         self.base_accuracy = float(metric(reference, targets))
         ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
         self._ref_energy = float((ref**2).sum()) or 1.0
@@ -83,9 +87,10 @@ class Probe:
         model = load(path, threads=self.threads, device="cpu")
         fixed = model.inputs[0].shape[0]
         step = fixed if isinstance(fixed, int) else 256  # a model exported with a fixed batch
-        return np.concatenate(
+        out = np.concatenate(
             [np.asarray(model(self.inputs[i : i + step])) for i in range(0, len(self.inputs), step)]
         )
+        return out if self.head is None else np.asarray(self.head(out))
 
     def __call__(self, path: Path) -> Measurement:
         out = self.outputs(path)

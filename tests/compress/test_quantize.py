@@ -138,3 +138,22 @@ def test_stage_row_and_report(quant_build: tuple[Path, dict]) -> None:
     assert len(report["artifacts"]) == 3 * 4 + 1  # fp32, int8, fp16, w8 x 3 + bf16 for openvino
     md = (out / "report.md").read_text()
     assert "| `q-tflite-int8.tflite` | tflite | int8 |" in md
+
+
+def test_int8_backbone_with_a_trainable_head(tmp_path: Path) -> None:
+    """A trainable-head build quantizes the backbone; the budget and parity count head(backbone(x))."""
+    from tests.finetune_helpers import HEAD_RECIPE
+
+    recipe = HEAD_RECIPE.replace(
+        "export: [onnx]", "stages:\n  - quantize: {max_accuracy_drop: 0.01}\nexport: [onnx]"
+    ).replace("calibration: 64", "calibration: 128")
+    report = build(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", bundle_version=1)
+    fp32, int8 = (_arts(report)[("onnx", p)] for p in ("fp32", "int8"))
+    assert int8["accuracy"] >= fp32["accuracy"] - 0.01
+    assert int8["parity"]["passed"] and int8["parity"]["top1_agreement"] >= 0.97
+    bundle = tmp_path / "out" / int8["bundle"]
+    model = load(bundle)
+    assert model.head is not None and model.head.classes == 10  # logits, not 64 features
+    x = np.load(bundle / "golden.npz")["inputs"]
+    assert model(x).shape == (len(x), 10)
+    assert model.features(x).shape == (len(x), 64)
