@@ -189,8 +189,16 @@ class Recipe(_Strict):
     @field_validator("parity", mode="after")
     @classmethod
     def _merge_parity(cls, v: dict[str, ParityTolerance]) -> dict[str, ParityTolerance]:
+        # a partial entry overrides only the fields it names: `int8: {top1_agreement: 0.94}` keeps
+        # int8's max_abs_diff (none), not the field's generic default
         merged = _default_parity()
-        merged.update(v)
+        for name, tol in v.items():
+            base = merged.get(name)
+            merged[name] = (
+                tol
+                if base is None
+                else base.model_copy(update={f: getattr(tol, f) for f in tol.model_fields_set})
+            )
         return merged
 
 

@@ -118,3 +118,12 @@ def test_template_from_recipe_init_is_a_valid_recipe(tmp_path: Path) -> None:
     r = load_recipe(tmp_path / "r.yaml")
     assert r.name == "my-model" and r.stages == []
     assert "# " in (tmp_path / "r.yaml").read_text()  # commented
+
+
+def test_partial_parity_entry_keeps_the_other_fields_of_that_precision(tmp_path: Path) -> None:
+    text = BASE_RECIPE + "parity:\n  int8: {top1_agreement: 0.94}\n  fp32: {max_abs_diff: 0.01}\n"
+    r = load_recipe(write_recipe(tmp_path, text))
+    assert r.parity["int8"].top1_agreement == 0.94
+    assert r.parity["int8"].max_abs_diff is None  # int8's own default, not the generic 1e-3
+    assert r.parity["fp32"].max_abs_diff == 0.01 and r.parity["fp32"].top1_agreement == 0.999
+    assert r.parity["fp16"].max_abs_diff == 5e-2  # untouched precisions keep their defaults
