@@ -1,6 +1,7 @@
 """int8 (and fp16/bf16/weight-only) for ONNX, OpenVINO and TFLite against PyTorch and the peers' defaults.
 
     python benchmarks/quantize_formats.py [--model fmnist|effnet|both] [--eval 10000] [--threads 2]
+                                          [--precisions int8,fp16,bf16,w8] [--out FILE]
 
 For each reference model, in one run:
   * ``edgesmith build`` with ``quantize: {max_accuracy_drop: 0.005, precisions: [int8, fp16, bf16, w8]}``
@@ -117,7 +118,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     options = next((dict(st["quantize"]) for st in data["stages"] if "quantize" in st), {})
     options.update(
         max_accuracy_drop=args.budget,
-        precisions=["int8", "fp16", "bf16", "w8"],
+        precisions=args.precisions.split(","),
         search_samples=args.search_samples,
     )
     data["stages"] = [{"quantize": options}]
@@ -309,6 +310,11 @@ def main() -> None:
     )
     ap.add_argument("--search-samples", type=int, default=2000)
     ap.add_argument("--budget", type=float, default=0.005)
+    ap.add_argument(
+        "--precisions",
+        default="int8,fp16,bf16,w8",
+        help="variants to derive, comma-separated (the parity tolerances of the recipe apply)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=40)
