@@ -43,7 +43,7 @@ def _config(cls: Any, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
         where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
         got = (
             f" (got {err['input']!r})"
-            if "input" in err and not isinstance(err["input"], dict)
+            if "input" in err and not isinstance(err["input"], dict) and "got " not in err["msg"]
             else ""
         )
         raise EdgesmithError(
@@ -471,6 +471,11 @@ def distill_cmd(
             "seconds": round(result.seconds, 2),
             "history": result.history,
         }
+        if cfg.max_accuracy_drop is not None and acc_t - acc > cfg.max_accuracy_drop:
+            ctx.extra.setdefault("failures", []).append(
+                f"distill: student accuracy {acc:.4f} is {acc_t - acc:.4f} below the teacher's "
+                f"{acc_t:.4f}, more than max_accuracy_drop {cfg.max_accuracy_drop}"
+            )
         _finish(ctx, out, as_json, summary, "distill")
     if is_main_process():
         echo(

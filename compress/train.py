@@ -309,6 +309,10 @@ def fit(
                 hint="pass --resume (or resume: true) to continue it, or use another checkpoint directory",
             )
         ckpt = load_checkpoint(ckpt_path, module)
+    elif resume and ckpt_path is not None and main:
+        echo(
+            f"{description}: nothing to resume in {ckpt_path.parent} (no {ckpt_path.name}); starting at epoch 1"
+        )
     module.to(dev)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, cfg)

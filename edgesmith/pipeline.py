@@ -360,6 +360,9 @@ def build(
         return None  # rank 0 writes the output and the report
     t_start = time.perf_counter()
     p = prepare(recipe)
+    from edgesmith.compress.quantize.hook import check_formats
+
+    check_formats(list(recipe.export), p.profile.model_dump(), p.profile.name)  # before any work
     version = bundle_version or int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
     with atomic_dir(out, force=force) as tmp:
         echo("measuring the baseline")
@@ -450,8 +453,14 @@ def build(
         if report["failures"]:
             if on_failure:
                 on_failure(report)
+            budget = any("max_accuracy_drop" in f for f in report["failures"])
             raise CheckFailed(
                 f"{len(report['failures'])} check(s) failed: " + "; ".join(report["failures"]),
-                hint="nothing was written; relax the tolerance in the recipe ('parity:') only if you can defend it",
+                hint="nothing was written; "
+                + (
+                    "raise max_accuracy_drop (or max_float_layers), train longer, or try the qat stage"
+                    if budget
+                    else "relax the tolerance in the recipe ('parity:') only if you can defend it"
+                ),
             )
     return report

@@ -282,7 +282,9 @@ def _format_errors(
         elif err["type"] == "missing":
             msg = f"missing required key '{_dotted(loc)}'"
         else:
-            msg = f"'{_dotted(loc)}': {err['msg'].removeprefix('Value error, ')}{_got(err.get('input'))}"
+            text = err["msg"].removeprefix("Value error, ")
+            got = "" if "got " in text else _got(err.get("input"))  # validators may name it already
+            msg = f"'{_dotted(loc)}': {text}{got}"
         problems.append((_line_of(lines, loc), msg, hint))
     for loc, msgs in union_msgs.items():
         msg = (
@@ -328,10 +330,14 @@ def _resolve_path(p: str | None, base: Path) -> str | None:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+_QUANT_STAGES = ("quantize", "qat")
+
+
 def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], list[Problem]]:
     from edgesmith.compress import STAGES
 
     specs: list[StageSpec] = []
+    where: list[int] = []  # the recipe index of each spec
     problems: list[Problem] = []
     if raw is None:
         return specs, problems
@@ -373,8 +379,33 @@ def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], 
         config_cls = STAGES[name].config_cls
         try:
             specs.append(StageSpec(name=name, config=config_cls(**options)))
+            where.append(i)
         except ValidationError as exc:
             problems += _format_errors(exc, lines, config_cls, prefix=("stages", i, name))
+    # quantization is applied to the exported files after every stage, so it must come last, once
+    quant = [k for k, spec in enumerate(specs) if spec.name in _QUANT_STAGES]
+    if len(quant) > 1:
+        k = quant[1]
+        problems.append(
+            (
+                _line_of(lines, ("stages", where[k])),
+                f"'{specs[k].name}' after '{specs[quant[0]].name}': give one quantization stage",
+                "qat already quantizes after fine-tuning; keep either quantize or qat",
+            )
+        )
+    elif quant:
+        later = [
+            k for k in range(quant[0] + 1, len(specs)) if specs[k].name in ("prune", "distill")
+        ]
+        if later:
+            k = later[0]
+            problems.append(
+                (
+                    _line_of(lines, ("stages", where[k])),
+                    f"'{specs[k].name}' after '{specs[quant[0]].name}': quantization must be the last stage",
+                    f"move '{specs[quant[0]].name}' after '{specs[k].name}'",
+                )
+            )
     return specs, problems
 
 

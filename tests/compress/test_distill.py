@@ -241,3 +241,21 @@ def test_distill_command_with_resume(cnn_recipe: Path, pruned_cnn: nn.Module, ca
         capsys,
     )
     assert code == 2 and "written for another model" in err
+
+
+def test_distill_command_enforces_the_recipes_budget(
+    cnn_recipe: Path, pruned_cnn: nn.Module, capsys
+) -> None:
+    from edgesmith.compress.pruning.structure import save_model
+
+    folder = cnn_recipe.parent
+    text = cnn_recipe.read_text().replace("train: 512", "train: 128")
+    cnn_recipe.write_text(
+        text.replace("alpha: 0.7}", "alpha: 0.7, max_accuracy_drop: 0.0, max_steps_per_epoch: 2}")
+    )
+    save_model(pruned_cnn, folder / "p.safetensors")
+    out = folder / "d.safetensors"
+    args = ["distill", str(cnn_recipe), "--student", str(folder / "p.safetensors"), "-o", str(out)]
+    code, _, err = run_main(args, capsys)
+    assert code == 1, err  # two steps of training cannot close the gap to the teacher
+    assert "more than max_accuracy_drop 0.0" in err and not out.exists()

@@ -169,3 +169,15 @@ def test_quantize_help_lists_the_budget() -> None:
     assert (
         res.exit_code == 0 and "--max-accuracy-drop" in res.output and "--precision" in res.output
     )
+
+
+def test_format_check_applies_without_a_quantize_stage(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = HEAD + FMNIST % 64 + "target: rpi4\nexport: [openvino]\n"
+    code, err = _run(
+        ["build", str(write_recipe(recipe_dir, text)), "-o", str(recipe_dir / "out")], capsys
+    )
+    assert code == 2
+    assert "error: target 'rpi4' cannot run openvino (it runs onnx, tflite)" in err
+    assert _no_output(recipe_dir)

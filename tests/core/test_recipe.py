@@ -127,3 +127,17 @@ def test_partial_parity_entry_keeps_the_other_fields_of_that_precision(tmp_path:
     assert r.parity["int8"].max_abs_diff is None  # int8's own default, not the generic 1e-3
     assert r.parity["fp32"].max_abs_diff == 0.01 and r.parity["fp32"].top1_agreement == 0.999
     assert r.parity["fp16"].max_abs_diff == 5e-2  # untouched precisions keep their defaults
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ("  - quantize: {}\n  - prune: {sparsity: 0.5}\n", "'prune' after 'quantize'"),
+        ("  - qat: {}\n  - distill: {}\n", "'distill' after 'qat'"),
+        ("  - quantize: {}\n  - qat: {}\n", "'qat' after 'quantize': give one quantization stage"),
+    ],
+)
+def test_quantization_comes_last_and_once(tmp_path: Path, stages: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message) as e:
+        load_recipe(write_recipe(tmp_path, BASE_RECIPE + "stages:\n" + stages))
+    assert ":" in str(e.value).split(message)[0]  # with the line of the offending stage
