@@ -8,6 +8,8 @@
    samples (and on the whole evaluation set, when that is larger).
 4. Refine: try quantizing each kept layer again, least sensitive first; what still holds stays int8.
    The drop measured with a layer quantized again is that layer's accuracy cost.
+5. If no candidate held on the search samples, the best one is measured on the whole evaluation
+   set, where the budget is defined; it is accepted if it holds there.
 
 A format only has to provide ``Quantizer.layers`` and ``Quantizer.quantize(path, float_layers)``.
 """
@@ -261,6 +263,12 @@ def search(
     layers, m = best
     if chosen is not None:
         return SearchResult(layers, True, m, sensitivity, costs, trials.log)
+    if verify is not None:
+        # the search samples are a subset, for speed; the budget is defined on the whole evaluation
+        # set, where the best candidate may hold although none held on the subset
+        m = trials.run(layers, verify, "best candidate (whole evaluation set)")
+        if ok(m):
+            return SearchResult(layers, True, m, sensitivity, costs, trials.log)
     budget = f"max_accuracy_drop {max_accuracy_drop}" if max_accuracy_drop is not None else "none"
     parity = f"int8 parity: {m.parity_reason}" if m.parity_reason else "int8 parity holds"
     reason = (

@@ -142,3 +142,22 @@ def test_budget_miss_exits_1_with_the_best_result(
     # the summary with the best result is printed although nothing is written
     assert "| `miss-onnx-int8.onnx` | onnx | int8 |" in err + captured.out
     assert not out.exists() and not any(p.name.startswith(".out") for p in recipe_dir.iterdir())
+
+
+def test_best_candidate_is_judged_on_the_whole_evaluation_set(setup) -> None:  # type: ignore[no-untyped-def]
+    """No candidate holds on the search samples, but the best one holds where the budget is defined."""
+    q, probe, work = setup
+    strict, loose = probe(1.0), probe(0.9)  # int8 never agrees on 100% of the samples
+    result = search(
+        q,
+        strict,
+        sensitivity_probe=strict,
+        verify=loose,
+        max_accuracy_drop=None,
+        max_float_layers=1,
+        work_dir=work,
+        suffix=".onnx",
+    )
+    assert result.accepted and not result.reason
+    assert result.trials[-1]["step"] == "best candidate (whole evaluation set)"
+    assert result.measurement.agreement >= 0.9
