@@ -516,7 +516,7 @@ def distill_cmd(
     "--calibration-samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Calibration samples to use (default: all of data.calibration).",
+    help="Calibration samples to use, at least 32 (default: all of data.calibration).",
 )
 @click.option(
     "--calibration-method",
@@ -576,7 +576,8 @@ def quantize_cmd(
         data["export"] = list(dict.fromkeys(formats))
     if target:
         data["target"] = target
-    r = parse_recipe(data, r.base_dir or recipe.parent, source=str(recipe))
+    # problems may come from these flags, not the file: say so in the error's source
+    r = parse_recipe(data, r.base_dir or recipe.parent, source=f"{recipe} with the given options")
     report = build(r, out, force=force, bundle_version=bundle_version, on_failure=_print_summary)
     if report is None:  # a torchrun rank other than 0
         return

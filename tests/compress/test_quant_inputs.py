@@ -55,6 +55,7 @@ def test_negative_budget_is_a_recipe_error(
         capsys,
     )
     assert code == 2 and "max_accuracy_drop" in err and "Traceback" not in err
+    assert "r2.yaml with the given options" in err  # the flag, not the file, is at fault
     assert _no_output(recipe_dir)
 
 
