@@ -85,27 +85,6 @@ def _prepare(recipe_path: Path) -> Any:
     return prepare(load_recipe(recipe_path))
 
 
-def _context(p: Any, work_dir: Path) -> Any:
-    import copy
-
-    from edgesmith.compress import Context
-    from edgesmith.measure import torch_outputs
-
-    teacher = copy.deepcopy(p.model).eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return Context(
-        recipe=p.recipe,
-        model=p.model,
-        teacher=teacher,
-        data=p.data,
-        example_input=p.example,
-        evaluate=lambda m: p.metric(*torch_outputs(m, p.data.eval)),
-        work_dir=work_dir,
-        profile=p.profile.model_dump(),
-    )
-
-
 def _finish(ctx: Any, out: Path, as_json: bool, summary: dict[str, Any], stage: str) -> None:
     """Fail on the stage's failed checks (nothing written), else write ``out`` (rank 0)."""
     from edgesmith.compress.distributed import is_main_process
@@ -236,7 +215,9 @@ def prune_cmd(
         cfg = cfg.model_copy(update={"round_to": None})
     p = _prepare(recipe)
     with tempfile.TemporaryDirectory(prefix="edgesmith-prune-") as tmp:
-        ctx = _context(p, Path(tmp))
+        from edgesmith.pipeline import new_context
+
+        ctx = new_context(p, Path(tmp))
         acc0 = ctx.evaluate(ctx.model)
         macs0, size0 = count_macs(ctx.model, p.example), model_size_bytes(ctx.model)
         ctx = Prune(cfg).run(ctx)
@@ -440,7 +421,9 @@ def distill_cmd(
     student_model = load_model_spec(cfg.student, r.base_dir, shape) if cfg.student else p.model
     teacher_model = load_model_spec(cfg.teacher, r.base_dir, shape) if cfg.teacher else p.model
     with tempfile.TemporaryDirectory(prefix="edgesmith-distill-") as tmp:
-        ctx = _context(p, Path(tmp))
+        from edgesmith.pipeline import new_context
+
+        ctx = new_context(p, Path(tmp))
         acc_t = ctx.evaluate(teacher_model)
         acc_s0 = ctx.evaluate(student_model)
         result = distill(

@@ -289,34 +289,41 @@ def _add_head(
     )
 
 
+def new_context(p: Prepared, work_dir: Path) -> Any:
+    """The stages' starting context: the prepared model, a frozen copy of it as the teacher, and
+    ``evaluate`` on the evaluation set with the recipe's metric."""
+    from edgesmith.compress import Context
+
+    teacher = copy.deepcopy(p.model).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return Context(
+        recipe=p.recipe,
+        model=p.model,
+        teacher=teacher,
+        data=p.data,
+        example_input=p.example,
+        evaluate=lambda m: _measure(m, p)["accuracy"],
+        work_dir=work_dir,
+        profile=p.profile.model_dump(),
+    )
+
+
 def _run_stages_on_worker(recipe: Recipe) -> None:
     """torchrun ranks other than 0: run the stages (their training steps are collective), quietly.
 
     Rank 0 measures, exports and writes; the other ranks keep no output. Stage decisions that
     depend on measurements are made identically on every rank (or broadcast from rank 0).
     """
-    import copy
     import tempfile
 
-    from edgesmith.compress import STAGES, Context
+    from edgesmith.compress import STAGES
     from edgesmith.progress import set_quiet
 
     set_quiet(True)
     p = prepare(recipe)
-    teacher = copy.deepcopy(p.model).eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="edgesmith-rank-") as tmp:
-        ctx = Context(
-            recipe=recipe,
-            model=p.model,
-            teacher=teacher,
-            data=p.data,
-            example_input=p.example,
-            evaluate=lambda m: _measure(m, p)["accuracy"],
-            work_dir=Path(tmp),
-            profile=p.profile.model_dump(),
-        )
+        ctx = new_context(p, Path(tmp))
         for spec in recipe.stages:
             ctx = STAGES[spec.name](spec.config).run(ctx)
             ctx.extra.pop("record", None)
@@ -343,7 +350,7 @@ def build(
         CheckFailed: an artifact failed its parity tolerance or a stage its budget; nothing is written.
         EdgesmithError: bad input (recipe, model, data).
     """
-    from edgesmith.compress import STAGES, Context, StageRecord
+    from edgesmith.compress import STAGES, StageRecord
     from edgesmith.compress.distributed import is_distributed, is_main_process
     from edgesmith.export import EXPORTERS, get_exporter
     from edgesmith.measure import torch_latency
@@ -382,19 +389,7 @@ def build(
             "artifacts": [],
             "failures": [],
         }
-        teacher = copy.deepcopy(p.model).eval()
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        ctx = Context(
-            recipe=recipe,
-            model=p.model,
-            teacher=teacher,
-            data=p.data,
-            example_input=p.example,
-            evaluate=lambda m: _measure(m, p)["accuracy"],
-            work_dir=tmp / ".work",
-            profile=p.profile.model_dump(),
-        )
+        ctx = new_context(p, tmp / ".work")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         m = base
         for spec in recipe.stages:
