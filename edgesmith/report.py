@@ -70,9 +70,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     xs = [b["macs"] / 1e6] + [s["macs"] / 1e6 for s in report["stages"]]
     ys = [b["accuracy"]] + [s["accuracy"] for s in report["stages"]]
     ax1.plot(xs, ys, "-o", color="tab:blue")
-    labels: dict[
-        tuple[float, float], list[str]
-    ] = {}  # stages that left the model as it was share a point
+    # stages that left the model as it was share a point, and a label
+    labels: dict[tuple[float, float], list[str]] = {}
     for x, y, name in zip(
         xs, ys, ["baseline"] + [s["name"] for s in report["stages"]], strict=True
     ):
