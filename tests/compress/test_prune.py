@@ -216,7 +216,10 @@ def test_latency_budget_and_unstructured_build(cnn_recipe: Path, capsys) -> None
     )
     if code == 0:
         row = json.loads(stdout[stdout.index("{") :])
-        assert row["latency_ms_after"] <= 0.15 < row["latency_ms_before"]
+        # the budget holds, and pruning happened exactly when the unpruned model missed it (how
+        # fast the unpruned model runs depends on this machine's load)
+        assert row["latency_ms_after"] <= 0.15
+        assert (row["macs_reduction"] > 0) == (row["latency_ms_before"] > 0.15)
     else:  # the budget may be out of reach on a loaded machine: then a clear error, no file
         assert code == 2 and "latency budget 0.15 ms not reached" in err and not out.exists()
     text = cnn_recipe.read_text().replace(
