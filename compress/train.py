@@ -9,6 +9,7 @@ restored, and determinism from a seed (each epoch reseeds shuffling and dropout)
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from torch import nn
 
 from edgesmith.compress import distributed as dist_
 from edgesmith.errors import CompressionError
-from edgesmith.progress import echo, is_quiet
+from edgesmith.progress import echo, track
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -165,62 +166,6 @@ def _make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.O
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'")
 
 
-class _Progress:
-    """A rich bar with loss and accuracy on a terminal; a plain line every 15 s otherwise."""
-
-    def __init__(self, description: str, total: int, enabled: bool) -> None:
-        self.description, self.total, self.enabled = description, total, enabled
-        self.progress: Any = None
-        self.start = self.last = time.monotonic()
-        if not enabled:
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-        except ImportError:
-            return
-        console = Console(stderr=True)
-        if console.is_terminal:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(description, total=total, stats="")
-
-    def update(self, done: int, stats: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, stats=stats)
-            return
-        now = time.monotonic()
-        if now - self.last >= 15.0:
-            self.last = now
-            eta = (now - self.start) / max(done, 1) * (self.total - done)
-            echo(
-                f"{self.description}: {done}/{self.total} {stats} ({now - self.start:.0f} s, eta {eta:.0f} s)"
-            )
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
 @torch.no_grad()
 def recalibrate_batchnorm_(
     module: nn.Module, dataset: Any, batch_size: int, batches: int, seed: int, dev: torch.device
@@ -349,30 +294,28 @@ def fit(
         sampler.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
         trainable.train()
-        bar = _Progress(
-            f"{description} epoch {epoch + 1}/{len(plan)}", plan[epoch], main and not is_quiet()
-        )
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        try:
-            for step, (x, y) in enumerate(loader):
-                if step >= plan[epoch]:
-                    break
-                if cfg.schedule == "cosine":
-                    lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                loss, logits = loss_fn(trainable(x), x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                global_step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(step + 1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
-        finally:
-            bar.close()
+        stats: dict[str, object] = {}  # shown after the progress bar, updated every step
+        batches = itertools.islice(loader, plan[epoch])
+        if main:
+            batches = track(
+                batches, f"{description} epoch {epoch + 1}/{len(plan)}", plan[epoch], status=stats
+            )
+        for x, y in batches:
+            if cfg.schedule == "cosine":
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            loss, logits = loss_fn(trainable(x), x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            stats.update(loss=loss_sum / seen, acc=correct / seen)
         recalibrate_batchnorm_(
             module, train_set, cfg.batch_size, cfg.bn_batches, cfg.seed * 7919 + epoch, dev
         )
