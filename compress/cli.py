@@ -365,7 +365,7 @@ def distill_cmd(
       edgesmith distill recipe.yaml --student pruned.safetensors -o distilled.safetensors
       torchrun --nproc-per-node 2 -m edgesmith distill recipe.yaml --student pruned.safetensors -o d.safetensors
     """
-    from edgesmith.compress.distill import DistillConfig, distill, load_model_spec
+    from edgesmith.compress.distill import DistillConfig, check_budget, distill, load_model_spec
     from edgesmith.compress.distributed import is_main_process
     from edgesmith.compress.train import CHECKPOINT_NAME
     from edgesmith.measure import count_macs
@@ -454,11 +454,7 @@ def distill_cmd(
             "seconds": round(result.seconds, 2),
             "history": result.history,
         }
-        if cfg.max_accuracy_drop is not None and acc_t - acc > cfg.max_accuracy_drop:
-            ctx.extra.setdefault("failures", []).append(
-                f"distill: student accuracy {acc:.4f} is {acc_t - acc:.4f} below the teacher's "
-                f"{acc_t:.4f}, more than max_accuracy_drop {cfg.max_accuracy_drop}"
-            )
+        check_budget(ctx, acc_t, acc, cfg.max_accuracy_drop)
         _finish(ctx, out, as_json, summary, "distill")
     if is_main_process():
         echo(

@@ -332,6 +332,15 @@ def distill(
     return result
 
 
+def check_budget(ctx: Context, teacher_acc: float, acc: float, limit: float | None) -> None:
+    """Record a failed check in ``ctx`` when the student is more than ``limit`` below the teacher."""
+    if limit is not None and teacher_acc - acc > limit:
+        ctx.extra.setdefault("failures", []).append(
+            f"distill: student accuracy {acc:.4f} is {teacher_acc - acc:.4f} below the teacher's "
+            f"{teacher_acc:.4f}, more than max_accuracy_drop {limit}"
+        )
+
+
 @register_stage
 class Distill(Stage):
     """Knowledge distillation (see :class:`DistillConfig`)."""
@@ -381,11 +390,7 @@ class Distill(Stage):
             teacher_acc = ctx.evaluate(teacher)
             acc = result.best_metric if result.best_metric is not None else ctx.evaluate(ctx.model)
             row["teacher_accuracy"] = teacher_acc
-            if teacher_acc - acc > cfg.max_accuracy_drop:
-                ctx.extra.setdefault("failures", []).append(
-                    f"distill: student accuracy {acc:.4f} is {teacher_acc - acc:.4f} below the teacher's "
-                    f"{teacher_acc:.4f}, more than max_accuracy_drop {cfg.max_accuracy_drop}"
-                )
+            check_budget(ctx, teacher_acc, acc, cfg.max_accuracy_drop)
         row["distill_seconds"] = round(time.perf_counter() - t0, 2)
         ctx.extra["record"] = row
         return ctx
