@@ -15,23 +15,13 @@ import pytest
 from ota_helpers import agent_config, publish
 
 from edgesmith.cli import main
+from edgesmith.data import FASHION_MNIST_LABELS
 from edgesmith.devices.ota import Agent
 from edgesmith.errors import UpdateError
 from edgesmith.runtime.bundle import read_bundle, verify_bundle
 from tests.finetune_helpers import fmnist, image_folder, restrict_classes, reversion, write_images
 
-LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+LABELS = FASHION_MNIST_LABELS
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from _serving import ServerProcess
 
+from edgesmith.data import FASHION_MNIST_LABELS
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "fashion_mnist" / "recipe-fp32.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -31,18 +33,7 @@ PREPROCESS = {
     "resize": [28, 28],
     "scale": 1.0 / 255.0,
 }
-LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+LABELS = FASHION_MNIST_LABELS
 
 
 @dataclass

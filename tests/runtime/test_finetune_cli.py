@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 
 from edgesmith.cli import main
+from edgesmith.data import FASHION_MNIST_LABELS
 from edgesmith.runtime import load
 from tests.finetune_helpers import fmnist, image_folder, restrict_classes, write_images
 
-LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+LABELS = FASHION_MNIST_LABELS
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
