@@ -7,8 +7,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 
-def test_wheel_file_list(tmp_path: Path, repo_root: Path) -> None:
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -20,13 +24,17 @@ def test_wheel_file_list(tmp_path: Path, repo_root: Path) -> None:
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(out),
         ],
         check=True,
         timeout=300,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("edgesmith-*.whl")
+    (path,) = out.glob("edgesmith-*.whl")
+    return path
+
+
+def test_wheel_file_list(wheel: Path, repo_root: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"edgesmith", next(t for t in top if t.endswith(".dist-info"))}
@@ -57,3 +65,34 @@ def test_wheel_file_list(tmp_path: Path, repo_root: Path) -> None:
     assert not any(
         "torch" in ln or "onnxruntime" in ln for ln in core
     )  # ... never a core dependency
+
+
+def test_checkout_root_imports_like_the_installed_package(
+    wheel: Path, repo_root: Path, tmp_path: Path
+) -> None:
+    """Python started in the checkout's root beside a regular (non-editable) install.
+
+    The checkout's ``edgesmith/`` folder (the core alone) comes first on ``sys.path``; without the
+    fix it hid the installed ``edgesmith.runtime`` ('No module named edgesmith.runtime').
+    """
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = (
+        "import sys\n"
+        # drop the dev venv's editable-install finder: this process sees a plain install only
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "from edgesmith.runtime import load\n"
+        "import edgesmith.devices.profiles, edgesmith.runtime as r\n"
+        "print(r.__file__)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)}
+    res = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()).is_relative_to(repo_root)
