@@ -127,6 +127,11 @@ def _session_options(threads: int | None, options: dict[str, Any]) -> ort.Sessio
 
 def _provider_options(provider: str, options: dict[str, Any]) -> dict[str, Any]:
     opts = dict(options.get("provider_options", {}).get(provider, {}))
+    if provider == "CUDAExecutionProvider":
+        # onnxruntime turns TF32 on by default (Ampere and newer, Jetson Orin included): 10-bit
+        # mantissas moved fp32 logits by up to 1e-2 on an H200 (docs/benchmarks.md), beyond an fp32
+        # bundle's golden tolerance. fp32 means fp32 unless the caller asks for precision "tf32".
+        opts.setdefault("use_tf32", "1" if options.get("precision") == "tf32" else "0")
     if provider == "TensorrtExecutionProvider" and options.get("precision") == "fp16":
         opts.setdefault("trt_fp16_enable", True)
     return opts
@@ -142,7 +147,8 @@ def open_session(
 
     Options: ``providers`` (an explicit order), ``provider_options`` ({provider: {key: value}}),
     ``session_config`` (onnxruntime session config entries), ``precision`` (``fp16`` lets
-    TensorRT build fp16 engines; the default keeps the model's own precision).
+    TensorRT build fp16 engines, ``tf32`` lets CUDA use TF32 tensor cores; the default keeps the
+    model's own precision: TF32, which onnxruntime enables by default, is turned off).
     """
     options = options or {}
     providers = providers_for(device, options.get("providers"))
@@ -174,9 +180,9 @@ def open_session(
             "execution provider %s failed to initialise; running on %s", providers[0], running
         )
     log.info("onnxruntime %s on %s", path.name, running)
-    precision = (
-        "fp16"
-        if running == "TensorrtExecutionProvider" and options.get("precision") == "fp16"
-        else None
-    )
+    precision = None
+    if running == "TensorrtExecutionProvider" and options.get("precision") == "fp16":
+        precision = "fp16"
+    elif running == "CUDAExecutionProvider" and options.get("precision") == "tf32":
+        precision = "tf32"
     return OrtSession(sess, threads, precision)
