@@ -409,6 +409,45 @@ def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], 
     return specs, problems
 
 
+def _check_calibration(
+    raw_stages: Any, specs: list[StageSpec], formats: Any, lines: dict[Loc, int]
+) -> list[Problem]:
+    """An int8 calibration method every exported format implements (else it fails after export)."""
+    from edgesmith.compress.quantize.config import CALIBRATION_SUPPORT
+
+    problems: list[Problem] = []
+    formats = formats if isinstance(formats, list) else ["onnx"]
+    for spec in specs:
+        method = getattr(spec.config, "calibration_method", None)
+        if method is None or "int8" not in getattr(spec.config, "precisions", ["int8"]):
+            continue
+        bad = [
+            f for f in formats if f in CALIBRATION_SUPPORT and method not in CALIBRATION_SUPPORT[f]
+        ]
+        if not bad:
+            continue
+        index = next(
+            (i for i, s in enumerate(raw_stages) if isinstance(s, dict) and spec.name in s), None
+        )
+        loc: Loc = ("stages", index, spec.name, "calibration_method") if index is not None else ()
+        known = [f for f in formats if f in CALIBRATION_SUPPORT]
+        usable = [
+            m
+            for m in CALIBRATION_SUPPORT[bad[0]]
+            if all(m in CALIBRATION_SUPPORT[f] for f in known)
+        ]
+        problems.append(
+            (
+                _line_of(lines, loc),
+                f"calibration_method '{method}' of stage '{spec.name}' is not supported for "
+                + ", ".join(f"{f} (it supports {', '.join(CALIBRATION_SUPPORT[f])})" for f in bad),
+                (f"use calibration_method: {' or '.join(usable)}, or" if usable else "")
+                + f" drop {', '.join(bad)} from 'export'",
+            )
+        )
+    return problems
+
+
 def _check_names(data: dict[str, Any], lines: dict[Loc, int]) -> list[Problem]:
     """Target profile and export formats must be known names; checked on the raw mapping."""
     from edgesmith.devices.profiles import list_profiles
@@ -483,6 +522,7 @@ def parse_recipe(
         problems += _format_errors(exc, lines, Recipe)
     specs, stage_problems = _validate_stages(raw_stages, lines)
     problems += stage_problems + _check_names(data, lines)
+    problems += _check_calibration(raw_stages, specs, data.get("export", ["onnx"]), lines)
     if problems or recipe is None:
         _raise(source, problems)
     recipe.stages = specs
