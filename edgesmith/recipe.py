@@ -378,7 +378,7 @@ def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], 
             continue
         config_cls = STAGES[name].config_cls
         try:
-            specs.append(StageSpec(name=name, config=config_cls(**options)))
+            specs.append(StageSpec(name=name, config=config_cls.model_validate(options)))
             where.append(i)
         except ValidationError as exc:
             problems += _format_errors(exc, lines, config_cls, prefix=("stages", i, name))
@@ -416,7 +416,7 @@ def _check_calibration(
     from edgesmith.compress.quantize.config import CALIBRATION_SUPPORT
 
     problems: list[Problem] = []
-    formats = formats if isinstance(formats, list) else ["onnx"]
+    formats = [f for f in formats if isinstance(f, str)] if isinstance(formats, list) else []
     for spec in specs:
         method = getattr(spec.config, "calibration_method", None)
         if method is None or "int8" not in getattr(spec.config, "precisions", ["int8"]):
@@ -427,7 +427,8 @@ def _check_calibration(
         if not bad:
             continue
         index = next(
-            (i for i, s in enumerate(raw_stages) if isinstance(s, dict) and spec.name in s), None
+            (i for i, s in enumerate(raw_stages or []) if isinstance(s, dict) and spec.name in s),
+            None,
         )
         loc: Loc = ("stages", index, spec.name, "calibration_method") if index is not None else ()
         known = [f for f in formats if f in CALIBRATION_SUPPORT]
@@ -517,7 +518,7 @@ def parse_recipe(
     problems: list[Problem] = []
     recipe: Recipe | None = None
     try:
-        recipe = Recipe(**data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         problems += _format_errors(exc, lines, Recipe)
     specs, stage_problems = _validate_stages(raw_stages, lines)
