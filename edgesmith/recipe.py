@@ -529,14 +529,28 @@ def parse_recipe(
     recipe.stages = specs
     base = base_dir.resolve()
     recipe.base_dir = base
+
+    def resolve(loc: Loc, value: str | None, ref: bool = False) -> str | None:
+        if value is None:
+            return None
+        try:  # a NUL byte, '~nosuchuser' or a symbolic-link loop cannot name a file
+            if "\0" in value:
+                raise ValueError("it contains a NUL byte")
+            return _resolve_ref(value, base) if ref else _resolve_path(value, base)
+        except (ValueError, RuntimeError, OSError) as exc:
+            _raise(
+                source,
+                [(_line_of(lines, loc), f"'{_dotted(loc)}': cannot use {value!r}: {exc}", None)],
+            )
+
     if recipe.model.factory:
-        recipe.model.factory = _resolve_ref(recipe.model.factory, base)
-    recipe.model.weights = _resolve_path(recipe.model.weights, base)
-    recipe.data.path = _resolve_path(recipe.data.path, base)
+        recipe.model.factory = resolve(("model", "factory"), recipe.model.factory, ref=True)
+    recipe.model.weights = resolve(("model", "weights"), recipe.model.weights)
+    recipe.data.path = resolve(("data", "path"), recipe.data.path)
     if recipe.data.factory:
-        recipe.data.factory = _resolve_ref(recipe.data.factory, base)
+        recipe.data.factory = resolve(("data", "factory"), recipe.data.factory, ref=True)
     if ":" in recipe.metric:
-        recipe.metric = _resolve_ref(recipe.metric, base)
+        recipe.metric = str(resolve(("metric",), recipe.metric, ref=True))
     return recipe
 
 

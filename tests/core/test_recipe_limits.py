@@ -143,3 +143,25 @@ def test_the_table_matches_the_quantizers() -> None:
 
     for fmt, module in (("onnx", onnx), ("openvino", openvino), ("tflite", tflite)):
         assert set(CALIBRATION_SUPPORT[fmt]) == set(module._METHODS), fmt
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason"),
+    [
+        ('"w\\0.safetensors"', "NUL byte"),
+        ("~nosuchuser-edgesmith/w.safetensors", "home directory"),
+        ("loop/w.safetensors", "loop"),
+    ],
+    ids=["nul", "unknown-user", "symlink-loop"],
+)
+def test_paths_that_cannot_name_a_file_are_recipe_errors(
+    recipe_dir: Path, capsys: pytest.CaptureFixture[str], weights: str, reason: str
+) -> None:
+    (recipe_dir / "loop").symlink_to("loop")
+    text = BASE_RECIPE.replace("weights: weights.safetensors", f"weights: {weights}")
+    path = write_recipe(recipe_dir, text)
+    with pytest.raises(RecipeError, match=reason) as e:
+        load_recipe(path)
+    assert e.value.message.startswith(f"{path}:5: 'model.weights': cannot use")
+    code, err = _run(["recipe", "check", str(path)], capsys)
+    assert code == 2 and err.startswith("error: ")
