@@ -67,7 +67,8 @@ _SCALARS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
     st.sampled_from(["onnx", "tflite", "openvino", "x86-cpu", "rpi5", "int8", "minmax", "mse",
-                     "model.py:SmallCNN", "weights.safetensors", "/dev/null", "~root", "..", "\x00"]),
+                     "model.py:SmallCNN", "weights.safetensors", "/dev/null", "~root", "..", "\x00",
+                     "~nosuchuser/x", "a\x00b.pt2", "pkg.mod:fn", "x.pt2"]),
 )  # fmt: skip
 _KEYS = st.one_of(st.text(max_size=12), st.integers(), st.booleans(), st.none(), st.floats())
 _VALUES = st.recursive(
