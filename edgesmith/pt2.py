@@ -149,6 +149,7 @@ def _read_members(data: bytes, source: str) -> tuple[str, dict[str, bytes]]:
             root = head if root is None else root
             if (
                 head != root
+                or not head
                 or not inner
                 or name.endswith("/")
                 or "\\" in name
