@@ -78,7 +78,7 @@ def baseline_ms(bundle: Path, repeats: int) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         model = load(bundle)
-        with np.load(bundle / "golden.npz") as g:
+        with np.load(bundle / "golden.npz", allow_pickle=False) as g:
             model(g["inputs"][:1])
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)

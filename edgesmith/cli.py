@@ -7,9 +7,11 @@ codes: 0 success, 1 a check failed, 2 bad input or usage.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from edgesmith import __version__
 from edgesmith.errors import EdgesmithError
 from edgesmith.progress import echo, set_quiet
 
-__all__ = ["COMMANDS", "cli", "main"]
+__all__ = ["COMMANDS", "cli", "describe_os_error", "main"]
 
 # command name -> "module:attribute" of a click command; each package adds its own.
 COMMANDS: dict[str, str] = {
@@ -283,6 +285,60 @@ def export_cmd(recipe: Path, fmt: str, out: Path, force: bool) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
+# OSErrors that the user's machine causes (permissions, a full or read-only disk, a path that is
+# a folder, a busy port, an unreachable host): bad input or environment, exit 2 with a hint.
+# Any other errno (EBADF, EINVAL, EXDEV, ...) points at a bug and stays an internal error.
+_ENV_ERRNO_HINTS: dict[int, str] = {
+    errno.EACCES: "check the permissions of {folder}, or choose another path",
+    errno.EPERM: "check the permissions of {folder}, or choose another path",
+    errno.ENOSPC: "free some space on the disk holding {folder}, or write elsewhere",
+    errno.EDQUOT: "your disk quota is used up; free some space, or write elsewhere",
+    errno.EFBIG: "the file is too large for that file system; write elsewhere",
+    errno.EROFS: "{folder} is on a read-only file system; write elsewhere",
+    errno.EISDIR: "{path} is a folder; give a file path",
+    errno.ENOTDIR: "a part of {path} is a file, not a folder",
+    errno.ENOENT: "check the path, and that the folder {folder} exists",
+    errno.EEXIST: "{path} already exists; remove it or choose another path",
+    errno.ENOTEMPTY: "{path} is a folder that is not empty; remove it or choose another path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ELOOP: "{path} has a loop of symbolic links",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.ENFILE: "too many open files on this machine; close some programs",
+    errno.EIO: "an I/O error: check the disk or the device",
+    errno.EBUSY: "{path} is busy; try again, or choose another path",
+    errno.ETXTBSY: "{path} is busy; try again, or choose another path",
+    errno.ENODEV: "no such device: check {path}",
+    errno.ENXIO: "no such device: check {path}",
+    errno.EADDRINUSE: "another program uses that address or port; pick another --port",
+    errno.EADDRNOTAVAIL: "that address is not on this machine; check --host",
+    errno.ECONNREFUSED: "is the server running at that address?",
+    errno.ECONNRESET: "the other side closed the connection; try again",
+    errno.EHOSTUNREACH: "check the address and the network",
+    errno.ENETUNREACH: "check the address and the network",
+    errno.ETIMEDOUT: "check the address and the network",
+}
+
+
+def describe_os_error(exc: OSError) -> tuple[str, str] | None:
+    """The ``error:`` message and hint for an OSError the user's environment caused, or None
+    for one that points at a bug (an internal error)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host name: {exc.strerror or exc}", "check the host name"
+    template = _ENV_ERRNO_HINTS.get(exc.errno) if exc.errno is not None else None
+    if template is None:
+        return None
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
+    reason = reason[:1].lower() + reason[1:]
+    if exc.filename is None:
+        return reason, template.format(path="the path", folder="the folder")
+    message = f"{exc.filename}: {reason}"
+    path = str(exc.filename)
+    if exc.filename2 is not None:  # a rename or link: the destination is the user's path
+        message = f"{exc.filename} -> {exc.filename2}: {reason}"
+        path = str(exc.filename2)
+    folder = str(Path(path).parent)
+    return message, template.format(path=path, folder=folder)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to exit codes and one-line messages."""
@@ -315,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
+        described = describe_os_error(exc) if isinstance(exc, OSError) else None
+        if described is not None:
+            click.echo(f"error: {described[0]}", err=True)
+            click.echo(f"hint: {described[1]}", err=True)
+            sys.exit(2)
         click.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
         click.echo("hint: rerun with --debug for the traceback and report it as a bug", err=True)
         sys.exit(70)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,7 +256,8 @@ def _load_npz(
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        # MemoryError: a header that declares an array larger than this machine's memory
         raise DataError(
             f"cannot read {path}: {exc}",
             hint="save with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) (no object arrays)",

@@ -1,19 +1,19 @@
 """Safe model loading: factory plus weights, or a ``.pt2`` ExportedProgram. Never a full unpickle.
 
 Weights come from ``.safetensors``, from a state dict read with ``torch.load(weights_only=True)``
-(which refuses arbitrary Python objects), or from a ``torch.export`` archive whose pickled payloads
-are screened with the same restricted unpickler before torch reads them.
+(which refuses arbitrary Python objects), or from a ``torch.export`` archive that
+:mod:`edgesmith.pt2` screens member by member before torch reads it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgesmith.errors import ModelLoadError
+from edgesmith.pt2 import UNSAFE_HINT, load_exported_program
 from edgesmith.refs import resolve_ref
 
 if TYPE_CHECKING:
@@ -23,10 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_model", "load_exported_program", "load_state_dict", "load_weights_"]
 
-_UNSAFE_HINT = (
-    "edgesmith never unpickles arbitrary objects; save only the weights: "
-    "`safetensors.torch.save_file(model.state_dict(), 'w.safetensors')` or `torch.save(model.state_dict(), 'w.pt')`"
-)
+_UNSAFE_HINT = UNSAFE_HINT
 
 
 def _torch_load_safe(data: bytes | Path, source: str) -> Any:
@@ -134,84 +131,6 @@ def load_weights_(
         )
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def _screen_pt2(path: Path) -> None:
-    """Refuse a ``.pt2`` archive whose loading would unpickle anything beyond tensors."""
-    from torch.export.pt2_archive import constants as C
-
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(
-            f"{path} is not a torch.export archive: {exc}",
-            hint="save it with torch.export.save(ep, 'model.pt2')",
-        ) from None
-    with zf:
-        names = zf.namelist()
-        for name in names:
-            stem = name.split("/", 1)[-1] if "/" in name else name
-            if stem.startswith(C.AOTINDUCTOR_DIR) or f"/{C.AOTINDUCTOR_DIR}" in name:
-                raise ModelLoadError(
-                    f"refused to load {path}: it contains compiled AOTInductor code",
-                    hint="export with torch.export.save, not aoti_compile_and_package",
-                )
-        for name in names:
-            inner = name.split("/", 1)[-1]
-            is_cfg = inner.endswith(".json")
-            in_payload = inner.startswith((C.WEIGHTS_DIR, C.CONSTANTS_DIR))
-            if not in_payload or is_cfg:
-                continue
-            base = inner.rsplit("/", 1)[-1]
-            if base.startswith(
-                (C.CUSTOM_OBJ_FILENAME_PREFIX, C.OPAQUE_OBJ_FILENAME_PREFIX)
-            ) or base.endswith(".pt"):
-                raise ModelLoadError(
-                    f"refused to load {path}: '{inner}' is a pickled Python object",
-                    hint=_UNSAFE_HINT,
-                )
-        for name in names:
-            inner = name.split("/", 1)[-1]
-            if not (inner.startswith((C.WEIGHTS_DIR, C.CONSTANTS_DIR)) and inner.endswith(".json")):
-                continue
-            try:
-                cfg = json.loads(zf.read(name))
-            except json.JSONDecodeError:
-                raise ModelLoadError(
-                    f"{path}: malformed '{inner}'", hint="re-save with torch.export.save"
-                ) from None
-            folder = C.WEIGHTS_DIR if inner.startswith(C.WEIGHTS_DIR) else C.CONSTANTS_DIR
-            prefix = name[: len(name) - len(inner)]
-            for meta in (cfg.get("config") or {}).values():
-                if isinstance(meta, dict) and meta.get("use_pickle"):
-                    member = prefix + folder + str(meta.get("path_name"))
-                    if member not in names:
-                        raise ModelLoadError(
-                            f"{path}: payload {member} is missing",
-                            hint="re-save with torch.export.save",
-                        )
-                    _torch_load_safe(zf.read(member), f"{path}:{member}")
-
-
-def load_exported_program(path: str | Path) -> torch.nn.Module:
-    """Load a ``torch.export`` ``.pt2`` archive as a callable module, after screening its payloads."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(
-            f"model file not found: {path}",
-            hint="paths in a recipe are relative to the recipe's folder",
-        )
-    _screen_pt2(path)
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load ExportedProgram {path}: {type(exc).__name__}: {exc}",
-            hint="was it saved by a compatible torch version?",
-        ) from None
-    return ep.module()
 
 
 def build_model(config: ModelConfig) -> torch.nn.Module:

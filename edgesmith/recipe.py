@@ -378,7 +378,7 @@ def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], 
             continue
         config_cls = STAGES[name].config_cls
         try:
-            specs.append(StageSpec(name=name, config=config_cls(**options)))
+            specs.append(StageSpec(name=name, config=config_cls.model_validate(options)))
             where.append(i)
         except ValidationError as exc:
             problems += _format_errors(exc, lines, config_cls, prefix=("stages", i, name))
@@ -407,6 +407,46 @@ def _validate_stages(raw: Any, lines: dict[Loc, int]) -> tuple[list[StageSpec], 
                 )
             )
     return specs, problems
+
+
+def _check_calibration(
+    raw_stages: Any, specs: list[StageSpec], formats: Any, lines: dict[Loc, int]
+) -> list[Problem]:
+    """An int8 calibration method every exported format implements (else it fails after export)."""
+    from edgesmith.compress.quantize.config import CALIBRATION_SUPPORT
+
+    problems: list[Problem] = []
+    formats = [f for f in formats if isinstance(f, str)] if isinstance(formats, list) else []
+    for spec in specs:
+        method = getattr(spec.config, "calibration_method", None)
+        if method is None or "int8" not in getattr(spec.config, "precisions", ["int8"]):
+            continue
+        bad = [
+            f for f in formats if f in CALIBRATION_SUPPORT and method not in CALIBRATION_SUPPORT[f]
+        ]
+        if not bad:
+            continue
+        index = next(
+            (i for i, s in enumerate(raw_stages or []) if isinstance(s, dict) and spec.name in s),
+            None,
+        )
+        loc: Loc = ("stages", index, spec.name, "calibration_method") if index is not None else ()
+        known = [f for f in formats if f in CALIBRATION_SUPPORT]
+        usable = [
+            m
+            for m in CALIBRATION_SUPPORT[bad[0]]
+            if all(m in CALIBRATION_SUPPORT[f] for f in known)
+        ]
+        problems.append(
+            (
+                _line_of(lines, loc),
+                f"calibration_method '{method}' of stage '{spec.name}' is not supported for "
+                + ", ".join(f"{f} (it supports {', '.join(CALIBRATION_SUPPORT[f])})" for f in bad),
+                (f"use calibration_method: {' or '.join(usable)}, or" if usable else "")
+                + f" drop {', '.join(bad)} from 'export'",
+            )
+        )
+    return problems
 
 
 def _check_names(data: dict[str, Any], lines: dict[Loc, int]) -> list[Problem]:
@@ -478,24 +518,39 @@ def parse_recipe(
     problems: list[Problem] = []
     recipe: Recipe | None = None
     try:
-        recipe = Recipe(**data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         problems += _format_errors(exc, lines, Recipe)
     specs, stage_problems = _validate_stages(raw_stages, lines)
     problems += stage_problems + _check_names(data, lines)
+    problems += _check_calibration(raw_stages, specs, data.get("export", ["onnx"]), lines)
     if problems or recipe is None:
         _raise(source, problems)
     recipe.stages = specs
     base = base_dir.resolve()
     recipe.base_dir = base
+
+    def resolve(loc: Loc, value: str | None, ref: bool = False) -> str | None:
+        if value is None:
+            return None
+        try:  # a NUL byte, '~nosuchuser' or a symbolic-link loop cannot name a file
+            if "\0" in value:
+                raise ValueError("it contains a NUL byte")
+            return _resolve_ref(value, base) if ref else _resolve_path(value, base)
+        except (ValueError, RuntimeError, OSError) as exc:
+            _raise(
+                source,
+                [(_line_of(lines, loc), f"'{_dotted(loc)}': cannot use {value!r}: {exc}", None)],
+            )
+
     if recipe.model.factory:
-        recipe.model.factory = _resolve_ref(recipe.model.factory, base)
-    recipe.model.weights = _resolve_path(recipe.model.weights, base)
-    recipe.data.path = _resolve_path(recipe.data.path, base)
+        recipe.model.factory = resolve(("model", "factory"), recipe.model.factory, ref=True)
+    recipe.model.weights = resolve(("model", "weights"), recipe.model.weights)
+    recipe.data.path = resolve(("data", "path"), recipe.data.path)
     if recipe.data.factory:
-        recipe.data.factory = _resolve_ref(recipe.data.factory, base)
+        recipe.data.factory = resolve(("data", "factory"), recipe.data.factory, ref=True)
     if ":" in recipe.metric:
-        recipe.metric = _resolve_ref(recipe.metric, base)
+        recipe.metric = str(resolve(("metric",), recipe.metric, ref=True))
     return recipe
 
 

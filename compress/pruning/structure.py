@@ -97,18 +97,35 @@ def read_structure(path: str | Path) -> dict[str, Any] | None:
     raw = meta.get(STRUCTURE_KEY)
     if raw is None:
         return None
+    malformed = ModelLoadError(
+        f"{path}: malformed '{STRUCTURE_KEY}' metadata", hint="re-save it with edgesmith prune"
+    )
     try:
         structure = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ModelLoadError(
-            f"{path}: malformed '{STRUCTURE_KEY}' metadata", hint="re-save it with edgesmith prune"
-        ) from None
+    except (ValueError, RecursionError):
+        raise malformed from None
     if not isinstance(structure, dict) or structure.get("version") != _VERSION:
         raise ModelLoadError(
             f"{path}: unsupported structure version {structure.get('version') if isinstance(structure, dict) else '?'}",
             hint="re-save it with this edgesmith version",
         )
+    # layer name -> {"type": class name, attribute: int, None or list of ints}; nothing else
+    modules = structure.get("modules", {})
+    if not isinstance(modules, dict) or not all(
+        isinstance(name, str)
+        and isinstance(entry, dict)
+        and isinstance(entry.get("type"), str)
+        and all(_is_shape_value(v) for k, v in entry.items() if k != "type")
+        for name, entry in modules.items()
+    ):
+        raise malformed
     return structure
+
+
+def _is_shape_value(v: Any) -> bool:
+    if isinstance(v, list):
+        return all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
 
 
 def apply_structure_(
@@ -145,8 +162,15 @@ def apply_structure_(
                 hint="load pruned weights with the factory (and kwargs) of the model that was pruned",
             )
         for attr, value in entry.items():
-            if attr != "type":
-                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+            if attr == "type":
+                continue
+            if attr not in _attrs_of(module):  # only the shape-defining attributes, never others
+                raise ModelLoadError(
+                    f"the pruned weights set '{attr}' of layer '{name}', which is not one of its "
+                    f"shape attributes ({', '.join(_attrs_of(module))})",
+                    hint="re-save the pruned model with edgesmith prune",
+                )
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
     _resize_tensors_(model, state_dict)
     for module in model.modules():
         if isinstance(module, nn.RNNBase):

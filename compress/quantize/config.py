@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edgesmith.compress.base import StageConfig
 
-__all__ = ["PRECISIONS", "QuantizeConfig", "Scheme", "resolve_scheme"]
+__all__ = ["CALIBRATION_SUPPORT", "PRECISIONS", "QuantizeConfig", "Scheme", "resolve_scheme"]
 
 # What a quantize stage can derive from each fp32 artifact: static int8 (weights and activations),
 # weight-only int8 (``w8``: int8 weights, float compute), and half-precision variants.
@@ -17,6 +17,13 @@ PRECISIONS = ("int8", "w8", "fp16", "bf16")
 WEIGHTS = ("per-channel-symmetric", "per-tensor-symmetric")
 ACTIVATIONS = ("asymmetric-uint8", "symmetric-int8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+# the calibration methods each format's int8 quantizer implements (its ``_METHODS``); a recipe
+# asking for another is refused when it is read, before any training or export
+CALIBRATION_SUPPORT: dict[str, tuple[str, ...]] = {
+    "onnx": ("minmax", "percentile", "entropy"),
+    "openvino": ("minmax", "percentile"),
+    "tflite": ("minmax", "mse"),
+}
 
 
 class QuantizeConfig(StageConfig):
@@ -29,8 +36,8 @@ class QuantizeConfig(StageConfig):
             the most sensitive layers stay in float, fewest first.
         precisions: which variants to derive from each fp32 artifact (``int8``, ``w8``, ``fp16``, ``bf16``).
         weights / activations / format: override the target profile's int8 scheme.
-        calibration_method: ``minmax`` (all formats), ``percentile`` / ``entropy`` (onnx; percentile
-            also openvino), ``mse`` (tflite, openvino).
+        calibration_method: ``minmax`` (all formats), ``percentile`` (onnx, openvino), ``entropy``
+            (onnx), ``mse`` (tflite); see ``CALIBRATION_SUPPORT``.
         calibration_samples: how many calibration samples to use (default: all of ``data.calibration``).
         min_calibration_samples: fewer than this is an error (int8 ranges from a handful of samples
             are noise).
