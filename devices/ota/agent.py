@@ -113,6 +113,8 @@ class Agent:
         self.last_result: UpdateResult | None = None
         self._started = False
         self._unsaved = False  # state.json is behind self.state (a write failed; retried)
+        self._check_now = False  # wake() was called
+        self._announced_seq = 0  # the highest seq announced over MQTT
         self._deadline: Deadline | None = None  # the network deadline of the check under way
 
     # ------------------------------------------------------------------ lifecycle
@@ -189,34 +191,52 @@ class Agent:
 
     def wake(self) -> None:
         """Check now instead of at the next poll (thread-safe)."""
+        self._check_now = True
         self._wake.set()
 
     def run(self, once: bool = False) -> UpdateResult | None:
         """The daemon loop: check, then wait for the poll interval or an announcement.
 
-        Announcements are coalesced: however many arrive, a check they trigger starts at least
-        ``announce_min_interval_s`` after the previous one (a forged storm costs one channel
-        fetch per interval, never an install).
+        Announcements are coalesced: one that names a seq this device has already seen (it
+        arrived during a check that fetched it) is dropped, and a check the others trigger starts
+        at least ``announce_min_interval_s`` after the previous one (a storm of forged
+        announcements costs one channel fetch per interval, never an install).
         """
         self.start()
         try:
             while not self._stop.is_set():
                 self._wake.clear()
+                self._check_now = False
                 started = time.monotonic()
                 self.check_once()
                 if once:
                     break
-                if self._wake.wait(self.config.poll_interval_s * random.uniform(0.9, 1.1)):
-                    rest = started + self.config.announce_min_interval_s - time.monotonic()
-                    if rest > 0:
-                        self._stop.wait(rest)
+                self._wait(started, time.monotonic() + self._poll_interval())
         finally:
             self.close()
         return self.last_result
 
+    def _poll_interval(self) -> float:
+        return self.config.poll_interval_s * random.uniform(0.9, 1.1)
+
+    def _wait(self, started: float, poll_at: float) -> None:
+        """Until the next poll, a :meth:`wake`, or an announcement of something new."""
+        while not self._stop.is_set():
+            if not self._wake.wait(max(poll_at - time.monotonic(), 0.0)):
+                return  # the timed poll
+            self._wake.clear()
+            if self._stop.is_set() or self._check_now:
+                return
+            if self._announced_seq > channel_seq(self.state, self.config.channel):
+                rest = started + self.config.announce_min_interval_s - time.monotonic()
+                if rest > 0:
+                    self._stop.wait(rest)
+                return
+
     def _announced(self, seq: int) -> None:
         # called from paho's network thread: never raise there
         if seq > channel_seq(self.state, self.config.channel):
+            self._announced_seq = max(self._announced_seq, seq)
             self._wake.set()
 
     def _device_id(self) -> str:
@@ -435,7 +455,10 @@ class Agent:
         """
         self.start()
         t0 = time.perf_counter()
-        self._settle()  # e.g. a switch back that failed in the last check
+        try:
+            self._settle()  # e.g. a switch back that failed in the last check
+        except Exception:  # reported through the check below; never ends the daemon
+            log.exception("settling the last transaction failed")
         installed = self.installed()
         cur = installed.version if installed else None
         base = self._fleet_version(installed)  # a head fine-tuned here keeps its fleet version
@@ -722,7 +745,15 @@ class Agent:
             self.state.pop("txn", None)
             self._save_state()
             raise
-        return self._apply(txn, dest, m, installed, gate)
+        result = self._apply(txn, dest, m, installed, gate)
+        if (
+            result.status == "installed"
+            and src.suffix == ".tar"
+            and src.parent == self.slots.incoming
+        ):
+            with contextlib.suppress(OSError):
+                src.unlink(missing_ok=True)
+        return result
 
     def _apply(
         self,

@@ -182,12 +182,16 @@ def parse_duration(text: str) -> timedelta:
         >>> parse_duration("30d").days
         30
     """
-    m = re.fullmatch(r"\s*(\d{1,12}(?:\.\d{1,9})?)\s*([smhdw])\s*", str(text or ""))
-    seconds = float(m.group(1)) * _UNITS[m.group(2)] if m else -1.0
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,9})?)\s*([smhdw])\s*", str(text or ""))
+    if not m:
+        raise EdgesmithError(
+            f"cannot read the duration {text!r}", hint="write a number and a unit: 30d, 12h, 90m"
+        )
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if not 0 < seconds <= MAX_DURATION_S:
         raise EdgesmithError(
-            f"cannot use the duration {text!r}: it must be more than 0 and at most 10 years",
-            hint="write a number and a unit: 30d, 12h, 90m",
+            f"the duration {text!r} is out of range: more than 0 and at most 10 years",
+            hint="e.g. 30d",
         )
     return timedelta(seconds=seconds)
 

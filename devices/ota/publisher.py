@@ -258,6 +258,14 @@ def _publish_locked(
             sign_bundle(folder, priv)
             log.info("signed %s with key %s", src, next(iter(trusted))[:16])
         m = verify_bundle(folder, trusted_keys=trusted, require_signature=True).manifest
+        if not re.fullmatch(_CHANNEL_NAME, m.target):  # it names a file in the store
+            from .config import printable
+
+            raise EdgesmithError(
+                f"{src} is built for target '{printable(m.target)}', which is not a device "
+                "profile name",
+                hint="rebuild it with --target NAME (see `edgesmith devices list`)",
+            )
         if m.expired():
             raise UpdateError(f"{src} expired at {m.expires}", hint="rebuild the bundle")
         releases = list(old.releases) if old else []

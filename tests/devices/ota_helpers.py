@@ -214,6 +214,7 @@ def agent_config(root: Path, server: str | None, keys: dict[str, Path], **kw: An
         "retry_backoff_s": 0.01,
         "timeout_s": 10,
         "poll_interval_s": 3600,
+        "announce_min_interval_s": 0.2,
     }
     base.update(kw)
     return AgentConfig(**base)

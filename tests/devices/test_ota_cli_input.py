@@ -24,8 +24,9 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     [
         ("--rollout", "120%", "rollout must be a percentage"),
         ("--rollout", "nan", "rollout must be a percentage"),
-        ("--expires", "0d", "cannot use the duration '0d'"),
+        ("--expires", "0d", "the duration '0d' is out of range"),
         ("--expires", "99999999999999d", "at most 10 years"),
+        ("--expires", "soon", "cannot read the duration 'soon'"),
         ("--channel", "../etc", "invalid channel name"),
     ],
 )
@@ -117,3 +118,16 @@ def test_strings_from_a_bundle_are_escaped_on_the_terminal(
     assert code == 1 and "built for target" in err, err
     assert "\x1b" not in out + err and "\x07" not in out + err
     assert "\\x1b[2J" in err
+
+
+def test_publish_refuses_a_bundle_whose_target_is_no_profile_name(
+    bundles: Bundles, keys: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evil = bundles.make(2, target="x86\x1b[2J-cpu")
+    store = tmp_path / "store"
+    code, out, err = run_cli(
+        ["ota", "publish", evil, "--store", store, "--key", keys["key"]], capsys
+    )
+    assert code == 2 and "is not a device profile name" in err, err
+    assert "\x1b" not in out + err and "\\x1b[2J" in err
+    assert not list(store.rglob("*.tar")), "nothing was written"
