@@ -4,10 +4,12 @@ One update, in order (each step name is also a crash point for the fault tests):
 
     check -> download -> verify -> extract -> before_install -> health -> switch -> after_install -> commit
 
-Only the inactive slot is written before ``switch``; ``switch`` is one atomic rename of the
-``current`` link. A transaction record in ``state.json`` lets a restarted agent finish or undo
-an update that a crash interrupted after the switch. Any failure leaves (or puts back) the old
-model and runs ``on_rollback``.
+Every update is a transaction recorded in ``state.json`` before the inactive slot is touched.
+Its commit point is the ``rename(2)`` of the ``current`` link in ``switch``: before it, any
+failure (an error, an ``OSError`` such as a full disk) leaves the old model in use and closes the
+transaction; after it, the agent finishes (``after_install``, commit) or switches back in the
+same run, and reports what ``current`` then points at. Only a crash leaves the transaction open:
+the next start (or, if switching back itself failed, the next check) settles it.
 
 Example:
     >>> agent = Agent(AgentConfig(root="/var/lib/edgesmith", server="https://updates.example.com",
@@ -45,11 +47,12 @@ from edgesmith.runtime.bundle import (
 )
 
 from .channel import CHANNEL_FILE, Channel, Release, in_rollout, iso_utc, open_channel, utc_now
-from .config import AgentConfig, UpdateResult
-from .download import download, fetch, post_json
+from .config import AgentConfig, UpdateResult, printable
+from .download import Deadline, download, fetch, post_json
 from .health import check_health
 from .hooks import HookContext, Hooks, run_hook
 from .slots import Slots
+from .state import channel_seq, clean_state, remember_rolled_back
 
 __all__ = ["STEPS", "Agent", "AgentConfig", "UpdateResult"]
 
@@ -109,6 +112,10 @@ class Agent:
         self.device_id = ""
         self.last_result: UpdateResult | None = None
         self._started = False
+        self._unsaved = False  # state.json is behind self.state (a write failed; retried)
+        self._check_now = False  # wake() was called
+        self._announced_seq = 0  # the highest seq announced over MQTT
+        self._deadline: Deadline | None = None  # the network deadline of the check under way
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,10 +134,17 @@ class Agent:
 
         if self._started:
             return
-        self.slots.lock()
         try:
-            self.slots.prepare()
-            self.state = self.slots.read_state()
+            self.slots.lock()
+        except OSError as exc:
+            raise _root_error(self.config.root, exc) from None
+        try:
+            try:
+                self.slots.prepare()
+                raw = self.slots.read_state()
+            except OSError as exc:
+                raise _root_error(self.config.root, exc) from None
+            self.state = clean_state(raw, self.config.channel, self.slots.status_file)
             self.device_id = self._device_id()
             self.profile = load_profile(self.config.target or self._detect_target())
             if self.config.trusted_keys:
@@ -177,24 +191,52 @@ class Agent:
 
     def wake(self) -> None:
         """Check now instead of at the next poll (thread-safe)."""
+        self._check_now = True
         self._wake.set()
 
     def run(self, once: bool = False) -> UpdateResult | None:
-        """The daemon loop: check, then wait for the poll interval or an announcement."""
+        """The daemon loop: check, then wait for the poll interval or an announcement.
+
+        Announcements are coalesced: one that names a seq this device has already seen (it
+        arrived during a check that fetched it) is dropped, and a check the others trigger starts
+        at least ``announce_min_interval_s`` after the previous one (a storm of forged
+        announcements costs one channel fetch per interval, never an install).
+        """
         self.start()
         try:
             while not self._stop.is_set():
                 self._wake.clear()
+                self._check_now = False
+                started = time.monotonic()
                 self.check_once()
                 if once:
                     break
-                self._wake.wait(self.config.poll_interval_s * random.uniform(0.9, 1.1))
+                self._wait(started, time.monotonic() + self._poll_interval())
         finally:
             self.close()
         return self.last_result
 
+    def _poll_interval(self) -> float:
+        return self.config.poll_interval_s * random.uniform(0.9, 1.1)
+
+    def _wait(self, started: float, poll_at: float) -> None:
+        """Until the next poll, a :meth:`wake`, or an announcement of something new."""
+        while not self._stop.is_set():
+            if not self._wake.wait(max(poll_at - time.monotonic(), 0.0)):
+                return  # the timed poll
+            self._wake.clear()
+            if self._stop.is_set() or self._check_now:
+                return
+            if self._announced_seq > channel_seq(self.state, self.config.channel):
+                rest = started + self.config.announce_min_interval_s - time.monotonic()
+                if rest > 0:
+                    self._stop.wait(rest)
+                return
+
     def _announced(self, seq: int) -> None:
-        if seq > int(self.state.get("channel_seq", 0)):
+        # called from paho's network thread: never raise there
+        if seq > channel_seq(self.state, self.config.channel):
+            self._announced_seq = max(self._announced_seq, seq)
             self._wake.set()
 
     def _device_id(self) -> str:
@@ -210,7 +252,7 @@ class Agent:
             did = ""
         did = did or uuid.uuid4().hex[:16]
         self.state["device_id"] = did
-        self.slots.write_state(self.state)
+        self._save_state()
         return did
 
     def _detect_target(self) -> str:
@@ -248,7 +290,7 @@ class Agent:
             "slot": self.slots.active(),
             "name": m.name if m else None,
             "version": m.version if m else None,
-            "channel_seq": self.state.get("channel_seq"),
+            "channel_seq": channel_seq(self.state, self.config.channel) or None,
             "failed": self.state.get("failed", {}),
         }
 
@@ -306,40 +348,65 @@ class Agent:
     # ------------------------------------------------------------------ recovery
 
     def _recover(self) -> None:
-        txn = self.state.get("txn")
-        if txn:
-            if self.slots.active() == txn["slot"]:
-                log.warning(
-                    "finishing the update to version %s that a crash interrupted", txn["version"]
-                )
-                self._finish_switched(txn)
-            else:
-                log.warning(
-                    "discarding an update to version %s that a crash interrupted", txn["version"]
-                )
-                self.state.pop("txn", None)
-                self.slots.write_state(self.state)
+        """At start: settle an open transaction, then make sure the model in use verifies."""
+        self._settle()
         active = self.slots.active()
         if active is None or self._slot_ok(active):
             return  # (no model yet: a first install that never switched stays uninstalled)
         other = "b" if active == "a" else "a"
-        if self.slots.path(other).is_dir() and self._slot_ok(other):
+        if self._may_recover_into(other) and self._slot_ok(other):
             log.error(
                 "the model in use (slot %s) is broken; switching back to slot %s", active, other
             )
-            self.slots.switch(other)
+            try:
+                self.slots.switch(other)
+            except OSError as exc:
+                log.error("cannot switch to slot %s: %s", other, exc)
+                return
+            self.state["last_switch"] = time.time()
+            self._save_state()
         else:
-            log.error("no working model on this device: both slots fail verification")
+            log.error("no working model on this device: the other slot is empty, broken or refused")
 
-    def _finish_switched(self, txn: dict[str, Any]) -> None:
-        ctx = self._ctx("after_install", txn, self.slots.path(txn["slot"]))
+    def _may_recover_into(self, slot: str) -> bool:
+        """Whether recovery may switch to ``slot``: never to a version rolled back here."""
+        path = self.slots.path(slot)
+        if not path.is_dir():
+            return False
+        if _manifest_digest(path) in self.state.get("rolled_back", []):
+            log.error("slot %s holds a bundle that was rolled back here; not switching to it", slot)
+            return False
         try:
-            if not self._slot_ok(txn["slot"]):
-                raise _Rollback("the new model fails its health check after a restart")
-            self._hook("after_install", ctx)
-            self._commit(txn)
-        except _Rollback as exc:
-            self._undo_switch(txn, exc.reason)
+            m = verify_bundle(path, check_files=False).manifest
+        except BundleError:
+            return False
+        if self._failed_before(m.name, m.version) and not _is_local_head(m):
+            log.error("slot %s holds %s %s, which failed here before", slot, m.name, m.version)
+            return False
+        return True
+
+    def _settle(self) -> None:
+        """Close what an earlier run left open: a transaction (a crash, or a rollback that could
+        not switch back) and a state that could not be saved."""
+        txn = self.state.get("txn")
+        if not txn:
+            if self._unsaved:
+                self._save_state()
+            return
+        if txn.get("undo"):
+            log.warning("finishing the rollback of the update to version %s", txn["version"])
+            self._undo_switch(txn, txn["undo"])
+        elif self.slots.active() == txn["slot"]:
+            log.warning(
+                "finishing the update to version %s that a crash interrupted", txn["version"]
+            )
+            self._finish(txn, recheck=True)
+        else:
+            log.warning(
+                "discarding an update to version %s that a crash interrupted", txn["version"]
+            )
+            self.state.pop("txn", None)
+            self._save_state()
 
     # ------------------------------------------------------------------ checking
 
@@ -347,9 +414,9 @@ class Agent:
         if not self.config.server:
             raise EdgesmithError("no update server configured", hint="pass --server URL")
         url = f"{self.config.server.rstrip('/')}/{self.config.channel}/{CHANNEL_FILE}"
-        data = fetch(url, 1 << 20, self.config.timeout_s)
+        data = fetch(url, 1 << 20, self.config.timeout_s, deadline=self._deadline)
         channel = open_channel(data, self._trusted or {}, url, expect=self.config.channel)
-        seen = int(self.state.get("channel_seq", 0))
+        seen = channel_seq(self.state, self.config.channel)  # per channel: moving is no replay
         if channel.seq < seen:
             raise UpdateError(
                 f"{url} has seq {channel.seq}, older than the {seen} this device saw before: "
@@ -357,8 +424,8 @@ class Agent:
                 hint="an old channel file is being replayed (or the store was restored from a backup)",
             )
         if channel.seq > seen:
-            self.state["channel_seq"] = channel.seq
-            self.slots.write_state(self.state)
+            self.state.setdefault("channel_seqs", {})[self.config.channel] = channel.seq
+            self._save_state()
         return channel
 
     def _pick(self, channel: Channel) -> Release | None:
@@ -388,10 +455,15 @@ class Agent:
         """
         self.start()
         t0 = time.perf_counter()
+        try:
+            self._settle()  # e.g. a switch back that failed in the last check
+        except Exception:  # reported through the check below; never ends the daemon
+            log.exception("settling the last transaction failed")
         installed = self.installed()
         cur = installed.version if installed else None
         base = self._fleet_version(installed)  # a head fine-tuned here keeps its fleet version
         release = None
+        self._deadline = Deadline(self.config.check_deadline_s, "update check")
         try:
             self._step("check")
             channel = self._fetch_channel()
@@ -444,10 +516,23 @@ class Agent:
                 name=release.name if release else None,
                 reason=_os_reason(exc),
             )
-            self._clean_incoming(keep=None)
+            with contextlib.suppress(OSError):
+                self._clean_incoming(keep=None)
+        except Exception as exc:  # a bug must not end the daemon; report it
+            log.exception("update check failed")
+            result = UpdateResult(
+                "failed",
+                cur,
+                release.version if release else None,
+                name=release.name if release else None,
+                reason=f"internal error: {type(exc).__name__}: {exc}",
+            )
+        finally:
+            self._deadline = None
         # a complete download that did not install is not kept (only .part files, for resume)
-        for tar in self.slots.incoming.glob("*.tar"):
-            tar.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            for tar in self.slots.incoming.glob("*.tar"):
+                tar.unlink(missing_ok=True)
         return self._report(result, t0)
 
     def install(self, bundle: str | Path) -> UpdateResult:
@@ -535,6 +620,9 @@ class Agent:
                 self._step("download:half")
 
         url = f"{self.config.server.rstrip('/')}/{r.path}" if self.config.server else r.path
+        deadline = Deadline(self.config.download_deadline_s, "download")
+        if self._deadline is not None and self._deadline.remaining() < deadline.remaining():
+            deadline = self._deadline
         return download(
             url,
             part,
@@ -544,6 +632,8 @@ class Agent:
             backoff_s=self.config.retry_backoff_s,
             timeout=self.config.timeout_s,
             on_bytes=progress,
+            deadline=deadline,
+            min_rate=self.config.min_download_rate,
         )
 
     # ------------------------------------------------------------------ install
@@ -556,7 +646,7 @@ class Agent:
             expect.target,
         ):
             raise UpdateError(
-                f"the bundle is {m.name} {m.version} for {m.target}, but the channel announced "
+                f"the bundle is {m.name} {m.version} for {printable(m.target)}, but the channel announced "
                 f"{expect.name} {expect.version} for {expect.target}",
                 hint="the store is inconsistent; republish the release",
             )
@@ -565,7 +655,7 @@ class Agent:
 
             arch = load_profile(m.target).arch if m.target in list_profiles() else "unknown arch"
             raise UpdateError(
-                f"the bundle is built for target '{m.target}' ({arch}); this device is "
+                f"the bundle is built for target '{printable(m.target)}' ({arch}); this device is "
                 f"'{self.profile.name}' ({self.profile.arch})",
                 hint=f"build for this device: edgesmith build RECIPE --target {self.profile.name}",
             )
@@ -630,10 +720,10 @@ class Agent:
         }
         if local:
             txn["local"] = True
-        self.state["txn"] = txn
-        self.slots.write_state(self.state)
         dest = self.slots.path(slot)
         try:
+            self.state["txn"] = txn
+            self.slots.write_state(self.state)  # durable before the slot is touched
             self._wait_grace()
             self._step("extract")
             self.slots.clear(slot)
@@ -653,15 +743,32 @@ class Agent:
             # a clean failure (disk full, bad file): forget the attempt; only crashes count
             attempts[key] -= 1
             self.state.pop("txn", None)
-            with contextlib.suppress(OSError):
-                self.slots.write_state(self.state)
+            self._save_state()
             raise
-        ctx = self._ctx("before_install", txn, dest)
+        result = self._apply(txn, dest, m, installed, gate)
+        if (
+            result.status == "installed"
+            and src.suffix == ".tar"
+            and src.parent == self.slots.incoming
+        ):
+            with contextlib.suppress(OSError):
+                src.unlink(missing_ok=True)
+        return result
+
+    def _apply(
+        self,
+        txn: dict[str, Any],
+        dest: Path,
+        m: Manifest,
+        installed: Manifest | None,
+        gate: Callable[[Path, Manifest], None] | None,
+    ) -> UpdateResult:
+        """Check the extracted slot, switch to it (the commit point), finish or switch back."""
         try:
-            if not local and installed is not None:
+            if not txn.get("local") and installed is not None:
                 m = self._head_policy(dest, m, installed)
             self._step("before_install")
-            self._hook("before_install", ctx)
+            self._hook("before_install", self._ctx("before_install", txn, dest))
             self._step("health")
             report = check_health(dest, self.config.latency_budget_ms, self.config.require_golden)
             if not report.ok:
@@ -671,22 +778,41 @@ class Agent:
                     gate(dest, m)
                 except (UpdateError, BundleError) as exc:
                     raise _Rollback(exc.message) from None
+            self._step("switch")
         except _Rollback as exc:
             return self._abandon(txn, exc.reason)
-        self._step("switch")
-        self.slots.switch(slot, step=self._step)
-        self.state["last_switch"] = time.time()
-        self.slots.write_state(self.state)
+        except OSError as exc:  # the device, not the bundle: may work next time
+            return self._abandon(txn, _os_reason(exc, switched=False), remember=False)
         try:
+            self.slots.switch(txn["slot"], step=self._step)
+        except OSError as exc:
+            if self.slots.active() != txn["slot"]:  # the rename did not happen
+                reason = f"switching to the new model failed: {_os_reason(exc, switched=False)}"
+                return self._abandon(txn, reason, remember=False)
+            # after the rename (e.g. the folder's fsync): the new model is in use
+            log.warning("switched to slot %s, but: %s", txn["slot"], exc)
+        return self._finish(txn)
+
+    def _finish(self, txn: dict[str, Any], recheck: bool = False) -> UpdateResult:
+        """After the commit point: run ``after_install`` and commit, or switch back.
+
+        ``recheck`` (recovery after a crash) health-checks the slot first.
+        """
+        dest = self.slots.path(txn["slot"])
+        self.state["last_switch"] = time.time()
+        try:
+            if recheck and not self._slot_ok(txn["slot"]):
+                raise _Rollback("the new model fails its health check after a restart")
             self._step("after_install")
             self._hook("after_install", self._ctx("after_install", txn, dest))
         except _Rollback as exc:
             return self._undo_switch(txn, exc.reason)
-        self._step("commit")
+        except OSError as exc:
+            return self._undo_switch(txn, f"after_install: {_os_reason(exc, switched=True)}")
         self._commit(txn)
-        if src.suffix == ".tar" and src.parent == self.slots.incoming:
-            src.unlink(missing_ok=True)
-        return UpdateResult("installed", m.version, m.version, txn["previous_version"], m.name)
+        return UpdateResult(
+            "installed", txn["version"], txn["version"], txn["previous_version"], txn["name"]
+        )
 
     def _head_policy(self, dest: Path, m: Manifest, installed: Manifest) -> Manifest:
         """OTA policy ``keep``: re-apply a head fine-tuned here onto the update's backbone."""
@@ -740,16 +866,30 @@ class Agent:
         except UpdateError as exc:
             raise _Rollback(exc.message) from None
 
+    def _save_state(self) -> bool:
+        """Write ``state.json``; on an OSError log it and retry at the next check."""
+        try:
+            self.slots.write_state(self.state)
+        except OSError as exc:
+            log.error("cannot save %s (%s); retrying later", self.slots.state_file, exc)
+            self._unsaved = True
+            return False
+        self._unsaved = False
+        return True
+
     def _mark_failed(self, name: str, version: int, reason: str, local: bool = False) -> None:
         if not local:  # a refused local head must not block the fleet version of that number
             self.state.setdefault("failed", {})[f"{name}:{version}"] = reason
         self.state.get("attempts", {}).pop(f"{name}:{version}", None)
         self.state.pop("txn", None)
-        self.slots.write_state(self.state)
+        self._save_state()
 
     def _commit(self, txn: dict[str, Any]) -> None:
+        """Close a transaction whose slot is in use and whose ``after_install`` ran."""
         self.state.get("attempts", {}).pop(f"{txn['name']}:{txn['version']}", None)
         self.state.pop("txn", None)
+        digest = _manifest_digest(self.slots.path(txn["slot"]))
+        self.state["rolled_back"] = [d for d in self.state.get("rolled_back", []) if d != digest]
         self.state.setdefault("history", []).append(
             {
                 "name": txn["name"],
@@ -759,7 +899,15 @@ class Agent:
             }
         )
         self.state["history"] = self.state["history"][-20:]
-        self.slots.write_state(self.state)
+        try:
+            self._step("commit")
+            self.slots.write_state(self.state)
+            self._unsaved = False
+        except OSError as exc:  # the model in use is the new one either way; retried later
+            log.error(
+                "installed, but cannot save %s (%s); retrying later", self.slots.state_file, exc
+            )
+            self._unsaved = True
 
     def _rollback_hook(self, txn: dict[str, Any], reason: str) -> None:
         try:
@@ -771,10 +919,20 @@ class Agent:
         except UpdateError as exc:
             log.error("on_rollback hook failed: %s", exc.message)
 
-    def _abandon(self, txn: dict[str, Any], reason: str) -> UpdateResult:
-        """Fail an update before the switch: the old model never stopped being current."""
+    def _abandon(self, txn: dict[str, Any], reason: str, remember: bool = True) -> UpdateResult:
+        """Close a failed transaction whose old model is in use; runs ``on_rollback``.
+
+        ``remember``: the bundle itself failed (not the device): never retry it, never recover
+        into its slot.
+        """
         log.error("update to %s %s rolled back: %s", txn["name"], txn["version"], reason)
-        self._mark_failed(txn["name"], txn["version"], reason, local=bool(txn.get("local")))
+        if remember:
+            remember_rolled_back(self.state, _manifest_digest(self.slots.path(txn["slot"])))
+            if not txn.get("local"):  # a refused local head must not block that fleet version
+                self.state.setdefault("failed", {})[f"{txn['name']}:{txn['version']}"] = reason
+        self.state.get("attempts", {}).pop(f"{txn['name']}:{txn['version']}", None)
+        self.state.pop("txn", None)
+        self._save_state()
         self._rollback_hook(txn, reason)
         return UpdateResult(
             "rolled-back",
@@ -786,26 +944,63 @@ class Agent:
         )
 
     def _undo_switch(self, txn: dict[str, Any], reason: str) -> UpdateResult:
-        """Fail an update after the switch: point ``current`` back at the previous slot."""
+        """Fail an update after the commit point: point ``current`` back at the previous slot.
+
+        If that is impossible (no previous model) or fails (an OSError), the result says so and
+        names the version still in use; a failed switch back is retried at the next check.
+        """
         prev = txn.get("previous_slot")
-        if prev and self.slots.path(prev).is_dir():
-            self.slots.switch(prev)
+        if self.slots.active() == txn["slot"]:
+            if not prev or not self.slots.path(prev).is_dir():
+                self._abandon(txn, reason + "; no previous model to go back to")
+                return UpdateResult(
+                    "failed",
+                    txn["version"],
+                    txn["version"],
+                    txn["previous_version"],
+                    txn["name"],
+                    f"{reason}; no previous model to go back to, so version {txn['version']} "
+                    "stays in use",
+                )
+            txn["undo"] = reason  # a crash from here on: the next start finishes the rollback
+            self.state["txn"] = txn
+            self._save_state()
+            try:
+                self.slots.switch(prev)
+            except OSError as exc:
+                if self.slots.active() == txn["slot"]:
+                    log.error("cannot switch back to slot %s: %s; retrying later", prev, exc)
+                    return UpdateResult(
+                        "failed",
+                        txn["version"],
+                        txn["version"],
+                        txn["previous_version"],
+                        txn["name"],
+                        f"{reason}; switching back failed ({_os_reason(exc, switched=True)}), so "
+                        f"version {txn['version']} stays in use until the next check",
+                    )
             self.state["last_switch"] = time.time()
-        else:
-            reason += "; no previous model to go back to"
         return self._abandon(txn, reason)
 
     # ------------------------------------------------------------------ reporting
 
     def _report(self, result: UpdateResult, t0: float) -> UpdateResult:
         result.seconds = round(time.perf_counter() - t0, 3)
+        if self._unsaved:
+            self._save_state()
+        # the version reported is the one `current` points at, whatever the code path thought
+        m = self.installed()
+        in_use = m.version if m else None
+        if result.version != in_use:
+            log.warning("reporting version %s in use, not %s", in_use, result.version)
+            result.version = in_use
         self.last_result = result
         level = logging.INFO if result.ok else logging.ERROR
         log.log(
             level,
             "update check: %s%s",
             result.status,
-            f" ({result.reason})" if result.reason else "",
+            f" ({printable(result.reason)})" if result.reason else "",
         )
         status = {**self.status(), **result.to_json(), "time": iso_utc(utc_now())}
         try:
@@ -819,12 +1014,33 @@ class Agent:
                 post_json(
                     self.config.report_url, json.dumps(status).encode(), self.config.timeout_s
                 )
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, UpdateError) as exc:
                 log.warning("status report to %s failed: %s", self.config.report_url, exc)
         return result
 
 
-def _os_reason(exc: OSError) -> str:
+def _os_reason(exc: OSError, switched: bool = False) -> str:
     if exc.errno == errno.ENOSPC:
-        return f"disk full while installing ({exc.filename or 'device'}); the installed model is untouched"
+        where = exc.filename or "device"
+        if switched:
+            return f"disk full ({where})"
+        return f"disk full while installing ({where}); the installed model is untouched"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _manifest_digest(slot: Path) -> str | None:
+    try:
+        return hashlib.sha256((slot / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _is_local_head(m: Manifest) -> bool:
+    return (m.trainable_head or {}).get("trained", {}).get("by") == "device"
+
+
+def _root_error(root: Path, exc: OSError) -> EdgesmithError:
+    return EdgesmithError(
+        f"cannot use the agent root {root}: {exc.strerror or exc}",
+        hint="give a writable folder with --root (or root in agent.yaml)",
+    )

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgesmith.errors import UpdateError
+from edgesmith.errors import EdgesmithError, UpdateError
 from edgesmith.runtime.bundle import parse_utc
 from edgesmith.runtime.signing import TrustedKeys, dsse_open, dsse_seal
 
@@ -128,10 +128,16 @@ def open_channel(
         raise UpdateError(
             f"{where} is larger than {MAX_CHANNEL_BYTES} bytes", hint="this is not a channel file"
         )
-    payload, _ = dsse_open(data, PAYLOAD_TYPE, trusted, where, error=UpdateError)
+    try:
+        payload, _ = dsse_open(data, PAYLOAD_TYPE, trusted, where, error=UpdateError)
+    except RecursionError:  # JSON nested thousands deep: not an envelope
+        raise UpdateError(
+            f"{where} is not a signed envelope (nested too deeply)",
+            hint="publish it again with `edgesmith ota publish`",
+        ) from None
     try:
         channel = Channel.model_validate(json.loads(payload))
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         first = str(exc).splitlines()[0]
         raise UpdateError(
             f"{where} is signed but malformed: {first}",
@@ -163,31 +169,45 @@ def in_rollout(device_id: str, release: Release) -> bool:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION_S = 10 * 366 * 86400  # ten years: longer lifetimes defeat the freeze protection
 
 
 def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` as a timedelta.
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` as a timedelta (more than 0, at most 10 years).
+
+    Raises:
+        EdgesmithError: anything else (a usage error).
 
     Example:
         >>> parse_duration("30d").days
         30
     """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
-    if not m or float(m.group(1)) <= 0:
-        raise UpdateError(
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,9})?)\s*([smhdw])\s*", str(text or ""))
+    if not m:
+        raise EdgesmithError(
             f"cannot read the duration {text!r}", hint="write a number and a unit: 30d, 12h, 90m"
         )
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise EdgesmithError(
+            f"the duration {text!r} is out of range: more than 0 and at most 10 years",
+            hint="e.g. 30d",
+        )
+    return timedelta(seconds=seconds)
 
 
 def parse_percent(text: str | float) -> float:
-    """``20%``, ``20`` or ``100%`` as a float in [0, 100]."""
+    """``20%``, ``20`` or ``100%`` as a float in [0, 100].
+
+    Raises:
+        EdgesmithError: anything else (a usage error).
+    """
     try:
         value = float(str(text).strip().removesuffix("%"))
     except ValueError:
         value = -1.0
-    if not 0.0 <= value <= 100.0:
-        raise UpdateError(
+    if not 0.0 <= value <= 100.0:  # NaN fails this too
+        raise EdgesmithError(
             f"rollout must be a percentage from 0 to 100, got {text!r}", hint="e.g. --rollout 20%"
         )
     return value

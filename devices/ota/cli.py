@@ -123,9 +123,10 @@ def ota_refresh(store: Path, channel: str, key: Path, expires: str, mqtt: str | 
 @_key_option
 def ota_channel(store: Path, channel: str, keys: tuple[Path, ...]) -> None:
     """Verify and print a store's channel file."""
-    from edgesmith.devices.ota.publisher import read_channel
+    from edgesmith.devices.ota.publisher import check_channel_name, read_channel
     from edgesmith.runtime.signing import load_trusted_keys
 
+    check_channel_name(channel)
     if not keys:
         raise EdgesmithError(
             "give the publisher's public key to check the channel", hint="--key NAME.pub"
@@ -249,6 +250,7 @@ def ota_agent(
           --key /etc/edgesmith/release.pub --mqtt broker.example.com:1883
     """
     from edgesmith.devices.ota.agent import Agent
+    from edgesmith.devices.ota.config import printable
 
     cfg = _agent_config(
         config,
@@ -268,7 +270,8 @@ def ota_agent(
         _echo_json(result.to_json())
         if not result.ok:
             raise CheckFailed(
-                f"update {result.status}: {result.reason}", hint="the installed model is unchanged"
+                f"update {result.status}: {printable(result.reason)}",
+                hint="the model in use is the version above",
             )
 
 
@@ -286,6 +289,7 @@ def ota_install(
 ) -> None:
     """Install a local BUNDLE through the agent's checks (provisioning a new device)."""
     from edgesmith.devices.ota.agent import Agent
+    from edgesmith.devices.ota.config import printable
 
     cfg = _agent_config(
         config,
@@ -304,7 +308,8 @@ def ota_install(
     _echo_json(result.to_json())
     if not result.ok:
         raise CheckFailed(
-            f"install {result.status}: {result.reason}", hint="the installed model is unchanged"
+            f"install {result.status}: {printable(result.reason)}",
+            hint="the model in use is the version above",
         )
 
 
@@ -330,7 +335,17 @@ def ota_status(root: Path) -> None:
         except BundleError:
             out["slots"][s] = None
     if slots.status_file.is_file():
-        out["last"] = json.loads(slots.status_file.read_text())
+        try:
+            last = json.loads(slots.status_file.read_bytes())
+        except (OSError, ValueError, RecursionError) as exc:
+            # only a report of the last check: say so and go on (the next check rewrites it)
+            click.echo(
+                f"warning: {slots.status_file} is unreadable ({type(exc).__name__}); "
+                "the next update check rewrites it",
+                err=True,
+            )
+            last = None
+        out["last"] = last if isinstance(last, dict) else None
     _echo_json(out)
     if active is None:
         raise CheckFailed(

@@ -11,7 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["AgentConfig", "UpdateResult"]
+__all__ = ["AgentConfig", "UpdateResult", "printable"]
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters (ESC, CR, bidi overrides) escaped: safe to
+    print on a terminal. Reasons and names can come from a bundle or a channel file.
+
+    Example:
+        >>> printable("rpi5\x1b[2J")
+        'rpi5\\x1b[2J'
+    """
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
+    )
 
 
 class AgentConfig(BaseModel):
@@ -23,7 +36,7 @@ class AgentConfig(BaseModel):
     server: str | None = (
         None  # the store's base URL; the channel file is <server>/<channel>/channel.json
     )
-    channel: str = "stable"
+    channel: str = Field(default="stable", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     target: str | None = None  # device profile; None: `edgesmith devices detect`
     name: str | None = None  # the model to follow; None: the one release for this target
     device_id: str | None = None  # None: derived from /etc/machine-id, else random (kept in state)
@@ -45,7 +58,11 @@ class AgentConfig(BaseModel):
     hook_timeout_s: float = Field(default=300.0, gt=0)
     download_retries: int = Field(default=5, ge=0)
     retry_backoff_s: float = Field(default=1.0, ge=0)
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)  # one network operation; all of a small request
+    check_deadline_s: float = Field(default=3600.0, gt=0)  # the network waits of one check
+    download_deadline_s: float = Field(default=3600.0, gt=0)  # one bundle, retries included
+    min_download_rate: float = Field(default=4096.0, ge=0)  # bytes/s over timeout_s; 0: none
+    announce_min_interval_s: float = Field(default=10.0, ge=0)  # between announced checks
     max_bundle_bytes: int = Field(default=4 << 30, ge=1)
     switch_grace_s: float = Field(default=2.0, ge=0)  # lets a watching server see each switch
     max_attempts: int = Field(default=3, ge=1)  # interrupted installs before a version is given up

@@ -6,7 +6,13 @@ Topics (``edgesmith`` prefix)::
     edgesmith/<channel>/status/<device id>   retained, QoS 1: the device's last update result
 
 An announcement only wakes the agent: it then fetches and verifies the signed channel file over
-HTTP exactly as a timed poll would, so a forged MQTT message can cause a poll, never an install.
+HTTP exactly as a timed poll would, so a forged MQTT message can cause a poll, never an install
+(and the agent coalesces announcements: at most one poll per ``announce_min_interval_s``).
+
+Anyone who can publish on the broker can send anything, so :func:`parse_announcement` is strict
+and bounded (size, nesting depth, types, integer range) and nothing raised while handling a
+message reaches paho's network thread (an exception there would end it, and with it every later
+announcement).
 """
 
 from __future__ import annotations
@@ -19,12 +25,97 @@ from typing import Any
 
 from edgesmith.errors import EdgesmithError, UpdateError
 
-__all__ = ["MqttLink", "announce", "announce_topic", "parse_hostport", "status_topic"]
+__all__ = [
+    "AnnouncementError",
+    "MqttLink",
+    "announce",
+    "announce_topic",
+    "parse_announcement",
+    "parse_hostport",
+    "status_topic",
+]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "edgesmith"
-MAX_PAYLOAD = 64 << 10
+MAX_ANNOUNCEMENT = 4 << 10  # a real one is ~40 bytes
+MAX_DEPTH = 4  # {"channel": ..., "seq": ...} is depth 1; room for small future fields
+MAX_SEQ = (1 << 63) - 1
+
+
+class AnnouncementError(ValueError):
+    """An MQTT announcement that is not one (ignored, with a log line)."""
+
+
+def _depth(data: bytes) -> int:
+    """The deepest nesting of JSON arrays/objects in ``data`` (brackets inside strings skipped)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for c in data:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise AnnouncementError(f"{name} is not a number an announcement may hold")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:
+        raise AnnouncementError("an integer with more than 19 digits")
+    return int(text)
+
+
+def parse_announcement(payload: bytes, channel: str) -> int:
+    """The ``seq`` of an announcement for ``channel``: ``{"channel": channel, "seq": N}``.
+
+    ``N`` must be a JSON integer in [1, 2**63); ``channel``, if present, must be this channel;
+    other keys are ignored. At most ``MAX_ANNOUNCEMENT`` bytes and ``MAX_DEPTH`` levels.
+
+    Raises:
+        AnnouncementError: anything else (never another exception).
+
+    Example:
+        >>> parse_announcement(b'{"channel": "stable", "seq": 17}', "stable")
+        17
+    """
+    if not isinstance(payload, (bytes, bytearray)):
+        raise AnnouncementError("the payload is not bytes")
+    if len(payload) > MAX_ANNOUNCEMENT:
+        raise AnnouncementError(f"{len(payload)} bytes, over the {MAX_ANNOUNCEMENT}-byte limit")
+    if _depth(payload) > MAX_DEPTH:
+        raise AnnouncementError(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        doc = json.loads(
+            bytes(payload).decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+        )
+    except AnnouncementError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        raise AnnouncementError(f"not JSON: {type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise AnnouncementError("not a JSON object")
+    seq = doc.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+        raise AnnouncementError("'seq' is not an integer from 1 to 2**63-1")
+    if "channel" in doc and doc["channel"] != channel:
+        raise AnnouncementError("for another channel")
+    return seq
 
 
 def announce_topic(channel: str) -> str:
@@ -90,6 +181,12 @@ class MqttLink:
         self._client.on_message = self._on_message
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        try:
+            self._connected(client, reason)
+        except Exception:  # never into paho's network thread
+            log.exception("MQTT on_connect failed")
+
+    def _connected(self, client: Any, reason: Any) -> None:
         if getattr(reason, "is_failure", False):
             log.warning(
                 "MQTT broker %s:%d refused the connection: %s", self.host, self.port, reason
@@ -100,16 +197,17 @@ class MqttLink:
         self.connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if len(msg.payload) > MAX_PAYLOAD:
-            log.warning("ignoring an MQTT message of %d bytes on %s", len(msg.payload), msg.topic)
-            return
+        # runs in paho's network thread: an exception escaping here would end that thread
         try:
-            seq = int(json.loads(msg.payload)["seq"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed announcement on %s", msg.topic)
-            return
-        if self.on_announce is not None:
-            self.on_announce(seq)
+            if msg.topic != announce_topic(self.channel):
+                return
+            seq = parse_announcement(msg.payload, self.channel)
+            if self.on_announce is not None:
+                self.on_announce(seq)
+        except AnnouncementError as exc:
+            log.warning("ignoring a malformed announcement on %s: %s", self.channel, exc)
+        except Exception:
+            log.exception("handling an MQTT message failed")
 
     def start(self, wait_s: float = 0.0) -> bool:
         """Connect in the background; wait up to ``wait_s`` for the connection. Returns connected."""

@@ -8,20 +8,29 @@ Layout::
 
 Bundles are written before the channel file that points at them, each by a rename, so a device
 reading the store at any moment sees a consistent state.
+
+Publishing is a read-modify-write of ``channel.json``. Publishers serialise on an ``flock`` of
+``STORE/.edgesmith-publish.lock`` (released by the OS if a publisher dies), and each checks
+before its rename that the channel file is still the one it read (compare-and-swap): two
+concurrent publishes both land, or one fails loudly instead of silently dropping a release.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
+import re
 import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgesmith.errors import UpdateError
+from edgesmith.errors import EdgesmithError, UpdateError
 from edgesmith.fsutil import atomic_write_bytes
 from edgesmith.runtime.bundle import (
     MANIFEST,
@@ -41,16 +50,97 @@ from .channel import (
     new_channel,
     open_channel,
     parse_duration,
+    parse_percent,
     utc_now,
 )
 
-__all__ = ["channel_path", "publish", "read_channel", "refresh_channel"]
+__all__ = [
+    "channel_path",
+    "check_channel_name",
+    "publish",
+    "read_channel",
+    "refresh_channel",
+    "store_lock",
+]
 
 log = logging.getLogger(__name__)
 
 
+LOCK_FILE = ".edgesmith-publish.lock"
+LOCK_WAIT_S = 120.0
+_CHANNEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
 def channel_path(store: Path, channel: str) -> Path:
     return Path(store) / channel / CHANNEL_FILE
+
+
+def check_channel_name(channel: str) -> str:
+    """``channel`` if it is a valid channel name (it becomes a folder and a URL path).
+
+    Raises:
+        EdgesmithError: anything but letters, digits, ``.``, ``_`` and ``-`` (1-64, no leading
+            punctuation).
+    """
+    if not isinstance(channel, str) or not re.fullmatch(_CHANNEL_NAME, channel):
+        raise EdgesmithError(
+            f"invalid channel name {channel!r}",
+            hint="use letters, digits, '.', '_' and '-' (e.g. stable, beta-2)",
+        )
+    return channel
+
+
+@contextlib.contextmanager
+def store_lock(store: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the store's publish lock (``flock``; waits up to ``wait_s`` for another publisher,
+    default ``LOCK_WAIT_S``).
+
+    Raises:
+        UpdateError: another publisher held it for ``wait_s`` seconds.
+        EdgesmithError: the store folder cannot be created or written.
+    """
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        f = open(store / LOCK_FILE, "ab")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise EdgesmithError(
+            f"cannot write to the store {store}: {exc.strerror or exc}",
+            hint="give a writable folder with --store",
+        ) from None
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UpdateError(
+                        f"another publisher has held {store / LOCK_FILE} for {wait_s:.0f} s",
+                        hint="wait for it to finish and publish again (the lock is released "
+                        "when that process ends)",
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        f.close()
+
+
+def _open(
+    data: bytes | None, store: Path, channel: str, trusted: dict[str, bytes]
+) -> Channel | None:
+    if data is None:
+        return None
+    where = str(channel_path(store, channel))
+    return open_channel(data, trusted, where, expect=channel, allow_expired=True)
+
+
+def _channel_bytes(store: Path, channel: str) -> bytes | None:
+    try:
+        return channel_path(store, channel).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _public_of(key: Any) -> dict[str, bytes]:
@@ -66,15 +156,23 @@ def read_channel(store: Path, channel: str, trusted: dict[str, bytes]) -> Channe
     Raises:
         UpdateError: the channel file exists but is corrupt or signed by another key.
     """
-    path = channel_path(store, channel)
-    if not path.is_file():
-        return None
-    return open_channel(path.read_bytes(), trusted, str(path), expect=channel, allow_expired=True)
+    return _open(_channel_bytes(Path(store), channel), Path(store), channel, trusted)
 
 
-def _write_channel(store: Path, channel: Channel, key: Any) -> None:
+def _write_channel(store: Path, channel: Channel, key: Any, read: bytes | None) -> None:
+    """Replace the channel file, if it still holds ``read`` (the bytes this publish started from).
+
+    Raises:
+        UpdateError: someone changed it meanwhile (a publisher that does not take the lock).
+    """
     from .channel import seal_channel
 
+    if _channel_bytes(store, channel.channel) != read:
+        raise UpdateError(
+            f"{channel_path(store, channel.channel)} changed while this publish was running; "
+            "nothing was published",
+            hint="another publisher wrote it (without the store lock?); publish again",
+        )
     atomic_write_bytes(channel_path(store, channel.channel), seal_channel(channel, key))
 
 
@@ -114,11 +212,28 @@ def publish(
         UpdateError / BundleError: bad bundle, downgrade, version clash, corrupt channel, bad key.
     """
     store, src = Path(store), Path(bundle)
+    check_channel_name(channel)
+    rollout = parse_percent(rollout)
     priv = load_private_key(key)
     trusted = _public_of(priv)
     lifetime = parse_duration(expires)
+    with store_lock(store):
+        return _publish_locked(src, store, channel, priv, trusted, rollout, lifetime, force_channel)
+
+
+def _publish_locked(
+    src: Path,
+    store: Path,
+    channel: str,
+    priv: Any,
+    trusted: dict[str, bytes],
+    rollout: float,
+    lifetime: Any,
+    force_channel: bool,
+) -> tuple[Release, Channel]:
+    read = _channel_bytes(store, channel)
     try:
-        old = read_channel(store, channel, trusted)
+        old = _open(read, store, channel, trusted)
     except UpdateError as exc:
         if not force_channel:
             raise UpdateError(
@@ -143,6 +258,14 @@ def publish(
             sign_bundle(folder, priv)
             log.info("signed %s with key %s", src, next(iter(trusted))[:16])
         m = verify_bundle(folder, trusted_keys=trusted, require_signature=True).manifest
+        if not re.fullmatch(_CHANNEL_NAME, m.target):  # it names a file in the store
+            from .config import printable
+
+            raise EdgesmithError(
+                f"{src} is built for target '{printable(m.target)}', which is not a device "
+                "profile name",
+                hint="rebuild it with --target NAME (see `edgesmith devices list`)",
+            )
         if m.expired():
             raise UpdateError(f"{src} expired at {m.expires}", hint="rebuild the bundle")
         releases = list(old.releases) if old else []
@@ -188,7 +311,7 @@ def publish(
     releases.append(release)
     releases.sort(key=lambda r: (r.name, r.target))
     new = new_channel(channel, _next_seq(old), lifetime, releases)
-    _write_channel(store, new, priv)
+    _write_channel(store, new, priv, read)
     return release, new
 
 
@@ -209,13 +332,23 @@ def refresh_channel(
     Raises:
         UpdateError: no channel yet, or it is corrupt or signed by another key.
     """
+    check_channel_name(channel)
     priv = load_private_key(key)
-    old = read_channel(Path(store), channel, _public_of(priv))
-    if old is None:
+    lifetime = parse_duration(expires)
+    store = Path(store)
+    if not channel_path(store, channel).is_file():
         raise UpdateError(
             f"no channel '{channel}' in {store}",
             hint="publish a bundle first: `edgesmith ota publish`",
         )
-    new = new_channel(channel, _next_seq(old), parse_duration(expires), list(old.releases))
-    _write_channel(Path(store), new, priv)
+    with store_lock(store):
+        read = _channel_bytes(store, channel)
+        old = _open(read, store, channel, _public_of(priv))
+        if old is None:
+            raise UpdateError(
+                f"no channel '{channel}' in {store}",
+                hint="publish a bundle first: `edgesmith ota publish`",
+            )
+        new = new_channel(channel, _next_seq(old), lifetime, list(old.releases))
+        _write_channel(store, new, priv, read)
     return new

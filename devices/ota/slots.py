@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,8 @@ from edgesmith.fsutil import atomic_write_bytes
 from edgesmith.runtime.bundle import fsync_dir
 
 __all__ = ["SLOTS", "Slots"]
+
+log = logging.getLogger(__name__)
 
 SLOTS = ("a", "b")
 CURRENT = "current"
@@ -114,6 +117,9 @@ class Slots:
 
         ``step`` (if given) is called with ``switch:linked`` and ``switch:renamed`` between the
         system calls: the crash points the fault tests use.
+
+        The ``rename(2)`` is the commit point: if this raises, :meth:`active` tells whether the
+        switch happened (an error after the rename, e.g. in the folder's fsync, leaves it done).
         """
         if slot not in SLOTS or not self.path(slot).is_dir():
             raise UpdateError(f"slot {slot} is empty", hint="install a bundle into it first")
@@ -121,21 +127,35 @@ class Slots:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(f"slots/{slot}", tmp)
-        if step:
-            step("switch:linked")
-        os.replace(tmp, self.current)
+        try:
+            if step:
+                step("switch:linked")
+            os.replace(tmp, self.current)  # the commit point
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         if step:
             step("switch:renamed")
         fsync_dir(self.root)
 
     # ------------------------------------------------------------------ state
 
-    def read_state(self) -> dict[str, Any]:
+    def read_state(self) -> Any:
+        """The parsed ``state.json`` (None if there is none or it cannot be read; see state.py)."""
         try:
-            data = json.loads(self.state_file.read_bytes())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}  # a lost state file costs a re-download, never the model in use
+            data = self.state_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read %s (%s); starting with an empty state", self.state_file, exc)
+            return None
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):
+            # a lost state file costs a re-download, never the model in use
+            log.warning("%s is corrupt; starting with an empty state", self.state_file)
+            return None
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_bytes(

@@ -7,6 +7,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ class StoreServer(ThreadingHTTPServer):
     """Serves a folder over HTTP/1.1 with Range support, logs requests and injects faults.
 
     ``faults[path] = [("drop", n_bytes)]`` closes the connection after n bytes of the body
-    (one-shot, in order); ``("status", 503)`` answers with that status.
+    (one-shot, in order); ``("status", 503)`` answers with that status; ``("trickle", ms)``
+    sends the headers, then one byte of the body every ``ms`` milliseconds (a slowloris store);
+    ``("trickle-headers", ms)`` sends even the status line and headers that way.
     """
 
     daemon_threads = True
@@ -119,6 +122,9 @@ class _StoreHandler(BaseHTTPRequestHandler):
         if fault and fault[0] == "status":
             self.send_error(fault[1])
             return
+        if fault and fault[0] == "trickle-headers":
+            self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", fault[1])
+            return
         file = (srv.root / path.lstrip("/")).resolve()
         if not file.is_relative_to(srv.root.resolve()) or not file.is_file():
             self.send_error(404)
@@ -145,6 +151,9 @@ class _StoreHandler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
         self.end_headers()
+        if fault and fault[0] == "trickle":
+            self._trickle(body, fault[1])
+            return
         if fault and fault[0] == "drop":
             body = body[: fault[1]]
             self.wfile.write(body)
@@ -157,11 +166,30 @@ class _StoreHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         srv.bytes_sent += len(body)
 
+    def _trickle(self, data: bytes, ms: int) -> None:
+        self.close_connection = True
+        for i in range(len(data)):
+            try:
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up: what the test wants
+                return
+            self.server.bytes_sent += 1
+            time.sleep(ms / 1000)
+
     def do_POST(self) -> None:  # status reports
         n = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(min(n, 1 << 16))
         with self.server.lock:
             self.server.requests.append({"path": self.path, "post": json.loads(body)})
+            fault = (
+                self.server.faults.get(self.path, []).pop(0)
+                if self.server.faults.get(self.path)
+                else None
+            )
+        if fault and fault[0] == "trickle-headers":
+            self._trickle(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", fault[1])
+            return
         self.send_response(204)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -186,6 +214,7 @@ def agent_config(root: Path, server: str | None, keys: dict[str, Path], **kw: An
         "retry_backoff_s": 0.01,
         "timeout_s": 10,
         "poll_interval_s": 3600,
+        "announce_min_interval_s": 0.2,
     }
     base.update(kw)
     return AgentConfig(**base)

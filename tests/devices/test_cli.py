@@ -253,7 +253,7 @@ def test_ota_bad_options(
         "--rollout",
         "120%",
     )
-    assert code == 1 and "from 0 to 100" in err
+    assert code == 2 and "from 0 to 100" in err  # usage errors (issue 12, row 10)
     code, _, err = run(
         capsys,
         "ota",
@@ -266,7 +266,7 @@ def test_ota_bad_options(
         "--expires",
         "soon",
     )
-    assert code == 1 and "cannot read the duration 'soon'" in err
+    assert code == 2 and "cannot read the duration 'soon'" in err
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("root: /tmp/x\npoll_interval: 5\n")
     code, _, err = run(capsys, "ota", "agent", "--config", cfg, "--once")

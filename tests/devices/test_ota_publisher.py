@@ -124,11 +124,101 @@ def test_parsers() -> None:
         "broker",
         1883,
     )
-    for bad in ("", "-1d", "3 years"):
-        with pytest.raises(UpdateError):
+    for bad in ("", "-1d", "3 years", "0d", "0.0s", "99999999999d", "11000d", "1e400s"):
+        with pytest.raises(EdgesmithError) as exc:
             parse_duration(bad)
-    with pytest.raises(UpdateError):
-        parse_percent("lots")
+        assert exc.value.exit_code == 2, "a usage error"
+    for bad_pct in ("lots", "120%", "-1", "nan", "inf"):
+        with pytest.raises(EdgesmithError) as exc:
+            parse_percent(bad_pct)
+        assert exc.value.exit_code == 2
     with pytest.raises(EdgesmithError, match="cannot read the MQTT address") as exc:
         parse_hostport("broker:port")
     assert "HOST:PORT" in (exc.value.hint or "")
+
+
+# --------------------------------------------------------------------------- concurrent publishers
+
+_PUBLISHER = """
+import sys, time
+from pathlib import Path
+from edgesmith.cli import main
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+main(sys.argv[3:])
+"""
+
+
+def test_concurrent_publishes_from_separate_processes_all_land(
+    bundles: Bundles, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four real processes publish four releases into one store at the same moment."""
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "store"
+    targets = ["x86-cpu", "rpi5", "rpi4", "intel-cpu"]
+    procs = []
+    for t in targets:
+        cmd = [sys.executable, "-c", _PUBLISHER, str(tmp_path / f"ready-{t}"), str(tmp_path / "go")]
+        cmd += ["ota", "publish", str(bundles.make(2, target=t)), "--store", str(store)]
+        cmd += ["--key", str(keys["key"])]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{t}").exists() for t in targets):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # all start their read-modify-write of channel.json together
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1].decode()[-500:] for o in outs]
+    ch = read_channel(store, "stable", load_trusted_keys([keys["pub"]]))
+    assert ch is not None and sorted(r.target for r in ch.releases) == sorted(targets), (
+        "no release was lost"
+    )
+
+
+def test_a_channel_changed_behind_the_lock_fails_the_publish_loudly(
+    bundles: Bundles, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that does not take the lock (an old edgesmith, a hand edit) changes the channel
+    while a publish runs: compare-and-swap refuses to overwrite it."""
+    from edgesmith.devices.ota import publisher
+
+    store = tmp_path / "store"
+    publish(store, bundles.make(2), keys)
+    real_pack = publisher.pack_bundle
+
+    def pack_and_race(*a: object, **kw: object) -> object:
+        publisher._write_channel(  # the other writer, between our read and our write
+            store,
+            publisher.new_channel("stable", 10**10, parse_duration("1d"), []),
+            publisher.load_private_key(keys["key"]),
+            publisher._channel_bytes(store, "stable"),
+        )
+        return real_pack(*a, **kw)
+
+    monkeypatch.setattr(publisher, "pack_bundle", pack_and_race)
+    with pytest.raises(UpdateError, match="changed while this publish was running"):
+        publish(store, bundles.make(2, target="rpi5"), keys)
+    ch = read_channel(store, "stable", load_trusted_keys([keys["pub"]]))
+    assert ch is not None and ch.seq == 10**10, "the other writer's channel was not overwritten"
+
+
+def test_a_held_store_lock_makes_a_publish_fail_not_wait_forever(
+    bundles: Bundles, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from edgesmith.devices.ota import publisher
+
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setattr(publisher, "LOCK_WAIT_S", 0.3)
+    with open(store / publisher.LOCK_FILE, "ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(UpdateError, match="another publisher has held"):
+            publish(store, bundles.make(2), keys)
+    assert not (store / "stable").exists()
