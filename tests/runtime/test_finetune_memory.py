@@ -61,8 +61,14 @@ def test_the_build_ships_a_memory_of_its_classes(mlp_head_bundle: Path) -> None:
         x, y = fmnist(split)
         inputs = preprocess_images(x, m.preprocess, spec_in)
         pools[split] = {_key(a): int(c) for a, c in zip(inputs, y, strict=True)}
-    assert all(pools["train"].get(_key(a)) == c for a, c in zip(mem.exemplars, mem.exemplar_labels))
-    assert all(pools["test"].get(_key(a)) == c for a, c in zip(mem.holdout, mem.holdout_labels))
+    assert all(
+        pools["train"].get(_key(a)) == c
+        for a, c in zip(mem.exemplars, mem.exemplar_labels, strict=True)
+    )
+    assert all(
+        pools["test"].get(_key(a)) == c
+        for a, c in zip(mem.holdout, mem.holdout_labels, strict=True)
+    )
     # the reference accuracy is the shipped head's on those held-out samples, this backbone
     model = load(mlp_head_bundle)
     acc = float((model(mem.holdout.astype(np.float32)).argmax(1) == mem.holdout_labels).mean())
@@ -94,7 +100,7 @@ def test_malformed_memory_files_are_refused(mlp_head_bundle: Path, tmp_path: Pat
         "float32": dict(exemplars=ok.astype(np.float32), exemplar_labels=np.zeros(2, np.int64)),
         "labels": dict(exemplars=ok, exemplar_labels=np.array([0, 7], np.int64)),
     }
-    for name, arrays in cases.items():
+    for arrays in cases.values():
         buf = io.BytesIO()
         np.savez(
             buf,
