@@ -267,8 +267,6 @@ def finetune_cmd(
             memory=False if no_memory else None,
             **options,
         )
-        if buf is not None and replay is not None:
-            buf.save(replay)
         doc: dict[str, Any] = {
             "bundle": None if tmp_dir else str(out),
             "version": (model.version or 0) + 1,
@@ -293,6 +291,10 @@ def finetune_cmd(
             )
         if activate and agent_cfg is not None:
             doc["activation"] = _activate(agent_cfg, out, result.holdout, as_json, old_class_budget)
+        # a refused activation leaves the device's local data as it was
+        installed = doc.get("activation", {"status": "installed"})["status"] == "installed"
+        if buf is not None and replay is not None and installed:
+            buf.save(replay)
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
