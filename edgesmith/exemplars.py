@@ -10,6 +10,7 @@ old classes on). :func:`prepare_memory` selects them once with the PyTorch backb
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from edgesmith.runtime.head import flatten_features
-from edgesmith.runtime.memory import MEMORY_FILE, MemorySpec, herding, memory_bytes
+from edgesmith.runtime.memory import (
+    MEMORY_FILE,
+    MemorySpec,
+    decode_samples,
+    herding,
+    memory_bytes,
+)
 
 __all__ = ["PreparedMemory", "prepare_memory", "write_memory"]
 
@@ -156,18 +163,12 @@ def write_memory(pm: PreparedMemory, model: Any, head: Any, path: Path) -> dict[
     """Write ``memory.npz`` for one bundle; return its ``trainable_head.memory`` entry.
 
     ``model`` is the bundle's exported backbone loaded with the runtime, so that stored features
-    and the reference accuracy are those the device will see. Samples are stored as float16.
+    and the reference accuracy are those the device will see. Samples are stored as float16, or
+    as uint8 with a scale and an offset where that is exact (inputs made from 8-bit images).
     """
-    ho_in = pm.holdout.astype(np.float16).astype(np.float32)  # what the device will read
-    ho_f = _runtime_features(model, ho_in)
-    reference = (
-        float((head(ho_f).argmax(1) == pm.holdout_labels).mean())
-        if len(pm.holdout_labels)
-        else None
-    )
     if pm.form == "features":
-        ex_in = pm.exemplars.astype(np.float16).astype(np.float32)
-        ex, ho = _runtime_features(model, ex_in), ho_f
+        ex = _runtime_features(model, pm.exemplars.astype(np.float16).astype(np.float32))
+        ho = _runtime_features(model, pm.holdout.astype(np.float16).astype(np.float32))
     else:
         ex, ho = pm.exemplars, pm.holdout
     if not len(ex):
@@ -175,6 +176,14 @@ def write_memory(pm: PreparedMemory, model: Any, head: Any, path: Path) -> dict[
     if not len(ho):
         ho = np.zeros((0, *ex.shape[1:]), np.float32)
     data = memory_bytes(ex, pm.exemplar_labels, ho, pm.holdout_labels, pm.class_names)
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:  # exactly what the device reads
+        stored = decode_samples(z, "holdout", np.asarray(z["holdout"])).astype(np.float32)
+    ho_f = stored if pm.form == "features" else _runtime_features(model, stored)
+    reference = (
+        float((head(ho_f).argmax(1) == pm.holdout_labels).mean())
+        if len(pm.holdout_labels)
+        else None
+    )
     from edgesmith.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, data)

@@ -325,11 +325,11 @@ class Fit:
 
 
 def grow_units(head: Head, new_classes: int, config: FinetuneConfig) -> int:
-    """Hidden units added for new classes (``config.grow``; None: 2 per new class, at least 16;
+    """Hidden units added for new classes (``config.grow``; None: 2 per new class, at least 8;
     0 for a linear head, which has no hidden layer)."""
     if new_classes <= 0 or len(head.linear_indices()) < 2:
         return 0
-    return config.grow if config.grow is not None else max(16, 2 * new_classes)
+    return config.grow if config.grow is not None else max(8, 2 * new_classes)
 
 
 def fit_head(

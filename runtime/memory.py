@@ -42,6 +42,7 @@ __all__ = [
     "OldClassCheck",
     "align_weights",
     "check_old_classes",
+    "decode_samples",
     "herding",
     "label_accuracy",
     "load_memory",
@@ -106,6 +107,21 @@ class Memory:
         return np.asarray([self.class_names[i] for i in y.tolist()], dtype=str)
 
 
+def _as_uint8(x: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """``x`` as ``q * scale + offset`` with uint8 ``q``, when that is exact to float16 precision
+    (inputs preprocessed from 8-bit images by one affine map are); else None."""
+    x = np.asarray(x, np.float32)
+    if not x.size:
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 255 or 1.0
+    q = np.clip(np.rint((x - lo) / scale), 0, 255)
+    err = float(np.abs(q * scale + lo - x).max())
+    if err > 1e-3 * max(abs(lo), abs(hi), 1e-6):
+        return None
+    return q.astype(np.uint8), scale, lo
+
+
 def memory_bytes(
     exemplars: np.ndarray,
     exemplar_labels: np.ndarray,
@@ -113,17 +129,41 @@ def memory_bytes(
     holdout_labels: np.ndarray,
     class_names: list[str],
 ) -> bytes:
-    """``memory.npz`` contents: float16 samples, int64 labels, the class names; compressed."""
+    """``memory.npz`` contents (compressed): the samples as float16, or as uint8 with a scale and
+    an offset when that is exact (model inputs made from 8-bit images: 1 byte a value instead of
+    2), int64 labels, and the class names."""
+    arrays: dict[str, np.ndarray] = {
+        "exemplar_labels": np.asarray(exemplar_labels, np.int64),
+        "holdout_labels": np.asarray(holdout_labels, np.int64),
+        "class_names": np.asarray(class_names, dtype=str),
+    }
+    for key, x in (("exemplars", exemplars), ("holdout", holdout)):
+        q = _as_uint8(x)
+        if q is None:
+            arrays[key] = np.ascontiguousarray(x, np.float16)
+        else:
+            arrays[key] = q[0]
+            arrays[f"{key}_scale"] = np.asarray(q[1], np.float32)
+            arrays[f"{key}_offset"] = np.asarray(q[2], np.float32)
     buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        exemplars=np.ascontiguousarray(exemplars, np.float16),
-        exemplar_labels=np.asarray(exemplar_labels, np.int64),
-        holdout=np.ascontiguousarray(holdout, np.float16),
-        holdout_labels=np.asarray(holdout_labels, np.int64),
-        class_names=np.asarray(class_names, dtype=str),
-    )
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
+
+
+def decode_samples(z: Any, key: str, x: np.ndarray) -> np.ndarray:
+    """Samples as stored (float16, or uint8 with ``<key>_scale``/``<key>_offset``) as float16.
+
+    Raises:
+        BundleError: uint8 samples without a scalar scale and offset.
+    """
+    if x.dtype != np.uint8:
+        return x
+    a, b = z.get(f"{key}_scale"), z.get(f"{key}_offset")
+    if a is None or b is None or np.shape(a) != () or np.shape(b) != ():
+        raise BundleError(
+            f"memory file: uint8 '{key}' needs a scale and an offset", hint="rebuild the bundle"
+        )
+    return (x * np.float32(a) + np.float32(b)).astype(np.float16)
 
 
 def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory | None:
@@ -152,6 +192,8 @@ def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory 
                     raise BundleError(f"{bad} has no '{k}'", hint="rebuild the bundle")
                 # the header gives the size before anything is decompressed
                 arrays[k] = _bounded(z, k, bad)
+            for k in ("exemplars", "holdout"):
+                arrays[k] = decode_samples(z, k, arrays[k])
     except (ValueError, OSError, EOFError) as exc:
         raise BundleError(
             f"{bad} is not a numpy archive of plain arrays ({exc})", hint="rebuild the bundle"
@@ -161,7 +203,7 @@ def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory 
         xs, ys = arrays[x], arrays[y]
         if xs.dtype != np.float16 or ys.dtype.kind not in "iu" or len(xs) != len(ys):
             raise BundleError(
-                f"{bad}: '{x}' must be float16 with one integer label each",
+                f"{bad}: '{x}' must be float16 (or uint8) with one integer label each",
                 hint="rebuild the bundle",
             )
         if len(ys) and (ys.min() < 0 or ys.max() >= len(names)):

@@ -64,7 +64,7 @@ class FinetuneConfig(BaseModel):
     temperature: float = Field(default=2.0, gt=0)
     memory: bool = True  # train on the bundle's exemplars of its build classes and check them
     # adding classes: freeze what the old classes' logits depend on (they stay exact); the new
-    # classes get `grow` hidden units of their own in an MLP head (None: 2 per class, >= 16)
+    # classes get `grow` hidden units of their own in an MLP head (None: 2 per class, >= 8)
     isolate: bool = True
     grow: int | None = Field(default=None, ge=0, le=4096)
     align: bool = True  # weight aligning of new classes' output rows after training (WA)

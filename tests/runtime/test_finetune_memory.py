@@ -225,3 +225,30 @@ def test_memory_bytes_round_trip(tmp_path: Path) -> None:
     assert mem is not None and mem.exemplars.dtype == np.float16
     assert mem.names("exemplars").tolist() == ["a", "b", "b"]
     assert np.array_equal(mem.features(None, "holdout"), x[:1])
+
+
+def test_inputs_made_from_8_bit_images_are_stored_as_uint8(tmp_path: Path) -> None:
+    """Preprocessed Fashion-MNIST inputs take one byte a value, and decode to what float16
+    storage would give; inputs that are not an affine image of 8-bit values stay float16."""
+    x, _ = fmnist("test")
+    inputs = ((x[:50] / 255.0 - 0.286) / 0.353).astype(np.float32)[:, None]
+    labels = np.zeros(50, np.int64)
+    data = memory_bytes(inputs, labels, inputs[:10], labels[:10], ["a"])
+    with np.load(io.BytesIO(data)) as z:
+        assert z["exemplars"].dtype == np.uint8 and z["holdout"].dtype == np.uint8
+    (tmp_path / MEMORY_FILE).write_bytes(data)
+    spec = {
+        "memory": {
+            "form": "inputs",
+            "exemplars_per_class": 50,
+            "holdout_per_class": 10,
+            "classes": 1,
+            "bytes": len(data),
+        }
+    }
+    mem = load_memory(tmp_path, spec)
+    assert mem is not None
+    assert np.array_equal(mem.exemplars, inputs.astype(np.float16))
+    noisy = inputs + np.random.default_rng(0).normal(0, 1e-3, inputs.shape).astype(np.float32)
+    with np.load(io.BytesIO(memory_bytes(noisy, labels, noisy[:1], labels[:1], ["a"]))) as z:
+        assert z["exemplars"].dtype == np.float16
