@@ -79,6 +79,11 @@ def _class_pool(
 
 
 def _torch_features(backbone: Any, x: np.ndarray) -> np.ndarray:
+    """Flattened features of ``x`` from a PyTorch module (or a numpy function of a batch)."""
+    if not hasattr(backbone, "parameters"):
+        return np.concatenate(
+            [flatten_features(backbone(x[s : s + BATCH])) for s in range(0, len(x), BATCH)]
+        )
     import torch
 
     backbone.eval()
@@ -96,6 +101,9 @@ def prepare_memory(
 ) -> PreparedMemory | None:
     """Choose the exemplars (herding on ``backbone`` features of training samples) and the
     held-out samples (random, from the evaluation data) of every class.
+
+    ``backbone`` is the PyTorch backbone (or a function from a numpy batch to features);
+    ``data`` has ``train``, ``eval`` (sequences of (input, class index)) and ``labels``.
 
     Returns None when nothing is to be shipped (``exemplars`` and ``holdout`` 0) or the data
     has no integer class targets.

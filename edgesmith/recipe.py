@@ -141,8 +141,8 @@ class HeadMemoryConfig(_Strict):
     features (float16); ``auto`` takes the smaller. ``exemplars: 0, holdout: 0`` ships nothing.
     """
 
-    exemplars: int = Field(default=5, ge=0, le=10_000)
-    holdout: int = Field(default=10, ge=0, le=10_000)
+    exemplars: int = Field(default=3, ge=0, le=10_000)
+    holdout: int = Field(default=7, ge=0, le=10_000)
     pool: int = Field(default=500, ge=1, le=100_000)
     form: Literal["auto", "inputs", "features"] = "auto"
     budget: float = Field(default=0.02, ge=0, le=1)

@@ -25,11 +25,13 @@ device key cannot vouch for different ones).
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numpy.lib import format as npformat
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import BundleError
@@ -129,7 +131,7 @@ def memory_bytes(
     holdout_labels: np.ndarray,
     class_names: list[str],
 ) -> bytes:
-    """``memory.npz`` contents (compressed): the samples as float16, or as uint8 with a scale and
+    """``memory.npz`` contents (LZMA-compressed): the samples as float16, or as uint8 with a scale and
     an offset when that is exact (model inputs made from 8-bit images: 1 byte a value instead of
     2), int64 labels, and the class names."""
     arrays: dict[str, np.ndarray] = {
@@ -145,8 +147,12 @@ def memory_bytes(
             arrays[key] = q[0]
             arrays[f"{key}_scale"] = np.asarray(q[1], np.float32)
             arrays[f"{key}_offset"] = np.asarray(q[2], np.float32)
+    # an .npz archive (np.load reads it) compressed with LZMA: 15% smaller than deflate here
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_LZMA) as zf:
+        for key, arr in arrays.items():
+            with zf.open(f"{key}.npy", "w") as fh:
+                npformat.write_array(fh, np.asanyarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -221,8 +227,6 @@ def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory 
 
 
 def _bounded(z: Any, key: str, where: str) -> np.ndarray:
-    from numpy.lib import format as npformat
-
     with z.zip.open(f"{key}.npy") as fh:
         version = npformat.read_magic(fh)
         read = (
