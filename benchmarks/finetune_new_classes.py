@@ -108,6 +108,7 @@ def attach_memory(bundle: Path, out: Path) -> Path:
     assert pm is not None
     work = out.parent / f".{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
+
     class Backbone:  # the bundle's backbone as build() sees an exported file: features out
         inputs = model.inputs
 
