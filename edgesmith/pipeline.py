@@ -202,6 +202,7 @@ def _write_bundle(
     golden_inputs: np.ndarray,
     sign_key: Any = None,
     head: Any = None,
+    memory: Any = None,
 ) -> str:
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import write_bundle
@@ -255,6 +256,10 @@ def _write_bundle(
     }
     if head is not None:
         _add_head(manifest, files, head, model.outputs[0].name, p, out)
+        if memory is not None:  # the build classes' exemplars and held-out samples
+            from edgesmith.exemplars import add_memory
+
+            add_memory(manifest, files, memory, model, head, out / ".work", art)
     write_bundle(
         out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
     )
@@ -410,7 +415,7 @@ def build(
             report["failures"] += ctx.extra.pop("failures", [])
         final = m  # the last stage's measurement is of ctx.model as the stages left it
         inputs = _eval_inputs(p.data.eval)
-        head = None
+        head = memory = None
         if recipe.trainable_head is not None:  # export the backbone; the head ships as arrays
             from edgesmith.heads import split_head
 
@@ -418,6 +423,11 @@ def build(
             ctx.model, head = split.backbone, split.head
             ctx.evaluate = lambda m: _measure(split.composed(m), p)["accuracy"]
             ctx.extra["trainable_head"] = split
+            from edgesmith.exemplars import prepare_memory
+
+            memory = prepare_memory(
+                split.backbone, p.data, recipe.trainable_head.memory, head.feature_size
+            )
         ev = Evaluator(
             recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads, head=head
         )
@@ -437,7 +447,7 @@ def build(
         for art in artifacts:
             if not art.parity.passed:
                 report["failures"].append(f"{art.path.name}: parity failed: {art.parity.reason}")
-            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head)
+            art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head, memory)
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -19,6 +19,7 @@ from edgesmith.yamlutil import Loc, load_yaml_with_lines
 
 __all__ = [
     "DataConfig",
+    "HeadMemoryConfig",
     "InputSpec",
     "ModelConfig",
     "ParityTolerance",
@@ -131,6 +132,22 @@ def _default_parity() -> dict[str, ParityTolerance]:
     }
 
 
+class HeadMemoryConfig(_Strict):
+    """``trainable_head.memory``: what the bundle ships so that devices keep the build classes
+    when they learn new ones (docs/finetune.md). ``exemplars`` training samples per class are
+    chosen by herding among ``pool`` per class; ``holdout`` evaluation samples per class are what
+    the held-out gate and the OTA health check measure the old classes on; a fine-tuned head that
+    loses more than ``budget`` accuracy there is refused. ``form``: store model inputs or backbone
+    features (float16); ``auto`` takes the smaller. ``exemplars: 0, holdout: 0`` ships nothing.
+    """
+
+    exemplars: int = Field(default=3, ge=0, le=10_000)
+    holdout: int = Field(default=7, ge=0, le=10_000)
+    pool: int = Field(default=500, ge=1, le=100_000)
+    form: Literal["auto", "inputs", "features"] = "auto"
+    budget: float = Field(default=0.02, ge=0, le=1)
+
+
 class TrainableHeadConfig(_Strict):
     """``trainable_head``: export the model without this head (the backbone) and ship the head as
     arrays, so that devices can fine-tune it (docs/finetune.md).
@@ -143,6 +160,7 @@ class TrainableHeadConfig(_Strict):
 
     module: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
     policy: Literal["keep", "replace"] = "keep"
+    memory: HeadMemoryConfig = Field(default_factory=HeadMemoryConfig)
 
 
 class StageSpec(BaseModel):

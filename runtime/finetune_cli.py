@@ -29,11 +29,13 @@ def _summary(result: Any, out: Path | None) -> str:
         f"backbone runs {m['feature_cache']['misses']} (cached {m['feature_cache']['hits']})",
         f"held-out accuracy {m['previous_holdout_accuracy']:.4f} -> {m['holdout_accuracy']:.4f}",
     ]
-    for group in ("old_classes", "new_classes"):
-        before, after = m["before"][group], m["after"][group]
-        if after is not None:
-            b = "-" if before is None else f"{before:.4f}"
-            lines.append(f"  {group.replace('_', ' ')}: {b} -> {after:.4f}")
+    for group, row in m["classes"].items():
+        if row["after"] is not None:
+            b = "-" if row["before"] is None else f"{row['before']:.4f}"
+            lines.append(
+                f"  {group.replace('_', ' ')}: {b} -> {row['after']:.4f} "
+                f"({row['samples']} samples, {row['on']})"
+            )
     if result.trained["added_classes"]:
         lines.append(f"  added classes: {', '.join(result.trained['added_classes'])}")
     if out is not None:
@@ -108,7 +110,20 @@ def _summary(result: Any, out: Path | None) -> str:
     "--distill",
     type=click.FloatRange(min=0),
     default=None,
-    help="Weight of distillation from the current head (keeps old classes) [2.0 with --replay, else 0].",
+    help="Weight of distillation from the current head (keeps old classes) [2.0 when adding "
+    "classes or replaying old samples, else 0].",
+)
+@click.option(
+    "--no-memory",
+    is_flag=True,
+    help="Do not train on the bundle's exemplars of its build classes (they are still measured).",
+)
+@click.option(
+    "--old-class-budget",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Accuracy the build classes may lose before --activate refuses the head, as a fraction "
+    "[the bundle's trainable_head.memory.budget, 0.02].",
 )
 @click.option(
     "--replay-size",
@@ -166,6 +181,8 @@ def finetune_cmd(
     replay: Path | None,
     replay_size: int,
     distill: float | None,
+    no_memory: bool,
+    old_class_budget: float | None,
     sign_key: Path | None,
     activate: bool,
     root: Path | None,
@@ -215,6 +232,9 @@ def finetune_cmd(
         key_obj = load_private_key(sign_key)  # a bad key fails now, not after training
     assert model.manifest is not None
     train, held = read_image_folder(data, model.manifest.preprocess, model.inputs[0].shape, resize)
+    if replay is None and agent_cfg is not None:  # the device's own classes are kept too
+        replay = Path(agent_cfg.root) / "local" / "replay.npz"
+        replay.parent.mkdir(parents=True, exist_ok=True)
     buf = None
     if replay is not None:
         from edgesmith.runtime.incremental import ReplayBuffer
@@ -243,11 +263,10 @@ def finetune_cmd(
             cache=FeatureCache(cache) if cache else None,
             replay=buf,
             balance=False if no_balance else None,
-            distill=distill if distill is not None else (2.0 if replay is not None else None),
+            distill=distill,
+            memory=False if no_memory else None,
             **options,
         )
-        if buf is not None and replay is not None:
-            buf.save(replay)
         doc: dict[str, Any] = {
             "bundle": None if tmp_dir else str(out),
             "version": (model.version or 0) + 1,
@@ -262,8 +281,20 @@ def finetune_cmd(
                 "warning: the new head is not better on the held-out split than the current one",
                 err=True,
             )
+        check = result.metrics.get("old_class_check")
+        if check is not None and not _within(check, old_class_budget):
+            click.echo(
+                f"warning: the old classes lose {100 * check['drop']:.1f} points on the bundle's "
+                f"held-out memory samples ({check['before']:.4f} -> {check['after']:.4f}); "
+                "--activate and the OTA agent refuse this head",
+                err=True,
+            )
         if activate and agent_cfg is not None:
-            doc["activation"] = _activate(agent_cfg, out, result.holdout, as_json)
+            doc["activation"] = _activate(agent_cfg, out, result.holdout, as_json, old_class_budget)
+        # a refused activation leaves the device's local data as it was
+        installed = doc.get("activation", {"status": "installed"})["status"] == "installed"
+        if buf is not None and replay is not None and installed:
+            buf.save(replay)
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -276,14 +307,21 @@ def finetune_cmd(
         )
 
 
-def _activate(cfg: Any, bundle: Path, holdout: Any, quiet: bool) -> dict[str, Any]:
+def _within(check: dict[str, Any], budget: float | None) -> bool:
+    limit = check["budget"] if budget is None else budget
+    return bool(check["drop"] <= limit + 1e-9)
+
+
+def _activate(
+    cfg: Any, bundle: Path, holdout: Any, quiet: bool, budget: float | None = None
+) -> dict[str, Any]:
     from edgesmith.devices.ota.agent import Agent
     from edgesmith.devices.ota.local import activate
 
     agent = Agent(cfg)
     try:
         agent.start()
-        act = activate(agent, bundle, holdout)
+        act = activate(agent, bundle, holdout, budget=budget)
     except EdgesmithError:
         raise
     finally:
@@ -295,5 +333,8 @@ def _activate(cfg: Any, bundle: Path, holdout: Any, quiet: bool) -> dict[str, An
             if act.accuracy is not None and act.previous_accuracy is not None
             else ""
         )
+        if act.old_classes is not None:
+            o = act.old_classes
+            acc += f"; old classes {o['before']:.4f} -> {o['after']:.4f} on {o['samples']}"
         click.echo(f"activation: {r.status}{acc}" + (f": {r.reason}" if r.reason else ""))
     return act.to_json()

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgesmith.errors import BundleError
+from edgesmith.runtime.memory import MemorySpec
 from edgesmith.runtime.specs import TensorSpec
 
 __all__ = [
@@ -83,6 +84,8 @@ class HeadSpec(BaseModel):
     normalize: bool = False
     policy: Literal["keep", "replace"] = "keep"
     trained: dict[str, Any] = Field(default_factory=dict)
+    # what the device keeps of the build classes (runtime/memory.py); None: nothing shipped
+    memory: MemorySpec | None = None
 
     @model_validator(mode="after")
     def _chain(self) -> HeadSpec:
@@ -128,7 +131,9 @@ def backbone_fingerprint(manifest: Any) -> str:
     """SHA-256 over the hashes of a bundle's files except the head and the golden data.
 
     Two bundles with the same fingerprint run the same backbone (model file, external weights),
-    so features and heads carry over between them.
+    so features and heads carry over between them. A bundle's memory of its build classes
+    (``trainable_head.memory`` and its file) counts too: a head fine-tuned on a device must keep
+    the fleet's memory, reference accuracy and budget.
     """
     import hashlib
     import json
@@ -136,7 +141,9 @@ def backbone_fingerprint(manifest: Any) -> str:
     skip = {(manifest.trainable_head or {}).get("file"), (manifest.golden or {}).get("file")}
     skip.discard(manifest.model)  # the model file always counts, whatever else the manifest says
     files = {rel: e.sha256 for rel, e in manifest.files.items() if rel not in skip}
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    memory = (manifest.trainable_head or {}).get("memory")
+    doc: dict[str, Any] = files if not memory else {"files": files, "memory": memory}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def flatten_features(x: np.ndarray) -> np.ndarray:
@@ -287,6 +294,61 @@ class Head:
             update={"out_features": int(layer.out_features or 0) + n}
         )
         return out
+
+    def grow(
+        self,
+        new_classes: int,
+        hidden: int,
+        rng: np.random.Generator,
+        examples: list[np.ndarray] | None = None,
+    ) -> tuple[Head, dict[str, np.ndarray]]:
+        """A copy with ``new_classes`` more outputs and ``hidden`` more units in the last hidden
+        layer (MLP heads), plus masks of what belongs to the old classes.
+
+        The masks cover every parameter the old classes' logits depend on — the layers before
+        the last hidden one, the old hidden units, the old output rows (which read the new units
+        with weight 0) — so that :func:`~edgesmith.runtime.training.train_head` with
+        ``frozen=masks`` leaves the old logits exactly as they were on every input, while the new
+        classes get units of their own to learn from (parameter isolation; cf. progressive
+        networks, Rusu et al., 2016). A linear head has no hidden layer: only its old rows are
+        frozen. New output rows start as :meth:`add_classes` makes them (imprinted from
+        ``examples``, features of each new class, when given).
+        """
+        out = self.copy()
+        linears = out.linear_indices()
+        last = linears[-1]
+        if hidden > 0 and len(linears) >= 2:
+            h = linears[-2]
+            w, b = out.params[f"layers.{h}.weight"], out.params[f"layers.{h}.bias"]
+            bound = 1.0 / np.sqrt(w.shape[1])
+            out.params[f"layers.{h}.weight"] = np.concatenate(
+                [w, rng.uniform(-bound, bound, (hidden, w.shape[1])).astype(np.float32)]
+            )
+            out.params[f"layers.{h}.bias"] = np.concatenate([b, np.zeros(hidden, np.float32)])
+            out.layers[h] = out.layers[h].model_copy(
+                update={"out_features": int(out.layers[h].out_features or 0) + hidden}
+            )
+            wl = out.params[f"layers.{last}.weight"]
+            out.params[f"layers.{last}.weight"] = np.concatenate(
+                [wl, np.zeros((len(wl), hidden), np.float32)], axis=1
+            )
+            out.layers[last] = out.layers[last].model_copy(
+                update={"in_features": int(out.layers[last].in_features or 0) + hidden}
+            )
+        old = self.classes
+        out = out.add_classes(new_classes, rng, examples) if new_classes > 0 else out
+        masks: dict[str, np.ndarray] = {}
+        for i in out.linear_indices():
+            w = out.params[f"layers.{i}.weight"]
+            if i == last:
+                rows = np.arange(len(w)) < old
+            elif len(linears) >= 2 and i == linears[-2]:
+                rows = np.arange(len(w)) < len(self.params[f"layers.{i}.weight"])
+            else:
+                rows = np.ones(len(w), bool)
+            masks[f"layers.{i}.weight"] = np.repeat(rows[:, None], w.shape[1], axis=1)
+            masks[f"layers.{i}.bias"] = rows.copy()
+        return out, masks
 
     def renormalize(self, mean: np.ndarray, std: np.ndarray) -> Head:
         """The same function with standardisation by ``mean``/``std`` (exact re-parameterisation).

@@ -268,7 +268,7 @@ class IncrementalLearner:
         if self.config.normalize:
             head = head.renormalize(*feature_stats(tx))
         tr, va = stratified_split(ty, self.config.val_fraction, self.config.seed + len(self.steps))
-        teacher = self.head(tx[tr]) if self.config.distill > 0 and self.steps else None
+        teacher = self.head(tx[tr]) if self.config.distill_weight(True) > 0 and self.steps else None
         result = train_head(
             head,
             tx[tr],

@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 
+DEFAULT_DISTILL = 2.0  # picked on benchmarks/finetune_effnet.py (docs/benchmarks.md)
+
+
 class FinetuneConfig(BaseModel):
     """How the head is trained (every field has a device-friendly default)."""
 
@@ -55,10 +58,16 @@ class FinetuneConfig(BaseModel):
     patience: int | None = Field(default=5, ge=1)  # early stopping on held-out loss; None: off
     min_delta: float = Field(default=0.0, ge=0)
     val_fraction: float = Field(default=0.2, gt=0, lt=1)  # held out when no split is given
-    distill: float = Field(
-        default=0.0, ge=0
-    )  # incremental: weight of distillation from the old head
+    # weight of distillation from the current head (LwF); None: 2.0 when old classes are to be
+    # kept (the bundle's memory, a replay buffer, or new classes), else 0
+    distill: float | None = Field(default=None, ge=0)
     temperature: float = Field(default=2.0, gt=0)
+    memory: bool = True  # train on the bundle's exemplars of its build classes and check them
+    # adding classes: freeze what the old classes' logits depend on (they stay exact); the new
+    # classes get `grow` hidden units of their own in an MLP head (None: 2 per class, >= 8)
+    isolate: bool = True
+    grow: int | None = Field(default=None, ge=0, le=4096)
+    align: bool = True  # weight aligning of new classes' output rows after training (WA)
     normalize: bool = True  # standardise features with the training data's statistics
     warm_start: bool = True  # start from the current head (False: re-initialise it)
     seed: int = 0
@@ -66,6 +75,12 @@ class FinetuneConfig(BaseModel):
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (3e-3 if self.optimizer == "adam" else 1e-2)
+
+    def distill_weight(self, keep_old: bool) -> float:
+        """The distillation weight: ``distill`` if set, else 2.0 when old classes are kept."""
+        if self.distill is not None:
+            return self.distill
+        return DEFAULT_DISTILL if keep_old else 0.0
 
     @classmethod
     def build(
@@ -283,6 +298,7 @@ def train_head(
     val: tuple[np.ndarray, np.ndarray] | None = None,
     description: str = "fine-tune head",
     teacher: np.ndarray | None = None,
+    frozen: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train (a copy of) ``head`` on features ``x`` and class indices ``y``.
 
@@ -293,10 +309,14 @@ def train_head(
         config: optimiser, epochs, L2, balancing, early stopping.
         val: held-out (features, labels) for early stopping; the weights of the epoch with the
             lowest held-out loss are kept (epoch 0: the starting head).
-        teacher: logits of the previous head on ``x`` (N, old classes): with
-            ``config.distill > 0`` the loss adds knowledge distillation (Hinton et al., 2015; as in
+        teacher: logits of the previous head on ``x`` (N, old classes): the loss adds (with
+            ``config.distill`` > 0, or unset) knowledge distillation (Hinton et al., 2015; as in
             LwF and iCaRL) that keeps the old classes' outputs, ``distill * T^2 * KL(p_old || p_new)``
             at temperature ``config.temperature``.
+
+        frozen: boolean masks (``{"layers.0.weight": mask}``) of parameter entries that keep
+            their starting values (the old classes' part of a head grown by
+            :meth:`~edgesmith.runtime.head.Head.grow`).
 
     Returns:
         The trained head with its history; a progress bar shows loss and accuracy per epoch.
@@ -321,7 +341,9 @@ def train_head(
     zv = trained.standardise(flatten_features(val[0])) if val is not None and len(val[1]) else None
     yv = np.asarray(val[1], np.int64) if zv is not None and val is not None else None
     weights = balanced_weights(y, head.classes) if cfg.balance else None
+    kd_weight = cfg.distill_weight(keep_old=teacher is not None)
     opt = _optimizer(cfg)
+    keep = {k: (m, core.params[k][m].copy()) for k, m in (frozen or {}).items() if m.any()}
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_params, bad = math.inf, 0, None, 0
     if zv is not None and yv is not None and cfg.patience is not None:
@@ -339,11 +361,13 @@ def train_head(
             idx = perm[s : s + cfg.batch_size]
             logits, cache = core.forward(z[idx], train=True, rng=rng)
             loss, grad = cross_entropy(logits, y[idx], weights, cfg.label_smoothing)
-            if teacher is not None and cfg.distill > 0:
+            if teacher is not None and kd_weight > 0:
                 kd, kd_grad = _distillation(logits, teacher[idx], cfg.temperature)
-                loss += cfg.distill * kd
-                grad[:, : kd_grad.shape[1]] += cfg.distill * kd_grad
+                loss += kd_weight * kd
+                grad[:, : kd_grad.shape[1]] += kd_weight * kd_grad
             opt.step(core.params, core.backward(cache, grad))
+            for k, (mask, values) in keep.items():
+                core.params[k][mask] = values
             loss_sum += loss * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
         row: dict[str, float] = {

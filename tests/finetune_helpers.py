@@ -33,8 +33,11 @@ trainable_head: {{module: classifier.4, policy: keep}}
 """
 
 
-def build_head_bundle(out: Path) -> Path:
-    """Build the SmallCNN recipe with ``trainable_head`` (about 10 s); return the bundle folder."""
+def build_head_bundle(out: Path, module: str = "classifier.4") -> Path:
+    """Build the SmallCNN recipe with ``trainable_head`` (about 10 s); return the bundle folder.
+
+    ``module: classifier.4`` gives a linear head on 64 features, ``classifier`` the two-layer
+    MLP head on the 3,136 features of the convolutions (the issue-14 case)."""
     import json
 
     from edgesmith.pipeline import build
@@ -42,7 +45,7 @@ def build_head_bundle(out: Path) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe_path = out.parent / "recipe-head.yaml"
-    recipe_path.write_text(HEAD_RECIPE)
+    recipe_path.write_text(HEAD_RECIPE.replace("module: classifier.4", f"module: {module}"))
     build(load_recipe(recipe_path), out, bundle_version=1)
     report = json.loads((out / "report.json").read_text())
     return out / report["artifacts"][0]["bundle"]
@@ -139,3 +142,18 @@ def image_folder(root: Path, labels: list[str], train: range, val: range | None 
     write_images(root / "train", x[train], [names[i] for i in train])
     write_images(root / "val", x[val], [names[i] for i in val])
     return root
+
+
+@functools.cache
+def digits28() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits (8x8, 17 gray levels) as 28x28 uint8 images
+    laid out like MNIST (the digit scaled to 20x20, centred), and their labels 0-9."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = []
+    for im in d.images:
+        a = Image.fromarray((im / 16.0 * 255).astype(np.uint8)).resize((20, 20), Image.BILINEAR)
+        out.append(np.pad(np.asarray(a), 4))
+    return np.stack(out), np.asarray(d.target)

@@ -1,5 +1,7 @@
 """The health check a new model must pass before the switch: it loads, it reproduces the
-manifest's golden outputs within tolerance, and it answers within the latency budget."""
+manifest's golden outputs within tolerance, it answers within the latency budget, and a head
+fine-tuned on a device still knows the build's classes (accuracy on the bundle's held-out
+memory samples within the budget of the build's reference accuracy; runtime/memory.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["HealthReport", "check_health"]
+__all__ = ["HealthReport", "check_health", "check_old_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class HealthReport:
     top1_agreement: float | None = None
     latency_ms: float | None = None
     golden: bool = False
+    old_classes: dict[str, Any] | None = None  # the old-class check of a head fine-tuned here
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,11 +41,42 @@ def _zeros_for(spec: dict[str, Any]) -> np.ndarray:
     return np.zeros(shape, dtype=spec["dtype"])
 
 
+def check_old_classes(model: Any, root: Path, budget: float | None = None) -> dict[str, Any] | None:
+    """The old-class check of a head fine-tuned on a device (None: not such a head, or its
+    bundle ships no held-out memory samples): its accuracy on the memory's held-out samples of
+    the build classes against the build head's (``memory.reference_accuracy``).
+
+    Raises:
+        EdgesmithError: a malformed memory file.
+    """
+    from edgesmith.runtime.memory import check_old_classes as check
+    from edgesmith.runtime.memory import load_memory
+
+    m = model.manifest
+    spec = (m.trainable_head or {}) if m is not None else {}
+    if spec.get("trained", {}).get("by") != "device":
+        return None
+    memory = load_memory(root, spec)
+    if memory is None or not len(memory.holdout) or memory.spec.reference_accuracy is None:
+        return None
+    result = check(
+        memory,
+        memory.features(model, "holdout"),
+        model.head,
+        list(m.labels or []),
+        memory.spec.reference_accuracy,
+        "the build's head",
+        budget,
+    )
+    return {**result.to_json(), "message": "" if result.passed else result.message()}
+
+
 def check_health(
     bundle: str | Path,
     latency_budget_ms: float | None = None,
     require_golden: bool = False,
     runs: int = 10,
+    old_class_budget: float | None = None,
 ) -> HealthReport:
     """Load a bundle folder with ``edgesmith.runtime.load`` and check it.
 
@@ -51,6 +85,8 @@ def check_health(
         latency_budget_ms: fail if the median single-sample latency is above this.
         require_golden: fail bundles without golden data (else: load and one run only).
         runs: timed runs for the latency figure.
+        old_class_budget: accuracy a head fine-tuned on a device may lose on the build classes
+            (None: the bundle's ``trainable_head.memory.budget``).
 
     Example:
         >>> check_health("/var/lib/edgesmith/slots/b", latency_budget_ms=50).ok   # doctest: +SKIP
@@ -114,6 +150,14 @@ def check_health(
             report.ok = False
             report.reason = f"golden top-1 agreement {report.top1_agreement:.3f} < 1"
             return report
+    try:
+        report.old_classes = check_old_classes(model, root, old_class_budget)
+    except EdgesmithError as exc:
+        return HealthReport(False, f"the bundle's memory is unusable: {exc.message}")
+    if report.old_classes is not None and not report.old_classes["passed"]:
+        report.ok = False
+        report.reason = report.old_classes["message"]
+        return report
     if latency_budget_ms is not None:
         for _ in range(2):
             model(sample)

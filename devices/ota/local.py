@@ -37,6 +37,7 @@ import numpy as np
 from edgesmith.errors import BundleError, UpdateError
 from edgesmith.runtime.bundle import Manifest, fsync_dir, read_bundle, verify_bundle, write_bundle
 from edgesmith.runtime.head import HEAD_FILE, Head, backbone_fingerprint, load_head
+from edgesmith.runtime.memory import check_old_classes, label_accuracy, load_memory
 
 from .config import UpdateResult
 
@@ -140,12 +141,7 @@ def _names(y: Sequence[Any] | np.ndarray, labels: list[str]) -> np.ndarray:
 def _accuracy(head: Head, labels: list[str], feats: np.ndarray, names: np.ndarray) -> float:
     """Share of samples whose predicted label is theirs (names compared as slugs, so that a
     class added from a folder 'ankle-boot' and a fleet label 'Ankle boot' are one class)."""
-    from edgesmith.runtime.finetune import label_key
-
-    pred = head(feats).argmax(1)
-    got = [label_key(labels[i]) if i < len(labels) else "" for i in pred.tolist()]
-    want = [label_key(str(n)) for n in names.tolist()]
-    return float(np.mean([a == b for a, b in zip(got, want, strict=True)]))
+    return label_accuracy(head, labels, feats, names)
 
 
 def _features(model: Any, x: np.ndarray) -> np.ndarray:
@@ -166,6 +162,8 @@ class Activation:
     previous_accuracy: float | None = None  # the installed head on the same samples
     samples: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    # the build classes on the bundle's held-out memory samples: installed head vs new head
+    old_classes: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -173,6 +171,7 @@ class Activation:
             "holdout_accuracy": self.accuracy,
             "previous_holdout_accuracy": self.previous_accuracy,
             "holdout_samples": self.samples,
+            "old_classes": self.old_classes,
         }
 
 
@@ -181,8 +180,14 @@ def activate(
     bundle: str | Path,
     holdout: tuple[np.ndarray, Sequence[Any] | np.ndarray] | None,
     per_class: int = PER_CLASS,
+    budget: float | None = None,
 ) -> Activation:
     """Install a fine-tuned bundle through the agent's A/B switch, refusing a worse head.
+
+    Two gates run after the health check, before the switch: the old classes (the bundle's
+    held-out memory samples of its build classes) may lose at most ``budget`` accuracy against
+    the installed head, and the new head must be at least as accurate as the installed one on
+    the held-out split (this run's samples plus those kept from earlier activations).
 
     Args:
         agent: the device's agent (started here if needed).
@@ -191,6 +196,8 @@ def activate(
         holdout: held-out samples and labels (names or indices into the bundle's labels); they
             are compared together with the samples kept from earlier activations.
         per_class: held-out samples kept per class for later comparisons.
+        budget: accuracy the old classes may lose (None: the bundle's
+            ``trainable_head.memory.budget``, 0.02 by default).
 
     Returns:
         An :class:`Activation`; ``result.status`` is ``installed`` or ``rolled-back``/``failed``
@@ -244,8 +251,23 @@ def activate(
                 hint="fine-tune the installed bundle (ROOT/current)",
             )
         model = load(dest)
-        feats = _features(model, x)
         current = load_head(agent.current_path, installed.trainable_head)
+        memory = load_memory(dest, m.trainable_head)
+        if memory is not None and len(memory.holdout):  # the old task first
+            mf = memory.features(model, "holdout")
+            names = memory.names("holdout")
+            before = label_accuracy(current, list(installed.labels or []), mf, names)
+            check = check_old_classes(
+                memory, mf, model.head, list(m.labels or []), before, "installed head", budget
+            )
+            act.old_classes = check.to_json()
+            if not check.passed:
+                raise UpdateError(
+                    check.message(),
+                    hint="the installed model stays; fine-tune with the bundle's memory "
+                    "(the default) or with fewer epochs / a lower learning rate",
+                )
+        feats = _features(model, x)
         act.accuracy = _accuracy(model.head, list(m.labels or []), feats, y)
         act.previous_accuracy = _accuracy(current, list(installed.labels or []), feats, y)
         if act.accuracy < act.previous_accuracy:
@@ -335,6 +357,15 @@ def keep_local_head(agent: Agent, dest: Path, m: Manifest) -> Manifest | None:
     model = load(dest)
     labels = list(cur.labels or [])
     details: dict[str, Any] = {"kept_over_version": m.version}
+    memory = load_memory(dest, spec)
+    if memory is not None and len(memory.holdout):  # the local head must know the update's classes
+        mf = memory.features(model, "holdout")
+        theirs = label_accuracy(model.head, list(m.labels or []), mf, memory.names("holdout"))
+        check = check_old_classes(memory, mf, local, labels, theirs, "the update's head")
+        details["old_classes"] = check.to_json()
+        if not check.passed:
+            log.warning("%s: installing the update's head", check.message())
+            return None
     stored = load_holdout(agent.slots.root)
     if stored is not None:  # keep ours unless the update's head is better on our own data
         feats = _features(model, stored[0])
@@ -393,7 +424,10 @@ def _write_merged(
         doc["labels"] = labels
         doc["outputs"] = [{"name": "logits", "shape": ["batch", local.classes], "dtype": "float32"}]
         doc["trainable_head"] = local.spec(
-            spec["feature_output"], policy=spec.get("policy", "keep"), trained=trained
+            spec["feature_output"],
+            policy=spec.get("policy", "keep"),
+            trained=trained,
+            **({"memory": spec["memory"]} if spec.get("memory") else {}),
         )
         if golden:
             doc["golden"] = golden

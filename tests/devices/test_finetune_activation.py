@@ -160,7 +160,9 @@ def test_a_head_that_forgets_is_refused_and_the_current_one_stays(
 ) -> None:
     """After a first activation (its held-out samples are kept), a batch of Bag images alone
     trains a head that calls everything a bag: fine on that batch's held-out split, far worse on
-    the kept samples of the other classes. Refused; the current model stays."""
+    the kept samples of the other classes. Refused; the current model stays. (By default the
+    device replays its earlier classes from ROOT/local/replay.npz with distillation, which keeps
+    them: this run uses an empty replay file and no distillation to forget on purpose.)"""
     assert run(capsys, *finetune_args(dev, data, keys, device_key, "--add-classes"))[0] == 0
     x, y = fmnist("train")
     bags = np.flatnonzero(y == 8)[100:230]
@@ -170,7 +172,9 @@ def test_a_head_that_forgets_is_refused_and_the_current_one_stays(
         write_images(only_bags / "val", x[bags[100:]], ["Bag"] * 30)
     before = snapshot(dev)
     code, _, err = run(
-        capsys, *finetune_args(dev, only_bags, keys, device_key, "--lr", "0.05", "--epochs", "20")
+        capsys,
+        *finetune_args(dev, only_bags, keys, device_key, "--lr", "0.05", "--epochs", "20"),
+        *("--replay", str(work / "no-replay.npz"), "--distill", "0"),
     )
     assert code == 1, err
     assert (
