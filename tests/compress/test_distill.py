@@ -3,6 +3,7 @@ resume, early stopping, determinism, and the clear errors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from edgesmith.compress.distill import DistillConfig, _adapter, distill, kd_loss
 from edgesmith.compress.train import FitConfig, fit
 from edgesmith.errors import CompressionError
 from tests.compress.conftest import EXAMPLE, MODELS, accuracy, run_main, trained
+from tests.golden import assert_structure
 
 
 def _quick(**kw) -> DistillConfig:
@@ -211,8 +213,9 @@ def test_distill_command_with_resume(cnn_recipe: Path, pruned_cnn: nn.Module, ca
     save_model(pruned_cnn, folder / "p.safetensors")
     out = folder / "d.safetensors"
     args = ["distill", str(cnn_recipe), "--student", str(folder / "p.safetensors"), "-o", str(out)]
-    code, _, err = run_main([*args, "--epochs", "1", "--json"], capsys)
+    code, stdout, err = run_main([*args, "--epochs", "1", "--json"], capsys)
     assert code == 0, err
+    assert_structure("distill-command-row", json.loads(stdout[stdout.index("{") :]))
     assert "student accuracy" in err and (folder / "d.ckpt" / "last.pt").is_file()
     # the checkpoint is not silently reused or overwritten ...
     code, _, err = run_main([*args, "--force", "--epochs", "2"], capsys)

@@ -15,6 +15,7 @@ from edgesmith.pipeline import build
 from edgesmith.recipe import load_recipe
 from edgesmith.runtime import load, read_bundle
 from tests.conftest import BASE_RECIPE, write_recipe
+from tests.golden import assert_structure
 
 
 def test_report_json_follows_the_public_contract(reference_build: Path) -> None:
@@ -45,6 +46,7 @@ def test_report_json_follows_the_public_contract(reference_build: Path) -> None:
     assert (reference_build / art["path"]).stat().st_size == art["size_bytes"]
     assert (reference_build / art["bundle"] / "manifest.json").is_file()
     assert art["latency_ms"] > 0
+    assert_structure("report-fp32", report)  # every key of the public format, as before
 
 
 def test_onnx_agrees_with_pytorch_on_the_whole_test_set(reference_build: Path) -> None:
