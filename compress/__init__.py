@@ -8,9 +8,25 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from edgesmith.compress.base import Context, Stage, StageConfig, StageRecord
+from edgesmith.compress.base import (
+    Context,
+    HookResult,
+    Stage,
+    StageConfig,
+    StageRecord,
+    StageResult,
+)
 
-__all__ = ["STAGES", "Context", "Stage", "StageConfig", "StageRecord", "register_stage"]
+__all__ = [
+    "STAGES",
+    "Context",
+    "HookResult",
+    "Stage",
+    "StageConfig",
+    "StageRecord",
+    "StageResult",
+    "register_stage",
+]
 
 STAGES: dict[str, type[Stage]] = {}
 

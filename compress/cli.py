@@ -85,15 +85,18 @@ def _prepare(recipe_path: Path) -> Any:
     return prepare(load_recipe(recipe_path))
 
 
-def _finish(ctx: Any, out: Path, as_json: bool, summary: dict[str, Any], stage: str) -> None:
+def _finish(
+    ctx: Any, out: Path, as_json: bool, summary: dict[str, Any], stage: str, checks: list[Any]
+) -> None:
     """Fail on the stage's failed checks (nothing written), else write ``out`` (rank 0)."""
+    from edgesmith.checks import failed
     from edgesmith.compress.distributed import is_main_process
     from edgesmith.compress.pruning.structure import save_model
     from edgesmith.errors import CheckFailed
 
-    failures = ctx.extra.pop("failures", [])
-    if failures:
-        raise CheckFailed("; ".join(failures), hint=f"nothing was written to {out}")
+    bad = failed(checks)
+    if bad:
+        raise CheckFailed("; ".join(c.detail for c in bad), hint=f"nothing was written to {out}")
     if not is_main_process():
         return
     save_model(ctx.model, out, metadata={f"edgesmith.{stage}": json.dumps(summary, default=str)})
@@ -220,8 +223,8 @@ def prune_cmd(
         ctx = new_context(p, Path(tmp))
         acc0 = ctx.evaluate(ctx.model)
         macs0, size0 = count_macs(ctx.model, p.example), model_size_bytes(ctx.model)
-        ctx = Prune(cfg).run(ctx)
-        row = ctx.extra.pop("record", {})
+        result = Prune(cfg).run(ctx)
+        row = result.row
         acc1 = ctx.evaluate(ctx.model)
         macs1, size1 = count_macs(ctx.model, p.example), model_size_bytes(ctx.model)
         summary = {
@@ -234,7 +237,7 @@ def prune_cmd(
             "size_bytes": size1,
             **row,
         }
-        _finish(ctx, out, as_json, summary, "prune")
+        _finish(ctx, out, as_json, summary, "prune", result.checks)
     echo(
         f"{out}: MACs {macs0 / 1e6:.2f} M -> {macs1 / 1e6:.2f} M ({_pct(macs0, macs1)}), "
         f"size {size0 / 1e3:.0f} kB -> {size1 / 1e3:.0f} kB, accuracy {acc0:.4f} -> {acc1:.4f} "
@@ -365,7 +368,8 @@ def distill_cmd(
       edgesmith distill recipe.yaml --student pruned.safetensors -o distilled.safetensors
       torchrun --nproc-per-node 2 -m edgesmith distill recipe.yaml --student pruned.safetensors -o d.safetensors
     """
-    from edgesmith.compress.distill import DistillConfig, check_budget, distill, load_model_spec
+    from edgesmith.checks import accuracy_budget
+    from edgesmith.compress.distill import DistillConfig, distill, load_model_spec
     from edgesmith.compress.distributed import is_main_process
     from edgesmith.compress.train import CHECKPOINT_NAME
     from edgesmith.measure import count_macs
@@ -454,8 +458,12 @@ def distill_cmd(
             "seconds": round(result.seconds, 2),
             "history": result.history,
         }
-        check_budget(ctx, acc_t, acc, cfg.max_accuracy_drop)
-        _finish(ctx, out, as_json, summary, "distill")
+        checks = []
+        if cfg.max_accuracy_drop is not None:
+            # the budget counts from the recipe's model as loaded (edgesmith.checks)
+            reference = acc_t if teacher_model is p.model else ctx.evaluate(ctx.teacher)
+            checks.append(accuracy_budget("distill", reference, acc, cfg.max_accuracy_drop))
+        _finish(ctx, out, as_json, summary, "distill", checks)
     if is_main_process():
         echo(
             f"{out}: student accuracy {acc_s0:.4f} -> {acc:.4f} (teacher {acc_t:.4f}, {acc - acc_t:+.4f}) "

@@ -22,7 +22,8 @@ Options::
         student: {factory: ..., weights: ..., kwargs: {}}   # default: the current (pruned) model
         checkpoint_dir: ckpt/      # default: the build's work folder; checkpoints every epoch
         resume: false              # continue from checkpoint_dir/last.pt
-        max_accuracy_drop: 0.005   # fail the build if the student is further below the teacher
+        max_accuracy_drop: 0.005   # fail the build if the student is further below the model as
+                                   # the recipe loaded it (the default teacher; edgesmith.checks)
         bn_batches: 20             # BatchNorm statistics recomputed on this many batches per epoch
 """
 
@@ -34,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgesmith.compress import Context, Stage, StageConfig, register_stage
+from edgesmith.checks import accuracy_budget
+from edgesmith.compress import Context, Stage, StageConfig, StageResult, register_stage
 
 if TYPE_CHECKING:
     import torch
@@ -332,15 +334,6 @@ def distill(
     return result
 
 
-def check_budget(ctx: Context, teacher_acc: float, acc: float, limit: float | None) -> None:
-    """Record a failed check in ``ctx`` when the student is more than ``limit`` below the teacher."""
-    if limit is not None and teacher_acc - acc > limit:
-        ctx.extra.setdefault("failures", []).append(
-            f"distill: student accuracy {acc:.4f} is {teacher_acc - acc:.4f} below the teacher's "
-            f"{teacher_acc:.4f}, more than max_accuracy_drop {limit}"
-        )
-
-
 @register_stage
 class Distill(Stage):
     """Knowledge distillation (see :class:`DistillConfig`)."""
@@ -348,7 +341,7 @@ class Distill(Stage):
     name = "distill"
     config_cls = DistillConfig
 
-    def run(self, ctx: Context) -> Context:
+    def run(self, ctx: Context) -> StageResult:
         cfg = self.config
         assert isinstance(cfg, DistillConfig)
         t0 = time.perf_counter()
@@ -386,11 +379,13 @@ class Distill(Stage):
         }
         if result.resumed_from is not None:
             row["resumed_from_epoch"] = result.resumed_from
+        out = StageResult(row)
         if cfg.max_accuracy_drop is not None:
             teacher_acc = ctx.evaluate(teacher)
             acc = result.best_metric if result.best_metric is not None else ctx.evaluate(ctx.model)
             row["teacher_accuracy"] = teacher_acc
-            check_budget(ctx, teacher_acc, acc, cfg.max_accuracy_drop)
+            # the budget counts from the model as the recipe loaded it (edgesmith.checks)
+            reference = teacher_acc if teacher is ctx.teacher else ctx.evaluate(ctx.teacher)
+            out.checks.append(accuracy_budget("distill", reference, acc, cfg.max_accuracy_drop))
         row["distill_seconds"] = round(time.perf_counter() - t0, 2)
-        ctx.extra["record"] = row
-        return ctx
+        return out
