@@ -9,12 +9,14 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from edgesmith.compress.base import (
+    STAGES,
     Context,
     HookResult,
     Stage,
     StageConfig,
     StageRecord,
     StageResult,
+    register_stage,
 )
 
 __all__ = [
@@ -27,14 +29,6 @@ __all__ = [
     "StageResult",
     "register_stage",
 ]
-
-STAGES: dict[str, type[Stage]] = {}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: add a stage to ``STAGES`` under ``cls.name``."""
-    STAGES[cls.name] = cls
-    return cls
 
 
 def _load_entry_points() -> None:

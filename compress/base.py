@@ -21,9 +21,10 @@ if TYPE_CHECKING:  # torch stays out of the import path of the recipe checker
 
     from edgesmith.data import Datasets
     from edgesmith.export.evaluate import Artifact, Evaluator
-    from edgesmith.schema import Recipe
+    from edgesmith.schema import ModelConfig, Recipe
 
 __all__ = [
+    "STAGES",
     "ArtifactHook",
     "Context",
     "HookResult",
@@ -31,6 +32,7 @@ __all__ = [
     "StageConfig",
     "StageRecord",
     "StageResult",
+    "register_stage",
 ]
 
 
@@ -94,6 +96,9 @@ class Context:
         extra: free-form notes between the build and third-party stages.
         artifact_hooks: ``hook(ctx, fp32_artifact, evaluator) -> HookResult``, run on every
             exported fp32 artifact; each may derive new artifacts (quantized variants) from it.
+        load_model: builds a model from a recipe model section (``edgesmith.models.build_model``,
+            given by the build: the stages sit below the model loader), for stage options that
+            name other models (distill's ``teacher``/``student``).
     """
 
     recipe: Recipe
@@ -107,6 +112,7 @@ class Context:
     history: list[StageRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     artifact_hooks: list[ArtifactHook] = field(default_factory=list)
+    load_model: Callable[[ModelConfig], torch.nn.Module] | None = None
 
 
 ArtifactHook = Callable[["Context", "Artifact", "Evaluator"], HookResult]
@@ -124,3 +130,13 @@ class Stage:
     def run(self, ctx: Context) -> StageResult:
         """Transform ``ctx.model`` (or register artifact hooks); return the row and the checks."""
         raise NotImplementedError
+
+
+# recipe stage name -> class; filled by register_stage (built-ins) and by entry points
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: add a stage to ``STAGES`` under ``cls.name``."""
+    STAGES[cls.name] = cls
+    return cls

@@ -36,13 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgesmith.checks import accuracy_budget
-from edgesmith.compress import Context, Stage, StageConfig, StageResult, register_stage
+from edgesmith.compress.base import Context, Stage, StageConfig, StageResult, register_stage
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss"]
+    from edgesmith.schema import ModelConfig
+
+__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss", "model_config"]
 
 
 class ModelSpec(BaseModel):
@@ -200,19 +202,19 @@ class _StudentWithAdapters:
         return Trainable()
 
 
-def load_model_spec(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> nn.Module:
-    """Instantiate a :class:`ModelSpec` (paths relative to ``base_dir``), pruned structure included."""
-    from edgesmith.models import build_model
-    from edgesmith.recipe import InputSpec, ModelConfig, _resolve_path, _resolve_ref
+def model_config(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> ModelConfig:
+    """The recipe model section of a :class:`ModelSpec` (paths relative to ``base_dir``), which
+    ``edgesmith.models.build_model`` (``ctx.load_model``) instantiates, pruned structure included."""
+    from edgesmith.refs import absolute_path, absolute_ref
+    from edgesmith.schema import InputSpec, ModelConfig
 
     base = base_dir or Path.cwd()
-    cfg = ModelConfig(
-        factory=_resolve_ref(spec.factory, base) if spec.factory else None,
-        weights=_resolve_path(spec.weights, base),
+    return ModelConfig(
+        factory=absolute_ref(spec.factory, base) if spec.factory else None,
+        weights=absolute_path(spec.weights, base),
         kwargs=spec.kwargs,
         input=InputSpec(shape=input_shape),
     )
-    return build_model(cfg)
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
@@ -347,9 +349,20 @@ class Distill(Stage):
         t0 = time.perf_counter()
         base = ctx.recipe.base_dir
         shape = ctx.recipe.model.input.shape
-        teacher = load_model_spec(cfg.teacher, base, shape) if cfg.teacher else ctx.teacher
-        if cfg.student is not None:
-            ctx.model = load_model_spec(cfg.student, base, shape)
+        teacher = ctx.teacher
+        if cfg.teacher is not None or cfg.student is not None:
+            load = ctx.load_model
+            if load is None:
+                from edgesmith.errors import CompressionError
+
+                raise CompressionError(
+                    "distill: this build cannot load the 'teacher'/'student' models it names",
+                    hint="give the stage's context a load_model (edgesmith.models.build_model)",
+                )
+            if cfg.teacher is not None:
+                teacher = load(model_config(cfg.teacher, base, shape))
+            if cfg.student is not None:
+                ctx.model = load(model_config(cfg.student, base, shape))
         ckpt_dir = (
             (base or Path.cwd()) / cfg.checkpoint_dir
             if cfg.checkpoint_dir

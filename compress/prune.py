@@ -33,7 +33,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from edgesmith.checks import accuracy_budget
-from edgesmith.compress import Context, HookResult, Stage, StageConfig, StageResult, register_stage
+from edgesmith.compress.base import (
+    Context,
+    HookResult,
+    Stage,
+    StageConfig,
+    StageResult,
+    register_stage,
+)
 
 __all__ = ["Prune", "PruneConfig", "prune_model"]
 
@@ -135,7 +142,7 @@ def _onnx_latency_ms(
     import tempfile
     from pathlib import Path
 
-    from edgesmith.compress import distributed
+    from edgesmith.compress.base import distributed
     from edgesmith.export.onnx import export
     from edgesmith.runtime import load
     from edgesmith.runtime.bench import time_fn

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from edgesmith.compress import register_stage
-from edgesmith.compress.base import Stage, StageResult
+from edgesmith.compress.base import Stage, StageResult, register_stage
 from edgesmith.compress.quantize.config import QuantizeConfig
 from edgesmith.errors import EdgesmithError
 

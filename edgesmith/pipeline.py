@@ -189,6 +189,7 @@ def new_context(p: Prepared, work_dir: Path) -> Any:
     """The stages' starting context: the prepared model, a frozen copy of it as the teacher, and
     ``evaluate`` on the evaluation set with the recipe's metric."""
     from edgesmith.compress import Context
+    from edgesmith.models import build_model
 
     teacher = copy.deepcopy(p.model).eval()
     for param in teacher.parameters():
@@ -202,6 +203,7 @@ def new_context(p: Prepared, work_dir: Path) -> Any:
         evaluate=lambda m: _measure(m, p)["accuracy"],
         work_dir=work_dir,
         profile=p.profile.model_dump(),
+        load_model=build_model,
     )
 
 

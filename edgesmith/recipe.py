@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgesmith.errors import RecipeError
+from edgesmith.refs import absolute_path, absolute_ref
 from edgesmith.schema import (
     DTYPES,
     FASHION_MNIST_PATH,
@@ -66,20 +67,9 @@ def _raise(source: str, problems: list[Problem]) -> typing.NoReturn:
 # --------------------------------------------------------------------------- loading
 
 
-def _resolve_ref(ref: str, base: Path) -> str:
-    """``file.py:callable`` relative to the recipe folder becomes absolute; ``pkg.mod:callable`` stays."""
-    module, sep, attr = ref.partition(":")
-    if module.endswith(".py") or "/" in module:
-        p = Path(module).expanduser()
-        return f"{(base / p).resolve() if not p.is_absolute() else p}{sep}{attr}"
-    return ref
-
-
-def _resolve_path(p: str | None, base: Path) -> str | None:
-    if p is None:
-        return None
-    q = Path(p).expanduser()
-    return str(q if q.is_absolute() else (base / q).resolve())
+# relative paths in a recipe resolve against its folder (edgesmith.refs, shared with the stages)
+_resolve_ref = absolute_ref
+_resolve_path = absolute_path
 
 
 _QUANT_STAGES = ("quantize", "qat")

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edgesmith.compress import register_stage
-from edgesmith.compress.base import Stage, StageResult
+from edgesmith.compress.base import Stage, StageResult, register_stage
 from edgesmith.compress.quantize.config import PRECISIONS, QuantizeConfig, Scheme, resolve_scheme
 
 if TYPE_CHECKING:

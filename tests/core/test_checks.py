@@ -27,8 +27,10 @@ def test_accuracy_budget_is_the_drop_from_the_reference() -> None:
     assert ok.passed and ok.key == "max_accuracy_drop" and ok.measured == 0.005
     bad = accuracy_budget("distill", 0.93, 0.92, 0.005)
     assert not bad.passed and (bad.limit, bad.measured, bad.hint) == (0.005, 0.01, BUDGET_HINT)
-    assert str(bad) == bad.detail == (
-        "distill: accuracy fell 0.0100 (0.9300 -> 0.9200), more than max_accuracy_drop 0.005"
+    assert (
+        str(bad)
+        == bad.detail
+        == ("distill: accuracy fell 0.0100 (0.9300 -> 0.9200), more than max_accuracy_drop 0.005")
     )
     assert accuracy_budget("prune", 0.9, 0.95, 0.0).passed  # a gain is no drop
 
