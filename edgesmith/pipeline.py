@@ -348,7 +348,7 @@ def build(
         for art in artifacts:
             checks.append(art.parity_check())
             art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head)
-        report["failures"] = [c.detail for c in failed(checks)]
+        report["failures"] = [str(c) for c in failed(checks)]
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

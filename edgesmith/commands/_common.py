@@ -73,7 +73,7 @@ def finish(
 
     bad = failed(checks)
     if bad:
-        raise CheckFailed("; ".join(c.detail for c in bad), hint=f"nothing was written to {out}")
+        raise CheckFailed("; ".join(str(c) for c in bad), hint=f"nothing was written to {out}")
     if not is_main_process():
         return
     save_model(model, out, metadata={f"edgesmith.{stage}": json.dumps(summary, default=str)})

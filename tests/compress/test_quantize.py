@@ -14,6 +14,9 @@ from edgesmith.runtime import load, read_bundle
 from tests.conftest import write_recipe
 from tests.golden import assert_structure
 
+# a build of three formats x four precisions: minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
+
 RECIPE = """\
 version: 1
 name: q

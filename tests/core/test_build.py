@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgesmith.compress import STAGES, Stage, StageConfig
-from edgesmith.errors import CheckFailed, EdgesmithError
+from edgesmith.errors import EdgesmithError
 from edgesmith.pipeline import build
 from edgesmith.recipe import load_recipe
 from edgesmith.runtime import load, read_bundle
@@ -112,20 +112,7 @@ def fast_recipe(recipe_dir: Path) -> Path:
     return write_recipe(recipe_dir, BASE_RECIPE)
 
 
-def test_failed_parity_exits_1_and_leaves_nothing(fast_recipe: Path, tmp_path: Path) -> None:
-    text = (
-        fast_recipe.read_text() + "parity:\n  fp32: {top1_agreement: 1.0, max_abs_diff: 1.0e-12}\n"
-    )
-    recipe = load_recipe(write_recipe(fast_recipe.parent, text, "strict.yaml"))
-    parent = tmp_path / "builds"
-    parent.mkdir()
-    out = parent / "out"
-    with pytest.raises(CheckFailed) as e:
-        build(recipe, out)
-    assert e.value.exit_code == 1
-    assert "parity failed: max abs diff" in e.value.message
-    assert not out.exists()
-    assert list(parent.iterdir()) == []  # no temp folder left behind either
+# a failed parity check (exit 1, nothing written): tests/core/test_checks.py
 
 
 def test_a_failing_stage_leaves_nothing_and_force_keeps_the_old_output(

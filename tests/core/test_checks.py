@@ -67,24 +67,34 @@ class _Legacy(Stage):
 
 @pytest.fixture
 def stage_recipe(recipe_dir: Path):  # type: ignore[no-untyped-def]
-    def make(stage: str) -> Path:
-        return write_recipe(recipe_dir, BASE_RECIPE + f"stages: [{stage}]\n", f"{stage}.yaml")
+    def make(stage: str, extra: str = "") -> Path:
+        text = BASE_RECIPE + f"stages: [{stage}]\n" + extra
+        return write_recipe(recipe_dir, text, f"{stage}.yaml")
 
     STAGES.update({"strict-test": _Strict, "legacy-test": _Legacy})
     yield make
     del STAGES["strict-test"], STAGES["legacy-test"]
 
 
-def test_a_stage_check_fails_the_build_with_its_own_hint(stage_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_failed_checks_exit_1_list_in_order_and_leave_nothing(stage_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A stage's own check and a parity check fail; the build stops on the checks, not on text."""
+    strict_parity = "parity:\n  fp32: {top1_agreement: 1.0, max_abs_diff: 1.0e-12}\n"
+    recipe = load_recipe(stage_recipe("strict-test", strict_parity))
+    parent = tmp_path / "builds"
+    parent.mkdir()
+    out = parent / "out"
     reports: list[dict] = []
-    out = tmp_path / "out"
     with pytest.raises(CheckFailed) as e:
-        build(load_recipe(stage_recipe("strict-test")), out, on_failure=reports.append)
-    assert e.value.message == "1 check(s) failed: 2 widgets > 1"
-    assert e.value.hint == "nothing was written; use fewer widgets"
+        build(recipe, out, on_failure=reports.append)
+    assert e.value.exit_code == 1
     (report,) = reports
-    assert report["failures"] == ["2 widgets > 1"] and report["stages"][0]["widgets"] == 2
+    stage_failure, parity_failure = report["failures"]  # the stage's, then the artifact's
+    assert stage_failure == "2 widgets > 1" and report["stages"][0]["widgets"] == 2
+    assert parity_failure.startswith("t-onnx-fp32.onnx: parity failed: max abs diff")
+    assert e.value.message == f"2 check(s) failed: {stage_failure}; {parity_failure}"
+    assert e.value.hint == "nothing was written; use fewer widgets"  # the first failed check's
     assert json.dumps(report) and not out.exists()
+    assert list(parent.iterdir()) == []  # no temp folder left behind either
 
 
 def test_a_stage_that_returns_the_context_is_refused_clearly(stage_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
