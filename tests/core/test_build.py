@@ -162,3 +162,30 @@ def test_build_signs_bundles_and_applies_profile_overrides(
     )
     with pytest.raises(EdgesmithError, match="signature"):
         read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
+
+
+DEMO_SMALL = """\
+version: 1
+name: fmnist-cnn
+model:
+  factory: model.py:SmallCNN
+  weights: weights.safetensors
+  input: {shape: [1, 1, 28, 28], dtype: float32}
+data: {kind: fashion-mnist, calibration: 256, eval: 1000, train: 4096}
+target: x86-cpu
+stages:
+  - prune: {sparsity: 0.5, round_to: 16, max_accuracy_drop: 0.5}
+  - distill: {epochs: 1, lr: 0.002, batch_size: 128, alpha: 0.7, max_accuracy_drop: 0.2}
+  - quantize: {scheme: int8, max_accuracy_drop: 0.03}
+export: [onnx, openvino, tflite]
+"""
+
+
+@pytest.mark.slow
+def test_demo_report_structure_is_the_golden_one(recipe_dir: Path) -> None:
+    """The demo's stages on less data: every key of report.json as the build before typed checks
+    wrote it (golden made from that build)."""
+    report = build(load_recipe(write_recipe(recipe_dir, DEMO_SMALL)), recipe_dir / "out")
+    assert [s["name"] for s in report["stages"]] == ["prune", "distill", "quantize"]
+    assert report["failures"] == []
+    assert_structure("report-demo", report)
