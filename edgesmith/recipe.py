@@ -31,6 +31,7 @@ from edgesmith.schema import (
     TrainableHeadConfig,
 )
 from edgesmith.validation import Problem, problems_from_error, raise_problems
+from edgesmith.validation import dotted as _dotted  # noqa: F401  (main's path checks use it)
 from edgesmith.validation import line_of as _line_of
 from edgesmith.yamlutil import Loc, load_yaml_with_lines
 
