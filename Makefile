@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy runtime devices
+	$(BIN)/python .ci/lint_imports.py --no-logo
 
 format: install
 	$(BIN)/ruff check --fix .

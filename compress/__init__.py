@@ -8,17 +8,27 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from edgesmith.compress.base import Context, Stage, StageConfig, StageRecord
+from edgesmith.compress.base import (
+    STAGES,
+    Context,
+    HookResult,
+    Stage,
+    StageConfig,
+    StageRecord,
+    StageResult,
+    register_stage,
+)
 
-__all__ = ["STAGES", "Context", "Stage", "StageConfig", "StageRecord", "register_stage"]
-
-STAGES: dict[str, type[Stage]] = {}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: add a stage to ``STAGES`` under ``cls.name``."""
-    STAGES[cls.name] = cls
-    return cls
+__all__ = [
+    "STAGES",
+    "Context",
+    "HookResult",
+    "Stage",
+    "StageConfig",
+    "StageRecord",
+    "StageResult",
+    "register_stage",
+]
 
 
 def _load_entry_points() -> None:

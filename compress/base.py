@@ -1,4 +1,9 @@
-"""The stage protocol: a config model plus ``run(ctx) -> ctx`` (DESIGN.md section 2)."""
+"""The stage protocol: a config model plus ``run(ctx) -> StageResult`` (DESIGN.md section 2).
+
+A stage edits ``ctx.model`` (or registers artifact hooks) and returns its report row and its
+checks; an artifact hook returns the artifacts it derived and its checks. Nothing travels as
+sentences in ``ctx.extra``: the build decides from the :class:`~edgesmith.checks.Check` fields.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,26 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from edgesmith.checks import Check
+
 if TYPE_CHECKING:  # torch stays out of the import path of the recipe checker
     import torch
 
     from edgesmith.data import Datasets
-    from edgesmith.recipe import Recipe
+    from edgesmith.export.evaluate import Artifact, Evaluator
+    from edgesmith.schema import ModelConfig, Recipe
 
-__all__ = ["Context", "Stage", "StageConfig", "StageRecord"]
+__all__ = [
+    "STAGES",
+    "ArtifactHook",
+    "Context",
+    "HookResult",
+    "Stage",
+    "StageConfig",
+    "StageRecord",
+    "StageResult",
+    "register_stage",
+]
 
 
 class StageConfig(BaseModel):
@@ -47,6 +65,22 @@ class StageRecord:
 
 
 @dataclass
+class StageResult:
+    """What ``Stage.run`` returns: the stage's fields of its report row, and its checks."""
+
+    row: dict[str, Any] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+
+@dataclass
+class HookResult:
+    """What an artifact hook returns: the artifacts it derived (evaluated), and its checks."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+
+@dataclass
 class Context:
     """What flows through the stages of a build.
 
@@ -59,9 +93,12 @@ class Context:
         evaluate: ``evaluate(model) -> float`` on the evaluation set with the recipe's metric.
         work_dir: a private folder for checkpoints and intermediate files.
         history: one record per finished stage.
-        extra: stage-to-exporter notes, e.g. the int8 settings a quantize stage chose.
-        artifact_hooks: callables run on every exported fp32 artifact; each may derive new
-            artifacts (quantized variants) from it.
+        extra: free-form notes between the build and third-party stages.
+        artifact_hooks: ``hook(ctx, fp32_artifact, evaluator) -> HookResult``, run on every
+            exported fp32 artifact; each may derive new artifacts (quantized variants) from it.
+        load_model: builds a model from a recipe model section (``edgesmith.models.build_model``,
+            given by the build: the stages sit below the model loader), for stage options that
+            name other models (distill's ``teacher``/``student``).
     """
 
     recipe: Recipe
@@ -74,7 +111,11 @@ class Context:
     profile: dict[str, Any] = field(default_factory=dict)
     history: list[StageRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    artifact_hooks: list[Callable[..., list[Any]]] = field(default_factory=list)
+    artifact_hooks: list[ArtifactHook] = field(default_factory=list)
+    load_model: Callable[[ModelConfig], torch.nn.Module] | None = None
+
+
+ArtifactHook = Callable[["Context", "Artifact", "Evaluator"], HookResult]
 
 
 class Stage:
@@ -86,6 +127,16 @@ class Stage:
     def __init__(self, config: StageConfig) -> None:
         self.config = config
 
-    def run(self, ctx: Context) -> Context:
-        """Transform ``ctx.model`` (or register artifact hooks) and return the context."""
+    def run(self, ctx: Context) -> StageResult:
+        """Transform ``ctx.model`` (or register artifact hooks); return the row and the checks."""
         raise NotImplementedError
+
+
+# recipe stage name -> class; filled by register_stage (built-ins) and by entry points
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: add a stage to ``STAGES`` under ``cls.name``."""
+    STAGES[cls.name] = cls
+    return cls

@@ -22,7 +22,8 @@ Options::
         student: {factory: ..., weights: ..., kwargs: {}}   # default: the current (pruned) model
         checkpoint_dir: ckpt/      # default: the build's work folder; checkpoints every epoch
         resume: false              # continue from checkpoint_dir/last.pt
-        max_accuracy_drop: 0.005   # fail the build if the student is further below the teacher
+        max_accuracy_drop: 0.005   # fail the build if the student is further below the model as
+                                   # the recipe loaded it (the default teacher; edgesmith.checks)
         bn_batches: 20             # BatchNorm statistics recomputed on this many batches per epoch
 """
 
@@ -34,13 +35,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgesmith.compress import Context, Stage, StageConfig, register_stage
+from edgesmith.checks import accuracy_budget
+from edgesmith.compress.base import Context, Stage, StageConfig, StageResult, register_stage
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss"]
+    from edgesmith.schema import ModelConfig
+
+__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss", "model_config"]
 
 
 class ModelSpec(BaseModel):
@@ -198,19 +202,19 @@ class _StudentWithAdapters:
         return Trainable()
 
 
-def load_model_spec(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> nn.Module:
-    """Instantiate a :class:`ModelSpec` (paths relative to ``base_dir``), pruned structure included."""
-    from edgesmith.models import build_model
-    from edgesmith.recipe import InputSpec, ModelConfig, _resolve_path, _resolve_ref
+def model_config(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> ModelConfig:
+    """The recipe model section of a :class:`ModelSpec` (paths relative to ``base_dir``), which
+    ``edgesmith.models.build_model`` (``ctx.load_model``) instantiates, pruned structure included."""
+    from edgesmith.refs import absolute_path, absolute_ref
+    from edgesmith.schema import InputSpec, ModelConfig
 
     base = base_dir or Path.cwd()
-    cfg = ModelConfig(
-        factory=_resolve_ref(spec.factory, base) if spec.factory else None,
-        weights=_resolve_path(spec.weights, base),
+    return ModelConfig(
+        factory=absolute_ref(spec.factory, base) if spec.factory else None,
+        weights=absolute_path(spec.weights, base),
         kwargs=spec.kwargs,
         input=InputSpec(shape=input_shape),
     )
-    return build_model(cfg)
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
@@ -332,15 +336,6 @@ def distill(
     return result
 
 
-def check_budget(ctx: Context, teacher_acc: float, acc: float, limit: float | None) -> None:
-    """Record a failed check in ``ctx`` when the student is more than ``limit`` below the teacher."""
-    if limit is not None and teacher_acc - acc > limit:
-        ctx.extra.setdefault("failures", []).append(
-            f"distill: student accuracy {acc:.4f} is {teacher_acc - acc:.4f} below the teacher's "
-            f"{teacher_acc:.4f}, more than max_accuracy_drop {limit}"
-        )
-
-
 @register_stage
 class Distill(Stage):
     """Knowledge distillation (see :class:`DistillConfig`)."""
@@ -348,15 +343,26 @@ class Distill(Stage):
     name = "distill"
     config_cls = DistillConfig
 
-    def run(self, ctx: Context) -> Context:
+    def run(self, ctx: Context) -> StageResult:
         cfg = self.config
         assert isinstance(cfg, DistillConfig)
         t0 = time.perf_counter()
         base = ctx.recipe.base_dir
         shape = ctx.recipe.model.input.shape
-        teacher = load_model_spec(cfg.teacher, base, shape) if cfg.teacher else ctx.teacher
-        if cfg.student is not None:
-            ctx.model = load_model_spec(cfg.student, base, shape)
+        teacher = ctx.teacher
+        if cfg.teacher is not None or cfg.student is not None:
+            load = ctx.load_model
+            if load is None:
+                from edgesmith.errors import CompressionError
+
+                raise CompressionError(
+                    "distill: this build cannot load the 'teacher'/'student' models it names",
+                    hint="give the stage's context a load_model (edgesmith.models.build_model)",
+                )
+            if cfg.teacher is not None:
+                teacher = load(model_config(cfg.teacher, base, shape))
+            if cfg.student is not None:
+                ctx.model = load(model_config(cfg.student, base, shape))
         ckpt_dir = (
             (base or Path.cwd()) / cfg.checkpoint_dir
             if cfg.checkpoint_dir
@@ -386,11 +392,13 @@ class Distill(Stage):
         }
         if result.resumed_from is not None:
             row["resumed_from_epoch"] = result.resumed_from
+        out = StageResult(row)
         if cfg.max_accuracy_drop is not None:
             teacher_acc = ctx.evaluate(teacher)
             acc = result.best_metric if result.best_metric is not None else ctx.evaluate(ctx.model)
             row["teacher_accuracy"] = teacher_acc
-            check_budget(ctx, teacher_acc, acc, cfg.max_accuracy_drop)
+            # the budget counts from the model as the recipe loaded it (edgesmith.checks)
+            reference = teacher_acc if teacher is ctx.teacher else ctx.evaluate(ctx.teacher)
+            out.checks.append(accuracy_budget("distill", reference, acc, cfg.max_accuracy_drop))
         row["distill_seconds"] = round(time.perf_counter() - t0, 2)
-        ctx.extra["record"] = row
-        return ctx
+        return out

@@ -16,7 +16,8 @@ Options (all optional except the target)::
         keep_first: false        # keep the first layer's width too
         steps: 1                 # reach the target in this many steps ...
         finetune_epochs: 0.0     # ... fine-tuning this long after each (cross-entropy)
-        max_accuracy_drop: 0.05  # fail the build if accuracy falls more than this
+        max_accuracy_drop: 0.05  # fail the build if accuracy falls more than this below the
+                                 # model as the recipe loaded it (edgesmith.checks)
         bn_batches: 20           # recompute BatchNorm statistics on this many training batches
                                  # after pruning (0: off); SmallCNN at 50%: 77% -> 90% untrained
 
@@ -31,7 +32,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edgesmith.compress import Context, Stage, StageConfig, register_stage
+from edgesmith.checks import accuracy_budget
+from edgesmith.compress.base import (
+    Context,
+    HookResult,
+    Stage,
+    StageConfig,
+    StageResult,
+    register_stage,
+)
 
 __all__ = ["Prune", "PruneConfig", "prune_model"]
 
@@ -133,7 +142,7 @@ def _onnx_latency_ms(
     import tempfile
     from pathlib import Path
 
-    from edgesmith.compress import distributed
+    from edgesmith.compress.base import distributed
     from edgesmith.export.onnx import export
     from edgesmith.runtime import load
     from edgesmith.runtime.bench import time_fn
@@ -288,31 +297,28 @@ class Prune(Stage):
     name = "prune"
     config_cls = PruneConfig
 
-    def run(self, ctx: Context) -> Context:
+    def run(self, ctx: Context) -> StageResult:
         cfg = self.config
         assert isinstance(cfg, PruneConfig)
         t0 = time.perf_counter()
-        baseline = ctx.evaluate(ctx.teacher) if cfg.max_accuracy_drop is not None else None
+        # the budget counts from the model as the recipe loaded it (edgesmith.checks)
+        reference = ctx.evaluate(ctx.teacher) if cfg.max_accuracy_drop is not None else None
         row = prune_model(ctx, cfg)
         if cfg.method == "unstructured":
             ctx.artifact_hooks.append(_compressed_artifact_size)
         row["prune_seconds"] = round(time.perf_counter() - t0, 2)
-        if baseline is not None and cfg.max_accuracy_drop is not None:
+        result = StageResult(row)
+        if reference is not None and cfg.max_accuracy_drop is not None:
             acc = ctx.evaluate(ctx.model)
-            row["accuracy_drop"] = round(baseline - acc, 6)
-            if baseline - acc > cfg.max_accuracy_drop:
-                ctx.extra.setdefault("failures", []).append(
-                    f"prune: accuracy fell {baseline - acc:.4f} ({baseline:.4f} -> {acc:.4f}), "
-                    f"more than max_accuracy_drop {cfg.max_accuracy_drop}"
-                )
-        ctx.extra["record"] = row
-        return ctx
+            row["accuracy_drop"] = round(reference - acc, 6)
+            result.checks.append(accuracy_budget("prune", reference, acc, cfg.max_accuracy_drop))
+        return result
 
 
-def _compressed_artifact_size(ctx: Context, art: Any, ev: Any) -> list[Any]:
+def _compressed_artifact_size(ctx: Context, art: Any, ev: Any) -> HookResult:
     """Artifact hook: the deflate-compressed size of every exported file (unstructured zeros)."""
     from edgesmith.compress.pruning.unstructured import compressed_size
 
     if "compressed_bytes" not in art.extra:
         art.extra["compressed_bytes"] = sum(compressed_size(f) for f in art.files)
-    return []
+    return HookResult()

@@ -3,7 +3,7 @@
 For when post-training quantization cannot meet the budget. The model is exported with
 ``torch.export``, fake-quantized with torchao's ``prepare_qat_pt2e`` (per-channel symmetric int8
 weights, asymmetric uint8 activations: the scheme the x86/Arm CPU targets run), and fine-tuned
-for a few hundred steps, distilling from the model as it entered the stage. The fine-tuned
+for a few hundred steps with the shared training loop (``compress/train.py``), distilling from the model as it entered the stage. The fine-tuned
 weights stay in the PyTorch model (the export shares its parameters), so every format is then
 quantized with its own tool exactly as the ``quantize`` stage does (which ``qat`` registers,
 with the same options) and checked with the same parity tolerances. The accuracy budget is
@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from edgesmith.compress import register_stage
-from edgesmith.compress.base import Stage
+from edgesmith.compress.base import Stage, StageResult, register_stage
 from edgesmith.compress.quantize.config import QuantizeConfig
 from edgesmith.errors import EdgesmithError
 
@@ -98,66 +97,66 @@ class QAT(Stage):
     name = "qat"
     config_cls = QATConfig
 
-    def run(self, ctx: Context) -> Context:
+    def run(self, ctx: Context) -> StageResult:
         import numpy as np
         import torch
         import torch.nn.functional as F
-        from torch.utils.data import DataLoader
-        from torchao.quantization.pt2e import (
-            allow_exported_model_train_eval,
-            move_exported_model_to_eval,
-            move_exported_model_to_train,
-        )
+        from torch.utils.data import Subset
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         from edgesmith.compress.quantize.hook import install
+        from edgesmith.compress.train import FitConfig, fit
         from edgesmith.measure import torch_outputs
-        from edgesmith.progress import echo, track
+        from edgesmith.progress import echo
 
         cfg = self.config
         assert isinstance(cfg, QATConfig)
-        install(ctx, cfg, stage="qat")  # checks formats and calibration data before training
+        # checks formats and calibration data before training
+        hook, quantization = install(ctx, cfg, stage="qat")
         t0 = time.perf_counter()
         base_accuracy = float(ctx.evaluate(ctx.model))
+        hook.reference_accuracy = base_accuracy  # the budget counts from the model entering qat
         teacher = copy.deepcopy(ctx.model).eval()
         model = ctx.model
         prepared = prepare_qat(model, ctx.example_input)
-        move_exported_model_to_train(prepared)
-        generator = torch.Generator().manual_seed(ctx.recipe.seed)
-        loader = DataLoader(
-            ctx.data.train,
-            batch_size=cfg.batch_size or ctx.recipe.data.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=generator,
-        )
-        if len(loader) == 0:
+        allow_exported_model_train_eval(prepared)  # train()/eval() switch the fake-quant observers
+        batch_size = cfg.batch_size or ctx.recipe.data.batch_size
+        if len(ctx.data.train) < batch_size:
             raise EdgesmithError(
                 "qat: the training set is smaller than one batch",
                 hint="raise data.train or lower the qat batch_size",
             )
-        opt = torch.optim.Adam([p for p in prepared.parameters() if p.requires_grad], lr=cfg.lr)
         losses: list[float] = []
-        it = iter(loader)
         t = cfg.temperature
-        for _ in track(range(cfg.steps), "qat fine-tuning"):
-            try:
-                x, y = next(it)
-            except StopIteration:
-                it = iter(loader)
-                x, y = next(it)
-            out = prepared(x)
+
+        def loss_fn(out: Any, x: Any, y: Any) -> tuple[Any, Any]:
             loss = F.cross_entropy(out, y)
             if cfg.distill > 0:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / t, dim=1)
                 kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean") * t * t
                 loss = (1 - cfg.distill) * loss + cfg.distill * kd
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
             losses.append(float(loss.detach()))
-        move_exported_model_to_eval(prepared)
-        allow_exported_model_train_eval(prepared)
+            return loss, out
+
+        fit(
+            prepared,
+            ctx.data.train,
+            loss_fn,
+            # Adam at a constant small rate, on the CPU (the exported graph and the teacher stay
+            # there); no BatchNorm recalibration: the exported graph folds BatchNorm into ops
+            FitConfig(
+                steps=cfg.steps,
+                lr=cfg.lr,
+                batch_size=batch_size,
+                optimizer="adam",
+                schedule="constant",
+                seed=ctx.recipe.seed,
+                device="cpu",
+                bn_batches=0,
+            ),
+            description="qat fine-tuning",
+        )
         # the export shares the parameters; copy explicitly anyway so the contract is visible
         trained = prepared.state_dict()
         own = model.state_dict()
@@ -170,28 +169,26 @@ class QAT(Stage):
         model.load_state_dict({k: trained[k] for k in own})
         model.eval()
         n = min(cfg.eval_samples, len(ctx.data.eval))
-        from torch.utils.data import Subset
-
         sub = Subset(ctx.data.eval, list(range(n)))
         with torch.no_grad():
             fq_out, targets = torch_outputs(prepared, sub)
         fq_accuracy = float((np.asarray(fq_out).argmax(1) == targets).mean())
-        ctx.extra["quantize"]["base_accuracy"] = base_accuracy
         k = max(1, len(losses) // 10)
-        ctx.extra["record"] = {
-            **ctx.extra.get("record", {}),
-            "qat": {
-                "steps": cfg.steps,
-                "loss_first": round(float(np.mean(losses[:k])), 5),
-                "loss_last": round(float(np.mean(losses[-k:])), 5),
-                "accuracy_before": round(base_accuracy, 6),
-                "fake_quant_top1": round(fq_accuracy, 6),
-                "fake_quant_samples": n,
-                "seconds": round(time.perf_counter() - t0, 1),
-            },
-        }
         echo(
             f"qat: {cfg.steps} steps, loss {losses[0]:.4f} -> {np.mean(losses[-k:]):.4f}; "
             f"fake-quantized top-1 {fq_accuracy:.4f} on {n} samples (float before: {base_accuracy:.4f})"
         )
-        return ctx
+        return StageResult(
+            {
+                "quantization": quantization,
+                "qat": {
+                    "steps": cfg.steps,
+                    "loss_first": round(float(np.mean(losses[:k])), 5),
+                    "loss_last": round(float(np.mean(losses[-k:])), 5),
+                    "accuracy_before": round(base_accuracy, 6),
+                    "fake_quant_top1": round(fq_accuracy, 6),
+                    "fake_quant_samples": n,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                },
+            }
+        )

@@ -1,4 +1,4 @@
-"""The shared training loop of the fine-tuning and distillation stages.
+"""The shared training loop of the pruning fine-tuning, distillation and QAT stages.
 
 One loop for one process or many (torchrun + DistributedDataParallel, see ``distributed.py``):
 progress bar with loss and accuracy, a checkpoint after every epoch (atomic, rank 0), resume from
@@ -66,6 +66,7 @@ class FitConfig:
             many training batches (0: keep the running averages). Networks built with a small
             BatchNorm momentum (EfficientNet: 0.01) otherwise evaluate with statistics of the
             weights from hundreds of steps ago.
+        steps: total optimizer steps instead of ``epochs`` (whole epochs, then a partial one).
     """
 
     epochs: float = 1.0
@@ -80,6 +81,7 @@ class FitConfig:
     device: str = "auto"
     max_steps_per_epoch: int | None = None
     bn_batches: int = 20
+    steps: int | None = None
 
 
 @dataclass
@@ -200,6 +202,9 @@ def recalibrate_batchnorm_(
 
 def _epoch_steps(cfg: FitConfig, steps_per_epoch: int) -> list[int]:
     """Optimizer steps of each epoch (the last one partial for fractional ``epochs``)."""
+    if cfg.steps is not None:
+        whole, rest = divmod(cfg.steps, steps_per_epoch)
+        return [steps_per_epoch] * whole + ([rest] if rest else [])
     full = int(cfg.epochs)
     steps = [steps_per_epoch] * full
     frac = cfg.epochs - full

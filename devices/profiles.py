@@ -13,14 +13,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgesmith.errors import EdgesmithError
+from edgesmith.errors import EdgesmithError, RecipeError
+from edgesmith.validation import validate
+from edgesmith.yamlutil import Loc, load_yaml_with_lines
 
 __all__ = ["Int8Scheme", "Profile", "list_profiles", "load_profile", "resolve_target"]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+_HINT = "compare with a built-in profile: `edgesmith devices show x86-cpu`"
 
 
 class Int8Scheme(BaseModel):
@@ -86,16 +88,9 @@ class Profile(BaseModel):
         return _validate(data, f"profile '{self.name}' with overrides")
 
 
-def _validate(data: Any, where: str) -> Profile:
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise EdgesmithError(
-            f"{where}: '{loc}': {err['msg']}",
-            hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
-        ) from None
+def _validate(data: Any, where: str, lines: dict[Loc, int] | None = None) -> Profile:
+    """A Profile, or one error listing every problem (``where:line: 'field': ...``)."""
+    return validate(Profile, data, source=where, lines=lines, hint=_HINT)
 
 
 @cache
@@ -124,20 +119,15 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
                 + f"known: {', '.join(list_profiles())}",
             )
         path = PROFILE_DIR / f"{name}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise EdgesmithError(
-            f"malformed device profile {path}: {first}",
-            hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
-        ) from None
+    try:  # the recipe's safe loader, which also keeps every key's line
+        data, lines = load_yaml_with_lines(path)
+    except RecipeError as exc:
+        raise EdgesmithError(f"malformed device profile: {exc.message}", hint=_HINT) from None
     if not isinstance(data, dict):
         raise EdgesmithError(
-            f"malformed device profile {path}: expected a mapping of fields",
-            hint="compare with a built-in profile: `edgesmith devices show x86-cpu`",
+            f"malformed device profile {path}: expected a mapping of fields", hint=_HINT
         )
-    profile = _validate(data, f"malformed device profile {path}")
+    profile = _validate(data, f"malformed device profile {path}", lines)
     return profile.with_overrides(overrides) if overrides else profile
 
 

@@ -37,9 +37,9 @@ COMMANDS: dict[str, str] = {
     "ota": "edgesmith.devices.ota.cli:ota_group",
     "serve": "edgesmith.runtime.cli:serve_cmd",
     "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
-    "prune": "edgesmith.compress.cli:prune_cmd",
-    "distill": "edgesmith.compress.cli:distill_cmd",
-    "quantize": "edgesmith.compress.cli:quantize_cmd",
+    "prune": "edgesmith.commands.prune:prune_cmd",
+    "distill": "edgesmith.commands.distill:distill_cmd",
+    "quantize": "edgesmith.commands.quantize:quantize_cmd",
 }
 
 
@@ -170,11 +170,9 @@ def build_cmd(
 
 
 def _print_summary(report: dict[str, Any]) -> None:
-    from edgesmith.report import render_markdown
+    from edgesmith.report import print_summary
 
-    if not logging.getLogger().isEnabledFor(logging.ERROR):
-        return
-    echo(render_markdown(report, plot=None))
+    print_summary(report)
 
 
 # --------------------------------------------------------------------------- recipe

@@ -24,7 +24,7 @@ from edgesmith.runtime.specs import TensorSpec, preprocess_images
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from edgesmith.recipe import DataConfig
+    from edgesmith.schema import DataConfig
 
 __all__ = [
     "FASHION_MNIST_LABELS",

@@ -11,126 +11,28 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgesmith.checks import Check, failed, failure_hint
 from edgesmith.errors import CheckFailed, DataError
-from edgesmith.export.parity import Parity, compare_outputs
+from edgesmith.export.evaluate import EVAL_BATCH, Artifact, Evaluator, eval_inputs
 from edgesmith.fsutil import atomic_dir, check_output_dir
 from edgesmith.metrics import Metric, get_metric
-from edgesmith.progress import echo, track
-from edgesmith.recipe import Recipe
+from edgesmith.progress import echo
+from edgesmith.schema import Recipe
 
+# Artifact and Evaluator live in edgesmith.export.evaluate (below the stages); names kept here
 __all__ = ["Artifact", "Evaluator", "build", "prepare"]
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 256
 GOLDEN_SAMPLES = 8
-
-
-@dataclass
-class Artifact:
-    """One exported model file (plus side files) with its measurements."""
-
-    format: str
-    precision: str
-    path: Path
-    files: list[Path]
-    size_bytes: int
-    accuracy: float
-    latency_ms: float
-    parity: Parity
-    latency: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    bundle: str | None = None
-
-    def to_json(self, root: Path) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "precision": self.precision,
-            "path": str(self.path.relative_to(root)),
-            "bundle": self.bundle,
-            "size_bytes": self.size_bytes,
-            "accuracy": round(self.accuracy, 6),
-            "latency_ms": round(self.latency_ms, 4),
-            "latency": {k: round(v, 4) for k, v in self.latency.items()},
-            "parity": self.parity.to_json(),
-            **self.extra,
-        }
-
-
-class Evaluator:
-    """Measures exported files against the PyTorch reference on the evaluation set."""
-
-    def __init__(
-        self,
-        recipe: Recipe,
-        reference: np.ndarray,
-        targets: np.ndarray,
-        inputs: np.ndarray,
-        metric: Metric,
-        threads: int | None,
-        head: Any = None,
-    ) -> None:
-        self.recipe, self.reference, self.targets, self.inputs = recipe, reference, targets, inputs
-        self.metric, self.threads = metric, threads
-        # trainable_head builds export the backbone: outputs are head(backbone(x)), in numpy
-        self.head = head
-
-    def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """The artifact's outputs for ``x`` (with the numpy head applied when there is one)."""
-        out = np.asarray(model(x))
-        return out if self.head is None else self.head(out)
-
-    def evaluate(
-        self,
-        path: Path,
-        fmt: str,
-        precision: str,
-        files: list[Path] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> Artifact:
-        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference."""
-        from edgesmith.runtime import load
-
-        model = load(path, threads=self.threads, device="cpu")
-        fixed = model.inputs[0].shape[0]
-        step = (
-            fixed if isinstance(fixed, int) else EVAL_BATCH
-        )  # a model exported with a fixed batch
-        outs = [
-            self.logits(model, self.inputs[i : i + step])
-            for i in track(range(0, len(self.inputs), step), f"evaluate {path.name}")
-        ]
-        out = np.concatenate(outs)
-        tol = self.recipe.parity.get(precision) or self.recipe.parity["int8"]
-        parity = compare_outputs(self.reference, out, tol.top1_agreement, tol.max_abs_diff)
-        accuracy = self.metric(out, self.targets)
-        one = self.inputs[:1]
-        from edgesmith.runtime.bench import time_fn
-
-        lat = time_fn(lambda: self.logits(model, one), warmup=20, runs=200, max_seconds=15.0)
-        if not files:
-            from edgesmith.export import EXPORTERS
-
-            files = EXPORTERS[fmt].files(path) if fmt in EXPORTERS else [path]
-        return Artifact(
-            fmt,
-            precision,
-            path,
-            files,
-            sum(f.stat().st_size for f in files),
-            accuracy,
-            lat["p50"],
-            parity,
-            latency={k: lat[k] for k in ("p50", "p90", "p99")},
-            extra=dict(extra or {}),
-        )
+_eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 
 @dataclass
@@ -186,12 +88,6 @@ def _measure(model: Any, p: Prepared) -> dict[str, Any]:
         "outputs": outputs,
         "targets": targets,
     }
-
-
-def _eval_inputs(dataset: Any) -> np.ndarray:
-    from edgesmith.measure import batches
-
-    return np.concatenate([x for x, _ in batches(dataset, EVAL_BATCH)])
 
 
 def _write_bundle(
@@ -298,6 +194,7 @@ def new_context(p: Prepared, work_dir: Path) -> Any:
     """The stages' starting context: the prepared model, a frozen copy of it as the teacher, and
     ``evaluate`` on the evaluation set with the recipe's metric."""
     from edgesmith.compress import Context
+    from edgesmith.models import build_model
 
     teacher = copy.deepcopy(p.model).eval()
     for param in teacher.parameters():
@@ -311,6 +208,7 @@ def new_context(p: Prepared, work_dir: Path) -> Any:
         evaluate=lambda m: _measure(m, p)["accuracy"],
         work_dir=work_dir,
         profile=p.profile.model_dump(),
+        load_model=build_model,
     )
 
 
@@ -322,7 +220,6 @@ def _run_stages_on_worker(recipe: Recipe) -> None:
     """
     import tempfile
 
-    from edgesmith.compress import STAGES
     from edgesmith.progress import set_quiet
 
     set_quiet(True)
@@ -330,9 +227,22 @@ def _run_stages_on_worker(recipe: Recipe) -> None:
     with tempfile.TemporaryDirectory(prefix="edgesmith-rank-") as tmp:
         ctx = new_context(p, Path(tmp))
         for spec in recipe.stages:
-            ctx = STAGES[spec.name](spec.config).run(ctx)
-            ctx.extra.pop("record", None)
-            ctx.extra.pop("failures", None)
+            _run_stage(spec.name, spec.config, ctx)
+
+
+def _run_stage(name: str, config: Any, ctx: Any) -> Any:
+    """``STAGES[name](config).run(ctx)``, which must return a StageResult."""
+    from edgesmith.compress import STAGES, StageResult
+    from edgesmith.errors import EdgesmithError
+
+    result = STAGES[name](config).run(ctx)
+    if not isinstance(result, StageResult):
+        raise EdgesmithError(
+            f"stage '{name}' returned {type(result).__name__}, not a StageResult",
+            hint="a stage's run(ctx) edits ctx.model and returns StageResult(row, checks) "
+            "(docs/design.md, 'stage')",
+        )
+    return result
 
 
 def build(
@@ -355,7 +265,7 @@ def build(
         CheckFailed: an artifact failed its parity tolerance or a stage its budget; nothing is written.
         EdgesmithError: bad input (recipe, model, data).
     """
-    from edgesmith.compress import STAGES, StageRecord
+    from edgesmith.compress import StageRecord
     from edgesmith.compress.distributed import is_distributed, is_main_process
     from edgesmith.export import EXPORTERS, get_exporter
     from edgesmith.measure import torch_latency
@@ -396,11 +306,12 @@ def build(
         }
         ctx = new_context(p, tmp / ".work")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        checks: list[Check] = []  # stages', then artifact hooks', then parity: the report's order
         m = base
         for spec in recipe.stages:
             echo(f"stage {spec.name}")
             t0 = time.perf_counter()
-            ctx = STAGES[spec.name](spec.config).run(ctx)
+            result = _run_stage(spec.name, spec.config, ctx)
             m = _measure(ctx.model, p)
             record = StageRecord(
                 spec.name,
@@ -408,13 +319,13 @@ def build(
                 m["macs"],
                 m["size_bytes"],
                 time.perf_counter() - t0,
-                extra=ctx.extra.pop("record", {}),
+                extra=result.row,
             )
             ctx.history.append(record)
             report["stages"].append(record.to_json())
-            report["failures"] += ctx.extra.pop("failures", [])
+            checks += result.checks
         final = m  # the last stage's measurement is of ctx.model as the stages left it
-        inputs = _eval_inputs(p.data.eval)
+        inputs = eval_inputs(p.data.eval)
         head = memory = None
         if recipe.trainable_head is not None:  # export the backbone; the head ships as arrays
             from edgesmith.heads import split_head
@@ -440,14 +351,14 @@ def build(
             art = ev.evaluate(path, fmt, "fp32")
             artifacts.append(art)
             for hook in ctx.artifact_hooks:
-                artifacts += hook(ctx, art, ev)
-        # hooks (the quantize stage's int8 variants) report budget failures the same way stages do
-        report["failures"] += ctx.extra.pop("failures", [])
+                derived = hook(ctx, art, ev)
+                artifacts += derived.artifacts
+                checks += derived.checks
         golden_inputs = inputs[:GOLDEN_SAMPLES]
         for art in artifacts:
-            if not art.parity.passed:
-                report["failures"].append(f"{art.path.name}: parity failed: {art.parity.reason}")
+            checks.append(art.parity_check())
             art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head, memory)
+        report["failures"] = [str(c) for c in failed(checks)]
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         report["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -458,14 +369,8 @@ def build(
         if report["failures"]:
             if on_failure:
                 on_failure(report)
-            budget = any("max_accuracy_drop" in f for f in report["failures"])
             raise CheckFailed(
                 f"{len(report['failures'])} check(s) failed: " + "; ".join(report["failures"]),
-                hint="nothing was written; "
-                + (
-                    "raise max_accuracy_drop (or max_float_layers), train longer, or try the qat stage"
-                    if budget
-                    else "relax the tolerance in the recipe ('parity:') only if you can defend it"
-                ),
+                hint="nothing was written; " + failure_hint(checks),
             )
     return report

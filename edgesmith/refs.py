@@ -11,7 +11,24 @@ from typing import Any
 
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["resolve_ref"]
+__all__ = ["absolute_path", "absolute_ref", "resolve_ref"]
+
+
+def absolute_ref(ref: str, base: Path) -> str:
+    """``file.py:callable`` relative to ``base`` becomes absolute; ``pkg.mod:callable`` stays."""
+    module, sep, attr = ref.partition(":")
+    if module.endswith(".py") or "/" in module:
+        p = Path(module).expanduser()
+        return f"{(base / p).resolve() if not p.is_absolute() else p}{sep}{attr}"
+    return ref
+
+
+def absolute_path(p: str | None, base: Path) -> str | None:
+    """A path relative to ``base`` made absolute (None stays None)."""
+    if p is None:
+        return None
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
 
 
 def resolve_ref(

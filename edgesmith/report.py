@@ -8,7 +8,7 @@ from typing import Any
 
 from edgesmith.fsutil import atomic_write_bytes
 
-__all__ = ["render_markdown", "write_plot", "write_report"]
+__all__ = ["print_summary", "render_markdown", "write_plot", "write_report"]
 
 
 def _mb(n: float) -> str:
@@ -120,3 +120,14 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
     )
     atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The report's table on stderr (what the build commands show at the end), unless quiet."""
+    import logging
+
+    from edgesmith.progress import echo
+
+    if not logging.getLogger().isEnabledFor(logging.ERROR):
+        return
+    echo(render_markdown(report, plot=None))

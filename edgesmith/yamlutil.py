@@ -49,6 +49,10 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+def _line(event: yaml.Event) -> int | str:
+    return event.start_mark.line + 1 if event.start_mark is not None else "?"
+
+
 def _check_events(text: str, source: str, max_nodes: int, max_depth: int) -> None:
     """First pass over the parser's events: stop at the first value past the limits, before any
     node is built (a megabyte of tiny values or of brackets stops here, quickly)."""
@@ -63,15 +67,14 @@ def _check_events(text: str, source: str, max_nodes: int, max_depth: int) -> Non
                 count += 1
                 if count > max_nodes:
                     raise RecipeError(
-                        f"{source}:{event.start_mark.line + 1}: more than {max_nodes} values",
+                        f"{source}:{_line(event)}: more than {max_nodes} values",
                         hint="is this really a recipe?",
                     )
                 if isinstance(event, yaml.CollectionStartEvent):
                     depth += 1
                     if depth > max_depth:
                         raise RecipeError(
-                            f"{source}:{event.start_mark.line + 1}: nested more than "
-                            f"{max_depth} levels deep",
+                            f"{source}:{_line(event)}: nested more than {max_depth} levels deep",
                             hint="a recipe needs only a few levels of mappings and lists",
                         )
     finally:

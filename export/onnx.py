@@ -70,24 +70,16 @@ def export(
     import torch
     from torch.export import Dim
 
+    from edgesmith.export._io import io_names, trace_inputs
+
     path = Path(path)
-    n_in = len(example_inputs)
-    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
-    with torch.no_grad():
-        out = model(*example_inputs)
-    n_out = len(out) if isinstance(out, tuple | list) else 1
-    output_names = output_names or (
-        ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    )
+    input_names, output_names = io_names(model, example_inputs, input_names, output_names)
     dynamic_shapes = (
         tuple({0: Dim("batch", min=1, max=1 << 16)} for _ in example_inputs)
         if dynamic_batch
         else None
     )
-    if dynamic_batch and all(getattr(x, "shape", (0,))[0] == 1 for x in example_inputs):
-        # torch.export specialises a dimension of size 1 (0/1 specialisation) and the exporter then
-        # silently falls back to a fixed batch; trace with a batch of two so the batch stays symbolic.
-        example_inputs = [torch.cat([x, x]) for x in example_inputs]
+    example_inputs = trace_inputs(example_inputs, dynamic_batch)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with _quiet_exporter():

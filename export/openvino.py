@@ -75,24 +75,15 @@ def export(
     import openvino as ov
     import torch
 
+    from edgesmith.export._io import io_names, trace_inputs
     from edgesmith.export._quiet import quiet
 
     path = Path(path)
-    n_in = len(example_inputs)
-    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
-    with torch.no_grad():
-        out = model(*example_inputs)
-    n_out = len(out) if isinstance(out, tuple | list) else 1
-    output_names = output_names or (
-        ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    )
-    trace_inputs = list(example_inputs)
-    if dynamic_batch and all(getattr(x, "shape", (0,))[0] == 1 for x in trace_inputs):
-        # a batch of 1 gets baked into reshapes (recurrent nets); trace with 2 to keep it symbolic
-        trace_inputs = [torch.cat([x, x]) for x in trace_inputs]
+    input_names, output_names = io_names(model, example_inputs, input_names, output_names)
+    traced = trace_inputs(example_inputs, dynamic_batch)
     try:
         with quiet(), torch.no_grad():
-            ov_model = ov.convert_model(model, example_input=tuple(trace_inputs))
+            ov_model = ov.convert_model(model, example_input=tuple(traced))
         shapes = {
             i: ov.PartialShape([-1 if dynamic_batch else int(x.shape[0]), *map(int, x.shape[1:])])
             for i, x in enumerate(example_inputs)

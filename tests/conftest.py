@@ -12,6 +12,16 @@ FMNIST_DIR = ROOT / "examples" / "fashion_mnist"
 FMNIST_RECIPE = FMNIST_DIR / "recipe-fp32.yaml"
 
 
+SLOW_TIMEOUT = 1800  # seconds; the default suite's per-test limit is `timeout` in pyproject.toml
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests (EfficientNet, full training) get a longer per-test limit unless they set one."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

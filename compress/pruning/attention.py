@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgesmith.compress.pruning.scores import weight_scores
+
 __all__ = [
     "PrunableAttention",
     "convert_attention_",
@@ -199,13 +201,7 @@ def head_importance(attn: PrunableAttention, p: int = 2, taylor: bool = False) -
     score = torch.zeros(h)
     with torch.no_grad():
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-            for name, w in proj.named_parameters():
-                if taylor:
-                    if w.grad is None:
-                        continue
-                    v = (w.data * w.grad).abs()
-                else:
-                    v = w.data.abs().pow(p)
+            for name, v in weight_scores(proj.named_parameters(), p, taylor):
                 if proj is attn.out_proj:
                     if name == "weight":
                         score += v.sum(0).view(h, d).sum(1)

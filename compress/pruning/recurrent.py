@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from edgesmith.compress.pruning.scores import weight_scores
+
 __all__ = ["RECURRENT_TYPES", "RecurrentPruner", "recurrent_unit_importance", "unprunable_reason"]
 
 RECURRENT_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
@@ -124,13 +126,7 @@ def recurrent_unit_importance(layer: nn.RNNBase, p: int = 2, taylor: bool = Fals
     hidden, gates = layer.hidden_size, _gates(layer)
     score = torch.zeros(hidden)
     with torch.no_grad():
-        for name, w in layer.named_parameters():
-            if taylor:
-                if w.grad is None:
-                    continue
-                v = (w.data * w.grad).abs()
-            else:
-                v = w.data.abs().pow(p)
+        for name, v in weight_scores(layer.named_parameters(), p, taylor):
             # rows: gate blocks of hidden units (weights and biases of every layer)
             score += v.reshape(gates, hidden, -1).sum(dim=(0, 2))
             if name.startswith("weight_hh"):  # columns: the recurrent input

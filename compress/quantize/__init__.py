@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edgesmith.compress import register_stage
-from edgesmith.compress.base import Stage
+from edgesmith.compress.base import Stage, StageResult, register_stage
 from edgesmith.compress.quantize.config import PRECISIONS, QuantizeConfig, Scheme, resolve_scheme
 
 if TYPE_CHECKING:
@@ -66,8 +65,9 @@ class Quantize(Stage):
     name = "quantize"
     config_cls = QuantizeConfig
 
-    def run(self, ctx: Context) -> Context:
+    def run(self, ctx: Context) -> StageResult:
         from edgesmith.compress.quantize.hook import install
 
         assert isinstance(self.config, QuantizeConfig)
-        return install(ctx, self.config)
+        _, quantization = install(ctx, self.config)
+        return StageResult({"quantization": quantization})

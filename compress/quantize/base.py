@@ -8,19 +8,26 @@ nothing else, so it works for every format.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edgesmith.errors import DataError
+from edgesmith.errors import DataError, EdgesmithError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Layer", "ModuleNames", "Quantizer", "calibration_array", "display_name"]
+__all__ = [
+    "Layer",
+    "ModuleNames",
+    "Quantizer",
+    "calibration_array",
+    "check_method",
+    "display_name",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,20 @@ class Quantizer(Protocol):
     def quantize(self, path: Path, float_layers: Collection[str]) -> list[Path]:
         """Write the model with every layer int8 except ``float_layers`` (ids); return its files."""
         ...
+
+
+def check_method(method: str, fmt: str, methods: Iterable[str]) -> None:
+    """Refuse a calibration method the format's quantizer does not implement.
+
+    Raises:
+        EdgesmithError: naming the methods it does implement.
+    """
+    known = list(methods)
+    if method not in known:
+        raise EdgesmithError(
+            f"calibration_method '{method}' is not available for {fmt}",
+            hint=f"use one of: {', '.join(known)}",
+        )
 
 
 def calibration_array(

@@ -1,28 +1,38 @@
 """The quantize stage's work: input checks at stage time, variants of each exported artifact later.
 
 ``install`` runs when the stage runs (before export): it checks the formats against the target,
-collects and checks the calibration data, and registers ``derive`` as an artifact hook. The
-pipeline calls ``derive(ctx, fp32_artifact, evaluator)`` for every exported format.
+collects and checks the calibration data, and registers a :class:`QuantizeHook` as an artifact
+hook. The pipeline calls ``hook(ctx, fp32_artifact, evaluator)`` for every exported format; it
+returns the variants and their checks (the accuracy budget, the int8 search).
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.config import QuantizeConfig, resolve_scheme
+from edgesmith.checks import Check, accuracy_budget
+from edgesmith.compress.base import HookResult
+from edgesmith.compress.quantize.config import QuantizeConfig, Scheme, resolve_scheme
 from edgesmith.errors import EdgesmithError, RecipeError
 from edgesmith.progress import echo
 
 if TYPE_CHECKING:
     from edgesmith.compress.base import Context
-    from edgesmith.pipeline import Artifact, Evaluator
+    from edgesmith.export.evaluate import Artifact, Evaluator
 
-__all__ = ["check_formats", "derive", "install"]
+__all__ = ["QuantizeHook", "check_formats", "install"]
+
+# the hint of a failed int8 search whose accuracy held: int8 parity is what failed
+SEARCH_HINT = (
+    "try the qat stage, more calibration samples or max_float_layers; relax the int8 'parity:' "
+    "tolerance only if you can defend it"
+)
 
 TOOLS = {
     "onnx": "onnxruntime.quantization",
@@ -48,8 +58,65 @@ def check_formats(formats: list[str], profile: dict[str, Any] | None, target: st
         )
 
 
-def install(ctx: Context, config: QuantizeConfig, stage: str = "quantize") -> Context:
+@dataclass
+class QuantizeHook:
+    """The artifact hook of ``quantize`` and ``qat``: every configured variant of each fp32 artifact.
+
+    Attributes:
+        config: the stage's options.
+        scheme: the int8 scheme in force (target profile plus overrides).
+        calibration: the calibration inputs, checked at stage time.
+        stage: the stage that installed it (``quantize`` or ``qat``), named in its checks.
+        reference_accuracy: the accuracy the budget counts from; None: the float model's as
+            exported (``qat`` sets the model's as it entered ``qat``).
+    """
+
+    config: QuantizeConfig
+    scheme: Scheme
+    calibration: np.ndarray
+    stage: str = "quantize"
+    reference_accuracy: float | None = None
+    _names: Any = None  # torch module names of the exported graph's layers, made once
+
+    def __call__(self, ctx: Context, art: Artifact, ev: Evaluator) -> HookResult:
+        from edgesmith.compress.quantize import MISSING_VARIANTS, VARIANTS
+
+        out = HookResult()
+        for precision in self.config.precisions:
+            if precision == "int8":
+                artifact, checks = _int8(ctx, art, ev, self)
+                out.artifacts.append(artifact)
+                out.checks += checks
+                continue
+            key = (art.format, precision)
+            if key not in VARIANTS:
+                reason = MISSING_VARIANTS.get(key, f"no {precision} variant for {art.format}")
+                echo(f"{art.format} {precision}: skipped ({reason})")
+                art.extra.setdefault("skipped_variants", {})[precision] = reason
+                continue
+            dest = _dest(ctx, art, precision)
+            echo(f"deriving {dest.name}")
+            files = _load(VARIANTS[key])(art.path, dest)
+            out.artifacts.append(ev.evaluate(dest, art.format, precision, files=files))
+        return out
+
+    def names(self, ctx: Context) -> Any:
+        """The module names of ``ctx.model``'s layers (traced once, shared by every format)."""
+        from edgesmith.compress.quantize.base import ModuleNames
+
+        if self._names is None:
+            self._names = ModuleNames(ctx.model, ctx.example_input)
+        return self._names
+
+
+def install(
+    ctx: Context, config: QuantizeConfig, stage: str = "quantize"
+) -> tuple[QuantizeHook, dict[str, Any]]:
     """Check the inputs of quantization now and register the hook that quantizes each artifact.
+
+    Returns:
+        The hook (registered in ``ctx.artifact_hooks``, replacing an earlier one) and the
+        ``quantization`` entry of the stage's report row.
 
     Raises:
         RecipeError: a format the target cannot run.
@@ -65,60 +132,23 @@ def install(ctx: Context, config: QuantizeConfig, stage: str = "quantize") -> Co
         config.min_calibration_samples,
         tuple(ctx.example_input.shape[1:]),
     )
-    first = "quantize" not in ctx.extra
-    ctx.extra["quantize"] = {"config": config, "scheme": scheme, "calibration": calibration}
-    if first:
-        ctx.artifact_hooks.append(derive)
-    ctx.extra["record"] = {
-        **ctx.extra.get("record", {}),
-        "quantization": {
-            "scheme": scheme.to_json(),
-            "precisions": list(config.precisions),
-            "calibration_samples": len(calibration),
-            "max_accuracy_drop": config.max_accuracy_drop,
-        },
-    }
+    hook = QuantizeHook(config, scheme, calibration, stage)
+    ctx.artifact_hooks[:] = [h for h in ctx.artifact_hooks if not isinstance(h, QuantizeHook)]
+    ctx.artifact_hooks.append(hook)
     echo(
         f"{stage}: {', '.join(config.precisions)} for {', '.join(ctx.recipe.export)} after export; "
         f"{len(calibration)} calibration samples; scheme {scheme.to_json()}"
     )
-    return ctx
-
-
-def derive(ctx: Context, art: Artifact, ev: Evaluator) -> list[Artifact]:
-    """The artifact hook: every configured variant of one fp32 artifact, evaluated."""
-    from edgesmith.compress.quantize import MISSING_VARIANTS, VARIANTS
-
-    state = ctx.extra["quantize"]
-    config: QuantizeConfig = state["config"]
-    out: list[Artifact] = []
-    for precision in config.precisions:
-        if precision == "int8":
-            out.append(_int8(ctx, art, ev, state))
-            continue
-        key = (art.format, precision)
-        if key not in VARIANTS:
-            reason = MISSING_VARIANTS.get(key, f"no {precision} variant for {art.format}")
-            echo(f"{art.format} {precision}: skipped ({reason})")
-            art.extra.setdefault("skipped_variants", {})[precision] = reason
-            continue
-        dest = _dest(ctx, art, precision)
-        echo(f"deriving {dest.name}")
-        files = _load(VARIANTS[key])(art.path, dest)
-        out.append(ev.evaluate(dest, art.format, precision, files=files))
-    return out
+    return hook, {
+        "scheme": scheme.to_json(),
+        "precisions": list(config.precisions),
+        "calibration_samples": len(calibration),
+        "max_accuracy_drop": config.max_accuracy_drop,
+    }
 
 
 def _dest(ctx: Context, art: Artifact, precision: str) -> Path:
     return art.path.parent / f"{ctx.recipe.name}-{art.format}-{precision}{art.path.suffix}"
-
-
-def _names(ctx: Context) -> Any:
-    from edgesmith.compress.quantize.base import ModuleNames
-
-    if "names" not in ctx.extra["quantize"]:
-        ctx.extra["quantize"]["names"] = ModuleNames(ctx.model, ctx.example_input)
-    return ctx.extra["quantize"]["names"]
 
 
 def _initial_float(config: QuantizeConfig, layers: list[Any], fmt: str) -> list[str]:
@@ -135,29 +165,31 @@ def _initial_float(config: QuantizeConfig, layers: list[Any], fmt: str) -> list[
     return ids
 
 
-def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> Artifact:
+def _int8(
+    ctx: Context, art: Artifact, ev: Evaluator, hook: QuantizeHook
+) -> tuple[Artifact, list[Check]]:
     from edgesmith.compress.quantize import QUANTIZERS
     from edgesmith.compress.quantize.mixed import Probe, search
     from edgesmith.runtime import load
     from edgesmith.runtime.bench import time_fn
 
-    config: QuantizeConfig = state["config"]
-    calibration: np.ndarray = state["calibration"]
+    config, calibration = hook.config, hook.calibration
     fmt = art.format
     t0 = time.perf_counter()
     echo(f"{fmt} int8: calibrating with {TOOLS[fmt]} on {len(calibration)} samples")
     work = ctx.work_dir / f"quantize-{fmt}"
     work.mkdir(parents=True, exist_ok=True)
-    quantizer = _load(QUANTIZERS[fmt])(art.path, calibration, state["scheme"], work, _names(ctx))
+    quantizer = _load(QUANTIZERS[fmt])(art.path, calibration, hook.scheme, work, hook.names(ctx))
 
     tolerance = ctx.recipe.parity.get("int8") or ctx.recipe.parity["fp32"]
     order = np.random.default_rng(ctx.recipe.seed).permutation(len(ev.inputs))
     pick = np.sort(order[: config.search_samples])
     sens = np.sort(order[: min(config.sensitivity_samples, len(pick))])
 
-    # after qat the budget counts from the model as it entered qat, not the fine-tuned float one
-    shift = state.get("base_accuracy")
-    shift = 0.0 if shift is None else shift - float(ev.metric(ev.reference, ev.targets))
+    # the budget counts from the float model as exported, or (after qat) as it entered qat
+    float_accuracy = float(ev.metric(ev.reference, ev.targets))
+    base = float_accuracy if hook.reference_accuracy is None else hook.reference_accuracy
+    shift = base - float_accuracy
 
     def probe(idx: np.ndarray) -> Probe:
         p = Probe(
@@ -196,7 +228,7 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
     gains = {layer.id: gain for layer, gain in result.sensitivity}
     info: dict[str, Any] = {
         "tool": TOOLS[fmt],
-        "scheme": state["scheme"].to_json(),
+        "scheme": hook.scheme.to_json(),
         "calibration_samples": len(calibration),
         "max_accuracy_drop": config.max_accuracy_drop,
         "layers": len(quantizer.layers),
@@ -232,29 +264,43 @@ def _int8(ctx: Context, art: Artifact, ev: Evaluator, state: dict[str, Any]) -> 
             result, by_id, art.path.parent, ctx.recipe.name, fmt
         )
     a = ev.evaluate(dest, fmt, "int8", files=files, extra={"quantization": info})
-    base = state.get("base_accuracy", float(ev.metric(ev.reference, ev.targets)))
     drop = base - a.accuracy
     info["accuracy_drop"] = round(drop, 6)
     kept = ", ".join(by_id[lid].name for lid in result.float_layers) or "none"
-    if config.max_accuracy_drop is not None and drop > config.max_accuracy_drop + 1e-12:
+    checks: list[Check] = []
+    if config.max_accuracy_drop is not None:
         why = result.reason or "it held on the search samples but not on the whole evaluation set"
-        ctx.extra.setdefault("failures", []).append(
-            f"{dest.name}: accuracy drop {drop * 100:.2f} points > max_accuracy_drop "
-            f"{config.max_accuracy_drop * 100:.2f} (best result: accuracy {a.accuracy:.4f} vs "
-            f"{base:.4f} float, {len(result.float_layers)} layer(s) kept float: {kept}); {why}; "
-            "try the qat stage, more calibration samples, max_float_layers, or a larger budget"
+        checks.append(
+            accuracy_budget(
+                hook.stage,
+                base,
+                a.accuracy,
+                config.max_accuracy_drop,
+                f"{dest.name}: accuracy drop {drop * 100:.2f} points > max_accuracy_drop "
+                f"{config.max_accuracy_drop * 100:.2f} (best result: accuracy {a.accuracy:.4f} vs "
+                f"{base:.4f} float, {len(result.float_layers)} layer(s) kept float: {kept}); {why}; "
+                "try the qat stage, more calibration samples, max_float_layers, or a larger budget",
+            )
         )
-    elif not result.accepted:
-        ctx.extra.setdefault("failures", []).append(
-            f"{dest.name}: no int8 model met the checks; {result.reason}; try the qat stage, more "
-            "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance"
+    if not result.accepted and all(c.passed for c in checks):
+        checks.append(
+            Check(
+                hook.stage,
+                "parity",
+                None,
+                None,
+                False,
+                SEARCH_HINT,
+                f"{dest.name}: no int8 model met the checks; {result.reason}; try the qat stage, more "
+                "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance",
+            )
         )
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
         f"top-1 agreement {a.parity.top1_agreement:.4f}, {len(result.float_layers)} of "
         f"{len(quantizer.layers)} layers float ({kept})"
     )
-    return a
+    return a, checks
 
 
 def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, fmt: str) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
+from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
 from edgesmith.compress.quantize.config import Scheme
-from edgesmith.errors import EdgesmithError
 
 __all__ = ["OnnxQuantizer", "layer_ops", "to_fp16", "weight_only_int8"]
 
@@ -131,11 +130,7 @@ class OnnxQuantizer:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantType
 
-        if scheme.method not in _METHODS:
-            raise EdgesmithError(
-                f"calibration_method '{scheme.method}' is not available for onnx",
-                hint=f"use one of: {', '.join(_METHODS)}",
-            )
+        check_method(scheme.method, "onnx", _METHODS)
         self.scheme = scheme
         work_dir.mkdir(parents=True, exist_ok=True)
         self.source = work_dir / "preprocessed.onnx"

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
+from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
 from edgesmith.compress.quantize.config import Scheme
-from edgesmith.errors import EdgesmithError
 
 __all__ = ["OpenVinoQuantizer", "to_bf16", "to_fp16", "weight_only_int8"]
 
@@ -169,11 +168,7 @@ class OpenVinoQuantizer:
         )
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        if scheme.method not in _METHODS:
-            raise EdgesmithError(
-                f"calibration_method '{scheme.method}' is not available for openvino",
-                hint=f"use one of: {', '.join(_METHODS)}",
-            )
+        check_method(scheme.method, "openvino", _METHODS)
         core = ov.Core()
         self.float_model = core.read_model(str(fp32_path))
         options: dict[str, Any] = {}

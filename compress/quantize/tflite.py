@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, display_name
+from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
 from edgesmith.compress.quantize.config import Scheme
 from edgesmith.errors import EdgesmithError
 
@@ -91,11 +91,7 @@ class TfliteQuantizer:
     ) -> None:
         from ai_edge_quantizer import qtyping
 
-        if scheme.method not in _METHODS:
-            raise EdgesmithError(
-                f"calibration_method '{scheme.method}' is not available for tflite",
-                hint=f"use one of: {', '.join(_METHODS)}",
-            )
+        check_method(scheme.method, "tflite", _METHODS)
         self.fp32_path = fp32_path
         self.scheme = scheme
         ops, tensors, self.signature, input_name = _ops(fp32_path)

@@ -3,6 +3,7 @@ resume, early stopping, determinism, and the clear errors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from edgesmith.compress.distill import DistillConfig, _adapter, distill, kd_loss
 from edgesmith.compress.train import FitConfig, fit
 from edgesmith.errors import CompressionError
 from tests.compress.conftest import EXAMPLE, MODELS, accuracy, run_main, trained
+from tests.golden import assert_structure
 
 
 def _quick(**kw) -> DistillConfig:
@@ -211,8 +213,9 @@ def test_distill_command_with_resume(cnn_recipe: Path, pruned_cnn: nn.Module, ca
     save_model(pruned_cnn, folder / "p.safetensors")
     out = folder / "d.safetensors"
     args = ["distill", str(cnn_recipe), "--student", str(folder / "p.safetensors"), "-o", str(out)]
-    code, _, err = run_main([*args, "--epochs", "1", "--json"], capsys)
+    code, stdout, err = run_main([*args, "--epochs", "1", "--json"], capsys)
     assert code == 0, err
+    assert_structure("distill-command-row", json.loads(stdout[stdout.index("{") :]))
     assert "student accuracy" in err and (folder / "d.ckpt" / "last.pt").is_file()
     # the checkpoint is not silently reused or overwritten ...
     code, _, err = run_main([*args, "--force", "--epochs", "2"], capsys)
@@ -259,3 +262,47 @@ def test_distill_command_enforces_the_recipes_budget(
     code, _, err = run_main(args, capsys)
     assert code == 1, err  # two steps of training cannot close the gap to the teacher
     assert "more than max_accuracy_drop 0.0" in err and not out.exists()
+
+
+def test_stage_loads_a_named_teacher_and_counts_the_budget_from_the_recipes_model(
+    pruned_cnn: nn.Module, fmnist, tmp_path: Path
+) -> None:
+    """``teacher:`` in the stage's options is built by ctx.load_model (the build's model loader);
+    ``max_accuracy_drop`` counts from the recipe's model (ctx.teacher), not from that teacher."""
+    from edgesmith.compress.base import Context
+    from edgesmith.compress.distill import Distill, ModelSpec
+    from edgesmith.models import build_model
+    from edgesmith.recipe import load_recipe
+    from tests.conftest import FMNIST_DIR, FMNIST_RECIPE
+
+    untrained = MODELS.SmallCNN().eval()  # the "recipe's model" here: ~10% top-1
+    loaded: list[object] = []
+
+    def load_model(config):  # type: ignore[no-untyped-def]
+        loaded.append(config)
+        return build_model(config)
+
+    def evaluate(m: nn.Module) -> float:
+        return accuracy(m, fmnist.eval)
+
+    ctx = Context(
+        recipe=load_recipe(FMNIST_RECIPE),
+        model=pruned_cnn,
+        teacher=untrained,
+        data=fmnist,
+        example_input=EXAMPLE,
+        evaluate=evaluate,
+        work_dir=tmp_path,
+        load_model=load_model,
+    )
+    spec = ModelSpec(factory=f"{FMNIST_DIR / 'model.py'}:SmallCNN", weights="weights.safetensors")
+    result = Distill(_quick(teacher=spec, max_accuracy_drop=0.0)).run(ctx)
+    (config,) = loaded
+    assert config.weights == str(FMNIST_DIR / "weights.safetensors")  # relative to the recipe
+    assert result.row["teacher_accuracy"] > 0.9  # the named, trained teacher was used
+    (check,) = result.checks
+    assert check.key == "max_accuracy_drop" and check.passed  # far above the untrained model
+    assert check.measured == round(evaluate(untrained) - evaluate(pruned_cnn), 6)
+    ctx.load_model = None
+    with pytest.raises(CompressionError, match="cannot load the 'teacher'/'student'"):
+        Distill(_quick(teacher=spec)).run(ctx)

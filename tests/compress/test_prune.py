@@ -16,6 +16,7 @@ from edgesmith.compress.pruning.structured import StructuredPruner, layer_widths
 from edgesmith.errors import CompressionError
 from edgesmith.measure import count_macs
 from tests.compress.conftest import EXAMPLE, accuracy, run_main, trained
+from tests.golden import assert_structure
 
 
 def test_half_the_macs_removed_in_multiples_of_eight(pruned_cnn: nn.Module, fmnist) -> None:
@@ -180,6 +181,7 @@ def test_prune_command_writes_a_loadable_smaller_model(cnn_recipe: Path, capsys)
     # BatchNorm statistics recomputed after pruning: most of the accuracy is back untrained
     assert row["bn_recalibrated"] and row["accuracy"] > 0.85
     assert "MACs 18.49 M ->" in err
+    assert_structure("prune-command-row", row)
     with safe_open(str(out), "pt") as f:
         assert "edgesmith.structure" in (f.metadata() or {})
     # the file is refused a second time without --force, and left as it was

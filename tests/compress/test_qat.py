@@ -11,6 +11,7 @@ from edgesmith.compress.qat import prepare_qat
 from edgesmith.pipeline import build
 from edgesmith.recipe import load_recipe
 from tests.conftest import write_recipe
+from tests.golden import assert_structure
 
 
 def test_prepared_graph_fake_quantizes_and_trains_the_model_in_place() -> None:
@@ -57,6 +58,7 @@ def test_qat_stage_fine_tunes_then_exports_int8(recipe_dir: Path) -> None:
         qat["accuracy_before"] - int8["accuracy"], 6
     )
     assert int8["quantization"]["accuracy_drop"] <= 0.01
+    assert_structure("report-qat", report)  # every key of the public format, as before
 
 
 @pytest.mark.slow

@@ -10,6 +10,9 @@ import pytest
 from edgesmith.compress.quantize.mixed import Probe, search
 from edgesmith.recipe import ParityTolerance
 
+# mixed-precision searches on real models: minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]

@@ -13,6 +13,9 @@ from edgesmith.compress.quantize.mixed import Probe
 from edgesmith.metrics import top1
 from edgesmith.recipe import ParityTolerance, load_recipe
 
+# int8 of EfficientNet-Lite0 and three architectures: minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
+
 ROOT = Path(__file__).resolve().parents[2]
 INT8 = ParityTolerance(top1_agreement=0.97, max_abs_diff=None)
 

@@ -12,6 +12,10 @@ from edgesmith.pipeline import build
 from edgesmith.recipe import load_recipe
 from edgesmith.runtime import load, read_bundle
 from tests.conftest import write_recipe
+from tests.golden import assert_structure
+
+# a build of three formats x four precisions: minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
 
 RECIPE = """\
 version: 1
@@ -138,6 +142,7 @@ def test_stage_row_and_report(quant_build: tuple[Path, dict]) -> None:
     assert len(report["artifacts"]) == 3 * 4 + 1  # fp32, int8, fp16, w8 x 3 + bf16 for openvino
     md = (out / "report.md").read_text()
     assert "| `q-tflite-int8.tflite` | tflite | int8 |" in md
+    assert_structure("report-quantize", report)  # every key of the public format, as before
 
 
 def test_int8_backbone_with_a_trainable_head(tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from edgesmith.compress import STAGES, Stage, StageConfig
-from edgesmith.errors import CheckFailed, EdgesmithError
+from edgesmith.errors import EdgesmithError
 from edgesmith.pipeline import build
 from edgesmith.recipe import load_recipe
 from edgesmith.runtime import load, read_bundle
 from tests.conftest import BASE_RECIPE, write_recipe
+from tests.golden import assert_structure
 
 
 def test_report_json_follows_the_public_contract(reference_build: Path) -> None:
@@ -45,6 +46,7 @@ def test_report_json_follows_the_public_contract(reference_build: Path) -> None:
     assert (reference_build / art["path"]).stat().st_size == art["size_bytes"]
     assert (reference_build / art["bundle"] / "manifest.json").is_file()
     assert art["latency_ms"] > 0
+    assert_structure("report-fp32", report)  # every key of the public format, as before
 
 
 def test_onnx_agrees_with_pytorch_on_the_whole_test_set(reference_build: Path) -> None:
@@ -110,20 +112,7 @@ def fast_recipe(recipe_dir: Path) -> Path:
     return write_recipe(recipe_dir, BASE_RECIPE)
 
 
-def test_failed_parity_exits_1_and_leaves_nothing(fast_recipe: Path, tmp_path: Path) -> None:
-    text = (
-        fast_recipe.read_text() + "parity:\n  fp32: {top1_agreement: 1.0, max_abs_diff: 1.0e-12}\n"
-    )
-    recipe = load_recipe(write_recipe(fast_recipe.parent, text, "strict.yaml"))
-    parent = tmp_path / "builds"
-    parent.mkdir()
-    out = parent / "out"
-    with pytest.raises(CheckFailed) as e:
-        build(recipe, out)
-    assert e.value.exit_code == 1
-    assert "parity failed: max abs diff" in e.value.message
-    assert not out.exists()
-    assert list(parent.iterdir()) == []  # no temp folder left behind either
+# a failed parity check (exit 1, nothing written): tests/core/test_checks.py
 
 
 def test_a_failing_stage_leaves_nothing_and_force_keeps_the_old_output(
@@ -173,3 +162,30 @@ def test_build_signs_bundles_and_applies_profile_overrides(
     )
     with pytest.raises(EdgesmithError, match="signature"):
         read_bundle(bundle, trusted_keys=load_trusted_keys([public]), require_signature=True)
+
+
+DEMO_SMALL = """\
+version: 1
+name: fmnist-cnn
+model:
+  factory: model.py:SmallCNN
+  weights: weights.safetensors
+  input: {shape: [1, 1, 28, 28], dtype: float32}
+data: {kind: fashion-mnist, calibration: 256, eval: 1000, train: 4096}
+target: x86-cpu
+stages:
+  - prune: {sparsity: 0.5, round_to: 16, max_accuracy_drop: 0.5}
+  - distill: {epochs: 1, lr: 0.002, batch_size: 128, alpha: 0.7, max_accuracy_drop: 0.2}
+  - quantize: {scheme: int8, max_accuracy_drop: 0.03}
+export: [onnx, openvino, tflite]
+"""
+
+
+@pytest.mark.slow
+def test_demo_report_structure_is_the_golden_one(recipe_dir: Path) -> None:
+    """The demo's stages on less data: every key of report.json as the build before typed checks
+    wrote it (golden made from that build)."""
+    report = build(load_recipe(write_recipe(recipe_dir, DEMO_SMALL)), recipe_dir / "out")
+    assert [s["name"] for s in report["stages"]] == ["prune", "distill", "quantize"]
+    assert report["failures"] == []
+    assert_structure("report-demo", report)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from edgesmith.errors import RecipeError
 from edgesmith.recipe import dump_recipe, load_recipe, parse_recipe
 from tests.conftest import BASE_RECIPE, write_recipe
+from tests.golden import assert_golden
 
 
 def test_reference_recipe_resolves_paths_against_its_folder(fmnist_recipe: Path) -> None:
@@ -106,6 +108,15 @@ def test_round_trip_through_dump(fmnist_recipe: Path) -> None:
     r = load_recipe(fmnist_recipe)
     again = parse_recipe(dump_recipe(r), fmnist_recipe.parent)
     assert dump_recipe(again) == dump_recipe(r)
+
+
+def test_dumped_demo_recipe_is_the_golden_one(repo_root: Path) -> None:
+    """Every key and default of the recipe format, stages included, as before (a golden file)."""
+    folder = repo_root / "examples" / "fashion_mnist"
+    r = load_recipe(folder / "recipe.yaml")
+    dumped = json.loads(json.dumps(dump_recipe(r)).replace(str(folder), "<recipe folder>"))
+    assert_golden("recipe-fmnist-dumped", dumped)
+    assert dump_recipe(parse_recipe(dump_recipe(r), folder)) == dump_recipe(r)
 
 
 def test_template_from_recipe_init_is_a_valid_recipe(tmp_path: Path) -> None:
