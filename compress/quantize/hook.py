@@ -87,12 +87,18 @@ def install(ctx: Context, config: QuantizeConfig, stage: str = "quantize") -> Co
 
 def derive(ctx: Context, art: Artifact, ev: Evaluator) -> list[Artifact]:
     """The artifact hook: every configured variant of one fp32 artifact, evaluated."""
-    from edgesmith.compress.quantize import MISSING_VARIANTS, VARIANTS
+    from edgesmith.compress.quantize import ARCH_MISSING_VARIANTS, MISSING_VARIANTS, VARIANTS
 
     state = ctx.extra["quantize"]
     config: QuantizeConfig = state["config"]
+    arch = str((ctx.profile or {}).get("arch", ""))
     out: list[Artifact] = []
     for precision in config.precisions:
+        reason = ARCH_MISSING_VARIANTS.get((art.format, precision, arch))
+        if reason:
+            echo(f"{art.format} {precision}: skipped for {arch} ({reason})")
+            art.extra.setdefault("skipped_variants", {})[precision] = reason
+            continue
         if precision == "int8":
             out.append(_int8(ctx, art, ev, state))
             continue
