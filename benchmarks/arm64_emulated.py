@@ -512,6 +512,11 @@ def main() -> None:
         "--full", action="store_true", help="the full reference recipe (prune, distill, int8)"
     )
     ap.add_argument("--skip-cli", action="store_true", help="only load + golden + parity (faster)")
+    ap.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="make the caches (userland, wheels, venv, bundles) only",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "arm64_emulated.json")
     args = ap.parse_args()
     cores = [c for c in args.cores.split(",") if c]
@@ -556,6 +561,9 @@ def main() -> None:
     lap("venv")
     bundles, keys = build_bundles(cache, src_key, args.full)
     lap("bundles")
+    if args.setup_only:
+        print(json.dumps({"cold": cold, "timings_s": timings, "cpu_s": cpu_s}))
+        return
 
     from edgesmith.data import read_fashion_mnist
 

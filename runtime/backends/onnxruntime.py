@@ -5,6 +5,11 @@ XNNPACK, CPU. Only providers the installed onnxruntime build offers are tried; w
 initialise, the session is opened again without it, and the provider that finally runs is logged
 and reported in ``info["provider"]``. A bundle whose target profile lists providers uses that order
 instead.
+
+``options["require_accelerator"]`` (a target name; set by ``load()`` for profiles with
+``require_accelerator``, e.g. Jetson) makes ``open_session`` raise ModelLoadError instead of running
+on the CPU when none of the accelerator providers in ``options["providers"]`` is in this build or
+initialises.
 """
 
 from __future__ import annotations
@@ -155,12 +160,7 @@ def open_session(
 
     Options: ``providers`` (an explicit order), ``provider_options`` ({provider: {key: value}}),
     ``session_config`` (onnxruntime session config entries), ``precision`` (``fp16`` lets
-    TensorRT build fp16 engines; the default keeps the model's own precision),
-    ``require_accelerator`` (a target name: fail instead of running on the CPU when none of the
-    accelerator providers in ``providers`` is available or initialises).
-
-    Raises:
-        ModelLoadError: the model cannot be loaded, or the accelerator it requires is missing.
+    TensorRT build fp16 engines; the default keeps the model's own precision).
     """
     options = options or {}
     providers = providers_for(device, options.get("providers"))
