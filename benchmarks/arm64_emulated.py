@@ -525,7 +525,11 @@ def main() -> None:
         sys.exit(f"error: unknown core {bad[0]}\nhint: use {', '.join(CORES)}")
     os.nice(10)  # the machine is shared: the emulation yields to interactive work
     cache = args.cache.resolve()
-    cold = {"rootfs": not (cache / "rootfs").is_dir(), "venv": not (cache / "venv-cp311").is_dir()}
+    cold = {  # which caches this run had to make
+        "rootfs": not (cache / "rootfs" / ".edgesmith-userland").is_file(),
+        "venv": not (cache / "venv-cp311" / ".edgesmith-wheels").is_file(),
+        "bundles": not any((cache / "bundles").glob("*/.done")),
+    }
     timings: dict[str, float] = {}
     cpu_s: dict[str, float] = {}  # CPU seconds (this process and its children): steadier than
     # wall time on a shared machine, and what an idle 2-core machine would need at least / 2
