@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/fmnist
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench arm64-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-all: install
 
 bench: install
 	$(BIN)/python benchmarks/onnx_vs_torch.py
+
+# pre-release check: the device side on emulated 64-bit Arm (Cortex-A72 and Cortex-A76 under
+# qemu-user, Debian bookworm arm64, PyPI's aarch64 wheels); as root, or with qemu-user-static and
+# debootstrap installed. Cached in benchmarks/.cache/arm64 (see docs/benchmarks.md for its times)
+arm64-check: install
+	$(BIN)/python benchmarks/arm64_emulated.py
 
 clean:
 	rm -rf build dist *.egg-info out .pytest_cache .mypy_cache .ruff_cache

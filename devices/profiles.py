@@ -19,7 +19,14 @@ from edgesmith.errors import EdgesmithError, RecipeError
 from edgesmith.validation import validate
 from edgesmith.yamlutil import Loc, load_yaml_with_lines
 
-__all__ = ["Int8Scheme", "Profile", "list_profiles", "load_profile", "resolve_target"]
+__all__ = [
+    "Int8Scheme",
+    "Profile",
+    "Verified",
+    "list_profiles",
+    "load_profile",
+    "resolve_target",
+]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 _HINT = "compare with a built-in profile: `edgesmith devices show x86-cpu`"
@@ -35,6 +42,22 @@ class Int8Scheme(BaseModel):
         "asymmetric-uint8"
     )
     format: Literal["QDQ", "QOperator"] = "QDQ"
+
+
+class Verified(BaseModel):
+    """One (format, precisions, provider) combination a check has run on this target's CPU cores.
+
+    ``benchmarks/arm64_emulated.py`` proves the Arm entries under qemu-user and fails when a claim
+    does not hold (the bundle must load there, report this provider, pass its golden check).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["onnx", "tflite", "openvino"]
+    precisions: list[Literal["fp32", "fp16", "int8"]]
+    provider: str  # what info["provider"] reports: an onnxruntime provider, LiteRT's "XNNPACK"
+    cpus: list[str]  # the cores it ran on (qemu -cpu names for emulated Arm cores)
+    device: Literal["auto", "cpu"] = "auto"  # the load() device it ran with
 
 
 class Profile(BaseModel):
@@ -56,11 +79,16 @@ class Profile(BaseModel):
     backend: Literal["onnxruntime", "openvino", "litert"]
     ov_device: str | None = None
     providers: list[str] = Field(default_factory=list)
+    # device="auto" refuses to fall back to the CPU when none of the accelerator providers above is
+    # in the installed onnxruntime (a Jetson without NVIDIA's GPU build): a clear error, not a
+    # model that quietly runs many times slower
+    require_accelerator: bool = False
     delegates: list[str] = Field(default_factory=list)
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "int8"
     int8: Int8Scheme = Field(default_factory=Int8Scheme)
     threads: int | None = Field(default=None, ge=1)
     memory_mb: int = Field(default=1024, ge=16)
+    verified: list[Verified] = Field(default_factory=list)  # what a check has proven runs here
 
     def runs_bundles_for(self, target: str) -> bool:
         """Whether a bundle built for ``target`` may be installed on this device."""

@@ -31,7 +31,7 @@ __all__ = ["Artifact", "Evaluator", "build", "prepare"]
 
 log = logging.getLogger(__name__)
 
-GOLDEN_SAMPLES = 8
+GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (edgesmith.golden)
 _eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 
@@ -100,6 +100,7 @@ def _write_bundle(
     head: Any = None,
     memory: Any = None,
 ) -> str:
+    from edgesmith.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import write_bundle
     from edgesmith.runtime.specs import TensorSpec
@@ -112,18 +113,13 @@ def _write_bundle(
     )
     if head is not None:
         expected = head(expected)
+    tolerance = golden_tolerance(art.precision, expected)
+    chosen = pick_golden(expected, tolerance["atol"])
     rel = f"bundles/{art.path.stem}"
     golden_file = out / ".work" / f"golden-{art.path.stem}.npz"
     golden_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(golden_file, inputs=golden_inputs, outputs=expected)
-    fp = art.precision in ("fp32",)
-    scale = float(np.abs(expected).max()) if expected.size else 1.0
-    golden = {
-        "file": "golden.npz",
-        "atol": 1e-4 + 1e-4 * scale if fp else 0.05 * scale + 1e-3,
-        "rtol": 1e-3 if fp else 0.05,
-        "top1": True,
-    }
+    np.savez(golden_file, inputs=golden_inputs[chosen], outputs=expected[chosen])
+    golden = {"file": "golden.npz", **tolerance, "holds_across": HOLDS_ACROSS}
     files = {f.name: f for f in art.files}
     files["golden.npz"] = golden_file
     in_specs = [
@@ -354,7 +350,7 @@ def build(
                 derived = hook(ctx, art, ev)
                 artifacts += derived.artifacts
                 checks += derived.checks
-        golden_inputs = inputs[:GOLDEN_SAMPLES]
+        golden_inputs = inputs[:GOLDEN_CANDIDATES]
         for art in artifacts:
             checks.append(art.parity_check())
             art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head, memory)

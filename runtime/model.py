@@ -189,7 +189,10 @@ def _profile_options(profile: Any, backend: str, device: str) -> tuple[str, dict
     if profile is None or device != "auto":
         return device, {}
     if backend == "onnxruntime" and profile.providers:
-        return device, {"providers": list(profile.providers)}
+        opts: dict[str, Any] = {"providers": list(profile.providers)}
+        if getattr(profile, "require_accelerator", False):
+            opts["require_accelerator"] = profile.name
+        return device, opts
     if backend == "openvino" and profile.ov_device:
         return profile.ov_device.lower(), {"fallback_device": "cpu"}
     return device, {}

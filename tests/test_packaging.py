@@ -96,3 +96,87 @@ def test_checkout_root_imports_like_the_installed_package(
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert Path(res.stdout.strip()).is_relative_to(repo_root)
+
+
+# pip does not expand manylinux_2_X to older tags for another platform: list every one
+AARCH64 = [
+    arg
+    for tag in [*(f"manylinux_2_{i}_aarch64" for i in range(17, 37)), "manylinux2014_aarch64"]
+    for arg in ("--platform", tag)
+]
+DEVICE_EXTRAS = ("ort", "openvino", "litert", "serve", "ota")
+_UNREACHABLE = (
+    "NewConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "ProxyError",
+)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    ("python", "constrained"),
+    [("3.10", False), ("3.11", True)],  # JetPack 6 / Ubuntu 22.04; Raspberry Pi OS bookworm
+)
+def test_device_extras_resolve_to_aarch64_wheels(
+    python: str, constrained: bool, repo_root: Path, tmp_path: Path
+) -> None:
+    """``pip install edgesmith[ort,openvino,litert,serve,ota]`` on 64-bit Arm Linux finds a wheel
+    for everything (no compiler on the device), on Python 3.10 and 3.11; on 3.11 at the versions
+    this project is tested with (constraints.txt). Resolution only (pip --dry-run, PyPI metadata):
+    benchmarks/arm64_emulated.py installs and runs them under emulation."""
+    import json
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    reqs = [*project["dependencies"]]
+    for extra in DEVICE_EXTRAS:
+        reqs += project["optional-dependencies"][extra]
+    report = tmp_path / "report.json"
+    abi = "cp" + python.replace(".", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--dry-run",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        *AARCH64,
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "--target",
+        str(tmp_path / "t"),
+        "--report",
+        str(report),
+        *reqs,
+    ]
+    if constrained:
+        cmd += ["-c", str(repo_root / "constraints.txt")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode and any(s in res.stderr for s in _UNREACHABLE):
+        pytest.skip("PyPI cannot be reached")
+    assert res.returncode == 0, res.stderr[-3000:]
+    installs = json.loads(report.read_text())["install"]
+    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}
+    assert {"onnxruntime", "openvino", "ai-edge-litert", "numpy", "uvicorn", "cryptography"} <= set(
+        versions
+    )
+    for item in installs:
+        wheel = item["download_info"]["url"].rsplit("/", 1)[-1]
+        assert wheel.endswith(".whl"), wheel
+        assert wheel.endswith(("-any.whl", "aarch64.whl")), wheel
+    if constrained:  # the versions the x86 tests run (DESIGN.md 7: onnxruntime 1.32 needs >= 3.11)
+        assert versions["onnxruntime"] == "1.32.0"

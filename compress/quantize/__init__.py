@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from edgesmith.compress.base import Context
 
 __all__ = [
+    "ARCH_MISSING_VARIANTS",
     "PRECISIONS",
     "QUANTIZERS",
     "VARIANTS",
@@ -55,6 +56,16 @@ VARIANTS: dict[tuple[str, str], str] = {
 MISSING_VARIANTS: dict[tuple[str, str], str] = {
     ("onnx", "bf16"): "onnxruntime has no bf16 kernels for CPUs; use openvino for bf16",
     ("tflite", "bf16"): "TFLite has no bf16 tensors; use fp16",
+}
+
+# (format, precision, target arch) -> why a build for that architecture leaves the variant out:
+# the device would not run it at the promised precision
+ARCH_MISSING_VARIANTS: dict[tuple[str, str, str], str] = {
+    ("openvino", "int8", "aarch64"): (
+        "OpenVINO's CPU plugin on 64-bit Arm runs int8 convolutions with fp32 kernels, so an Arm "
+        "device would not run it at int8 (benchmarks/arm64_emulated.py); use the onnx or tflite "
+        "int8 artifact on Arm"
+    ),
 }
 
 

@@ -79,10 +79,16 @@ class QuantizeHook:
     _names: Any = None  # torch module names of the exported graph's layers, made once
 
     def __call__(self, ctx: Context, art: Artifact, ev: Evaluator) -> HookResult:
-        from edgesmith.compress.quantize import MISSING_VARIANTS, VARIANTS
+        from edgesmith.compress.quantize import ARCH_MISSING_VARIANTS, MISSING_VARIANTS, VARIANTS
 
         out = HookResult()
+        arch = str((ctx.profile or {}).get("arch", ""))
         for precision in self.config.precisions:
+            reason = ARCH_MISSING_VARIANTS.get((art.format, precision, arch))
+            if reason:
+                echo(f"{art.format} {precision}: skipped for {arch} ({reason})")
+                art.extra.setdefault("skipped_variants", {})[precision] = reason
+                continue
             if precision == "int8":
                 artifact, checks = _int8(ctx, art, ev, self)
                 out.artifacts.append(artifact)

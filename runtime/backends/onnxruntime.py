@@ -5,6 +5,11 @@ XNNPACK, CPU. Only providers the installed onnxruntime build offers are tried; w
 initialise, the session is opened again without it, and the provider that finally runs is logged
 and reported in ``info["provider"]``. A bundle whose target profile lists providers uses that order
 instead.
+
+``options["require_accelerator"]`` (a target name; set by ``load()`` for profiles with
+``require_accelerator``, e.g. Jetson) makes ``open_session`` raise ModelLoadError instead of running
+on the CPU when none of the accelerator providers in ``options["providers"]`` is in this build or
+initialises.
 """
 
 from __future__ import annotations
@@ -113,6 +118,19 @@ def providers_for(device: str, preferred: list[str] | None = None) -> list[str]:
     return chosen
 
 
+def _accelerators(providers: list[str]) -> list[str]:
+    return [p for p in providers if p not in (CPU, "XnnpackExecutionProvider")]
+
+
+def _missing_accelerator(target: str, wanted: list[str], why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"the '{target}' target runs this model on {' or '.join(wanted)}, but {why}",
+        hint="install the GPU build of onnxruntime for the device (Jetson: NVIDIA's onnxruntime-gpu "
+        "wheel for your JetPack, see docs/devices.md), or run it on the CPU: device='cpu' "
+        "(--device cpu)",
+    )
+
+
 def _session_options(threads: int | None, options: dict[str, Any]) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -152,6 +170,15 @@ def open_session(
     """
     options = options or {}
     providers = providers_for(device, options.get("providers"))
+    target = options.get("require_accelerator")
+    wanted = _accelerators([_CANONICAL.get(p.lower(), p) for p in options.get("providers") or []])
+    if target and wanted and not _accelerators(providers):
+        raise _missing_accelerator(
+            str(target),
+            wanted,
+            f"this onnxruntime {ort.__version__} build has only "
+            f"{', '.join(sorted(ort.get_available_providers()))}",
+        )
     so = _session_options(threads, options)
     sess = None
     while sess is None:
@@ -175,6 +202,10 @@ def open_session(
                 hint="is the file complete and a valid ONNX model? re-export it",
             ) from None
     running = sess.get_providers()[0]
+    if target and wanted and running not in wanted:
+        raise _missing_accelerator(
+            str(target), wanted, f"{' and '.join(wanted)} failed to initialise (see the log)"
+        )
     if running != providers[0]:
         log.warning(
             "execution provider %s failed to initialise; running on %s", providers[0], running

@@ -4,11 +4,17 @@ OpenVINO runs f32 models in bf16 by default on CPUs with AVX-512 BF16 or AMX (DE
 this backend pins ``INFERENCE_PRECISION_HINT=f32`` so results match the other backends, and takes
 ``options["precision"]`` (``bf16``, ``f16``) when speed matters more than the last digits.
 ``info["precision"]`` reports what the compiled model's compute layers actually run.
+
+An int8 model (NNCF's FakeQuantize graph) whose int8 layers the plugin runs with float kernels (the
+CPU plugin on 64-bit Arm runs int8 convolutions in fp32) is refused with a clear error: it would not
+reproduce its int8 outputs, and its bundle would only fail its golden check later.
+``options["allow_float_fallback"]`` runs it anyway and says so in ``info["float_fallback"]``.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 from collections import Counter
 from pathlib import Path
@@ -28,6 +34,10 @@ _DEVICES = {"auto": "AUTO", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 _PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16"}
 _SHORT = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
 _COMPUTE = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+# IR compute ops, and the ops between an int8 weight constant and its layer (dequantization)
+_IR_COMPUTE = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}
+_DEQUANT = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
+_INT_TYPES = {"i8", "u8", "i4", "u4"}
 _core: ov.Core | None = None
 
 
@@ -82,11 +92,68 @@ def _weights_precision(model: Any) -> str:
     return _SHORT.get(top, top)
 
 
+def _int8_weights(op: Any, depth: int = 6) -> bool:
+    """Whether a compute op's weights (input 1) come from an integer constant through dequantization."""
+    nodes = [op.input_value(1).get_node()] if op.get_input_size() > 1 else []
+    for _ in range(depth):
+        following = []
+        for node in nodes:
+            kind = node.get_type_name()
+            if kind == "Constant" and node.get_element_type().get_type_name() in _INT_TYPES:
+                return True
+            if kind in _DEQUANT:
+                following += [v.get_node() for v in node.input_values()]
+        nodes = following
+    return False
+
+
+def _quantized_layers(model: Any) -> int:
+    """Compute layers of an int8 (FakeQuantize) IR that have int8 weights; 0 for other models.
+
+    Weight-only compressed models (``w8``: int8 weights, no FakeQuantize) are meant to compute in
+    float and count 0.
+    """
+    ops = list(model.get_ops())
+    if not any(op.get_type_name() == "FakeQuantize" for op in ops):
+        return 0
+    return sum(op.get_type_name() in _IR_COMPUTE and _int8_weights(op) for op in ops)
+
+
+def _float_fallback(compiled: Any, quantized: int) -> str | None:
+    """Why the compiled model does not run its int8 layers in int8 (None when it does)."""
+    if not quantized:
+        return None
+    int8 = 0
+    floats: Counter[str] = Counter()
+    try:
+        for op in compiled.get_runtime_model().get_ops():
+            rt = op.get_rt_info()
+            if "layerType" not in rt or rt["layerType"].astype(str) not in _COMPUTE:
+                continue
+            precision = rt["runtimePrecision"].astype(str)
+            if precision in _INT_TYPES:
+                int8 += 1
+            else:
+                floats[f"{rt['layerType'].astype(str)} {_SHORT.get(precision, precision)}"] += 1
+    except (RuntimeError, KeyError, AttributeError):
+        return None  # a plugin without runtime info (NPU, GPU): nothing to say
+    if int8 >= quantized:
+        return None
+    layers = ", ".join(f"{n}x {kind}" for kind, n in sorted(floats.items()))
+    return f"{quantized - int8} of its {quantized} int8 layers run with float kernels ({layers})"
+
+
 class OpenVinoSession:
     """A compiled OpenVINO model with one reusable infer request (calls are serialised)."""
 
     def __init__(
-        self, compiled: Any, device: str, threads: int | None, hint: str, weights: str
+        self,
+        compiled: Any,
+        device: str,
+        threads: int | None,
+        hint: str,
+        weights: str,
+        fallback: str | None = None,
     ) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
@@ -108,6 +175,8 @@ class OpenVinoSession:
             "weights": weights,
             "threads": threads,
         }
+        if fallback:
+            self.info["float_fallback"] = fallback
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
@@ -148,7 +217,12 @@ def open_session(
 
     Options: ``precision`` (inference precision hint: ``f32`` default, exact; ``bf16`` or ``f16``
     trade accuracy for speed), ``performance_hint`` (``LATENCY`` default, or ``THROUGHPUT``),
-    ``fallback_device`` (used when ``device`` is absent, instead of an error).
+    ``fallback_device`` (used when ``device`` is absent, instead of an error),
+    ``allow_float_fallback`` (run an int8 model whose int8 layers the device runs in float instead
+    of refusing it).
+
+    Raises:
+        ModelLoadError: an unreadable model, or an int8 model this device would run in float.
     """
     options = options or {}
     core = _get_core()
@@ -182,5 +256,17 @@ def open_session(
             f"OpenVINO cannot load {path.name}: {detail[:300]}",
             hint="is the file complete and a valid model? re-export it",
         ) from None
+    fallback = _float_fallback(compiled, _quantized_layers(model))
+    if fallback and not options.get("allow_float_fallback"):
+        raise ModelLoadError(
+            f"{path.name} is an int8 model, but OpenVINO's {ov_device} plugin on this "
+            f"{platform.machine()} machine would run it in {_runtime_precision(compiled, hint)}: "
+            f"{fallback}; it would not reproduce its int8 outputs",
+            hint="run an int8 ONNX or TFLite bundle built for this device (edgesmith build RECIPE "
+            "--target rpi5), or the fp32 OpenVINO model; options={'allow_float_fallback': True} "
+            "runs it anyway",
+        )
+    if fallback:
+        log.warning("%s: %s", path.name, fallback)
     log.info("openvino %s on %s", path.name, ov_device)
-    return OpenVinoSession(compiled, ov_device, threads, hint, _weights_precision(model))
+    return OpenVinoSession(compiled, ov_device, threads, hint, _weights_precision(model), fallback)

@@ -182,3 +182,24 @@ def test_format_check_applies_without_a_quantize_stage(
     assert code == 2
     assert "error: target 'rpi4' cannot run openvino (it runs onnx, tflite)" in err
     assert _no_output(recipe_dir)
+
+
+def test_arm_target_gets_no_openvino_int8_and_the_report_says_why(recipe_dir: Path) -> None:
+    """OpenVINO's CPU plugin runs int8 convolutions with fp32 kernels on Arm: a build for an Arm
+    target (here rpi5 with OpenVINO forced into its formats) keeps the fp32 IR and leaves int8 out,
+    with the reason in the report, instead of a bundle the device cannot run at int8."""
+    from edgesmith.pipeline import build
+    from edgesmith.recipe import load_recipe
+
+    text = (
+        HEAD
+        + FMNIST % 64
+        + "target: {profile: rpi5, formats: [onnx, tflite, openvino]}\n"
+        + "stages:\n  - quantize: {scheme: int8}\nexport: [openvino]\n"
+    )
+    report = build(load_recipe(write_recipe(recipe_dir, text)), recipe_dir / "out")
+    assert report is not None
+    (art,) = report["artifacts"]
+    assert (art["format"], art["precision"]) == ("openvino", "fp32")
+    assert "runs int8 convolutions with fp32 kernels" in art["skipped_variants"]["int8"]
+    assert [b.name for b in (recipe_dir / "out" / "bundles").iterdir()] == ["bad-openvino-fp32"]

@@ -162,3 +162,14 @@ def test_int8_backbone_with_a_trainable_head(tmp_path: Path) -> None:
     x = np.load(bundle / "golden.npz")["inputs"]
     assert model(x).shape == (len(x), 10)
     assert model.features(x).shape == (len(x), 64)
+
+
+def test_openvino_int8_runs_int8_kernels_on_x86(quant_build: tuple[Path, dict]) -> None:
+    """x86's CPU plugin runs every int8 layer of the NNCF model in int8, so load() takes it; on Arm
+    (fp32 kernels) the same bundle is refused (benchmarks/arm64_emulated.py); the weight-only
+    model (int8 weights, no FakeQuantize) is not an int8-compute model and loads anywhere."""
+    out, _report = quant_build
+    int8 = load(out / "bundles" / "q-openvino-int8")
+    assert int8.info["precision"] == "int8" and "float_fallback" not in int8.info
+    w8 = load(out / "bundles" / "q-openvino-w8")
+    assert w8.info["weights"] == "int8" and "float_fallback" not in w8.info

@@ -52,6 +52,33 @@ def test_profile_facts_match_the_hardware() -> None:
     assert load_profile("x86-cpu").int8.activations == "asymmetric-uint8"  # U8S8, DESIGN.md 7
 
 
+ARM = ["generic-arm64", "jetson-orin-nano", "rpi4", "rpi5"]
+
+
+@pytest.mark.parametrize("name", ARM)
+def test_arm_profiles_claim_only_what_the_emulated_check_proves(name: str) -> None:
+    """Every format an Arm profile builds has a verified fp32 and int8 entry (checked by
+    benchmarks/arm64_emulated.py on the named cores); no OpenVINO on Arm (int8 runs fp32 kernels);
+    onnxruntime providers are ones PyPI's aarch64 wheel has, unless the profile requires a GPU build."""
+    p = load_profile(name)
+    assert "openvino" not in p.formats
+    claimed = {(v.format, prec) for v in p.verified for prec in v.precisions}
+    for fmt in p.formats:
+        assert {(fmt, "fp32"), (fmt, "int8")} <= claimed, (name, fmt)
+    for v in p.verified:
+        assert set(v.cpus) <= {"cortex-a72", "cortex-a76"}
+        assert v.provider == ("XNNPACK" if v.format == "tflite" else "CPUExecutionProvider")
+        assert v.device == ("cpu" if p.require_accelerator else "auto")
+    if p.require_accelerator:
+        assert p.providers[:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    else:
+        assert p.providers == ["CPUExecutionProvider"]
+    # a board runs the bundles of the targets it lists as compatible: their claims name its core
+    core = {"rpi4": "cortex-a72", "rpi5": "cortex-a76"}.get(name)
+    for other in [name, *p.compatible] if core else []:
+        assert all(core in v.cpus for v in load_profile(other).verified), (name, other)
+
+
 def test_unknown_profile_suggests_the_nearest() -> None:
     with pytest.raises(EdgesmithError, match="unknown device profile 'rpi6'") as exc:
         load_profile("rpi6")

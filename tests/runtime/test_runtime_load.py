@@ -212,6 +212,53 @@ def test_device_picks_the_backend_and_falls_back(models, caplog):
     assert tpu.info["provider"] == "XNNPACK" and "failed to load" in caplog.text
 
 
+def test_gpu_target_without_the_gpu_build_is_a_clear_error(models, tmp_path):
+    """A jetson-orin-nano bundle (TensorRT, CUDA) on an onnxruntime without them: device=auto
+    refuses with the reason and the fix instead of quietly running on the CPU; device=cpu runs."""
+    import onnxruntime as ort
+
+    from edgesmith.runtime.bundle import write_bundle
+
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+        pytest.skip("this onnxruntime has the GPU providers")
+    with np.load(models.bundle / "golden.npz", allow_pickle=False) as g:
+        np.savez(tmp_path / "golden.npz", inputs=g["inputs"], outputs=g["outputs"])
+    manifest = json.loads((models.bundle / "manifest.json").read_text())
+    manifest = {
+        k: manifest[k]
+        for k in (
+            "name",
+            "version",
+            "format",
+            "precision",
+            "model",
+            "inputs",
+            "outputs",
+            "preprocess",
+            "labels",
+            "golden",
+        )
+    }
+    bundle = tmp_path / "jetson"
+    write_bundle(
+        bundle,
+        {**manifest, "target": "jetson-orin-nano"},
+        {"model.onnx": models.onnx, "golden.npz": tmp_path / "golden.npz"},
+    )
+    with pytest.raises(ModelLoadError) as exc:
+        load(bundle)
+    msg = exc.value.message
+    assert "'jetson-orin-nano' target runs this model on TensorrtExecutionProvider or " in msg
+    assert "has only" in msg and "CPUExecutionProvider" in msg
+    assert "GPU build of onnxruntime" in (exc.value.hint or "") and "device='cpu'" in exc.value.hint
+    cpu = load(bundle, device="cpu")
+    assert cpu.info["provider"] == "CPUExecutionProvider"
+    assert (
+        _top1(cpu(models.inputs[:8])).tolist()
+        == _top1(load(models.onnx)(models.inputs[:8])).tolist()
+    )
+
+
 def test_cuda_runs_fp32_unless_tf32_is_asked_for() -> None:
     """onnxruntime's CUDA default (TF32) moved fp32 logits by 1e-2 on an H200: off unless asked."""
     from edgesmith.runtime.backends.onnxruntime import _provider_options
