@@ -256,7 +256,9 @@ def _cli_checks(
     png = work / "image.png"
     for fmt in ("onnx", "tflite"):
         b = _bundle(bundles, board, fmt, "int8")
-        expect = load(b, device="cpu").predict(np.load(work / "images.npy")[:1], top_k=1)[0][0][0]
+        expect = load(b, device="cpu").predict(
+            np.load(work / "images.npy", allow_pickle=False)[:1], top_k=1
+        )[0][0][0]
         res, s = cli("run", str(b), str(png), "--json")
         label = (
             json.loads(res.stdout)["results"][0]["top"][0]["label"] if res.returncode == 0 else None
