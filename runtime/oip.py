@@ -10,18 +10,22 @@ protocol specifies.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgesmith.errors import InputError
+from edgesmith.runtime.bundlefiles import printable
 from edgesmith.runtime.model import Model
-from edgesmith.runtime.specs import TensorSpec
+from edgesmith.runtime.oipjson import MAX_DEPTH, RawData
+from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
 
 __all__ = [
     "DATATYPES",
     "InferRequest",
     "ProtocolError",
+    "RequestLimits",
     "decode_request",
     "encode_response",
     "model_metadata",
@@ -44,6 +48,8 @@ DATATYPES: dict[str, str] = {
 }
 _OIP = {v: k for k, v in DATATYPES.items()}
 MAX_ELEMENTS = 1 << 28
+MAX_DIMS = MAX_DEPTH
+MAX_TIMEOUT_US = 86_400e6  # one day
 
 
 class ProtocolError(Exception):
@@ -110,92 +116,143 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(400, message)
 
 
-def _decode_tensor(inp: Any, spec: TensorSpec, model: Model) -> np.ndarray:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost, checked from its declared shapes before any data is read.
+
+    Attributes:
+        max_batch: most samples (dimension 0) per request.
+        max_decoded_bytes: most bytes of all its tensors as sent (elements x datatype size).
+        max_prepared_bytes: most bytes of all its tensors as the model takes them (after images
+            are resized and converted); None: ``max_decoded_bytes``.
+    """
+
+    max_batch: int
+    max_decoded_bytes: int = 1 << 30
+    max_prepared_bytes: int | None = None
+
+
+@dataclass
+class _Plan:
+    """One input of a request, checked from its declared shape and datatype alone."""
+
+    spec: TensorSpec
+    shape: list[int]
+    dtype: str
+    count: int
+    samples: int
+    decoded: int
+    prepared: int
+    images: bool
+
+
+def _plan(inp: Any, spec: TensorSpec, model: Model) -> _Plan:
     if not isinstance(inp, dict):
         raise _bad("each entry of 'inputs' must be an object with name, shape, datatype and data")
     for key in ("shape", "datatype", "data"):
         if key not in inp:
-            raise _bad(f"input '{spec.name}' has no '{key}'")
+            raise _bad(f"input '{printable(spec.name)}' has no '{key}'")
     shape = inp["shape"]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise _bad(f"input '{spec.name}': 'shape' must be a list of non-negative integers")
+        raise _bad(
+            f"input '{printable(spec.name)}': 'shape' must be a list of at most {MAX_DIMS} "
+            "non-negative integers"
+        )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise ProtocolError(
-            413, f"input '{spec.name}' has {count} elements; the limit is {MAX_ELEMENTS}"
+            413, f"input '{printable(spec.name)}' has {count} elements; the limit is {MAX_ELEMENTS}"
         )
     datatype = inp["datatype"]
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise _bad(
-            f"input '{spec.name}': unknown datatype {datatype!r}; use one of {', '.join(DATATYPES)}"
+            f"input '{printable(spec.name)}': unknown datatype {printable(repr(datatype))[:40]}; "
+            f"use one of {', '.join(DATATYPES)}"
         )
     dtype = DATATYPES[datatype]
-    images = (
-        dtype == "uint8"
-        and spec.dtype != "uint8"
-        and bool(model.manifest and model.manifest.preprocess)
-    )
+    pre = model.manifest.preprocess if model.manifest else None
+    images = dtype == "uint8" and spec.dtype != "uint8" and bool(pre)
     if dtype != spec.dtype and not images:
         raise ProtocolError(
             422,
-            f"input '{spec.name}' has datatype {datatype}, the model takes {oip_datatype(spec.dtype)}",
+            f"input '{printable(spec.name)}' has datatype {datatype}, the model takes "
+            f"{oip_datatype(spec.dtype)}",
         )
-    data = inp["data"]
-    if not isinstance(data, list):
-        raise _bad(f"input '{spec.name}': 'data' must be a JSON array")
-    try:
-        arr = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise _bad(
-            f"input '{spec.name}': 'data' is not a rectangular array of {datatype} numbers ({str(exc)[:120]})"
-        ) from None
-    if arr.size != count:
-        raise _bad(
-            f"input '{spec.name}': 'data' holds {arr.size} values but shape {shape} needs {count}"
-        )
-    return arr.reshape(shape)
+    decoded = count * np.dtype(dtype).itemsize
+    if images:
+        assert pre is not None
+        nchw = preprocessed_shape(shape, pre)
+        if nchw is None:
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}': images of shape {shape}; expected [N, H, W, C] "
+                "(or [H, W, C]) with 1 or 3 channels",
+            )
+        n, c, h, w = nchw
+        final = (n, c, h, w) if pre.get("layout", "NCHW") == "NCHW" else (n, h, w, c)
+        if not spec.accepts_shape(final):
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}': images of shape {shape} preprocess to "
+                f"{list(final)}; the model takes {list(spec.shape)}",
+            )
+        # the resized uint8 images, their float copy and the model's input
+        prepared = n * h * w * c * (1 + 4) + math.prod(final) * spec.np_dtype.itemsize
+        samples = n
+    else:
+        if not spec.accepts_shape(tuple(shape)):
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}' has shape {shape}, the model takes "
+                f"{list(spec.shape)}",
+            )
+        prepared = decoded
+        samples = shape[0] if shape else 1
+    return _Plan(spec, shape, dtype, count, samples, decoded, prepared, images)
 
 
-def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
-    """Check a parsed inference request against ``model`` and turn it into arrays.
-
-    Raises:
-        ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
-    """
-    if not isinstance(doc, dict):
-        raise _bad("the body must be a JSON object with an 'inputs' array")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise _bad("the request has no 'inputs' array")
-    by_name: dict[str, Any] = {}
-    for inp in inputs:
-        name = inp.get("name") if isinstance(inp, dict) else None
-        if not isinstance(name, str):
-            raise _bad("each input needs a 'name' string")
-        if name in by_name:
-            raise _bad(f"input '{name}' is given twice")
-        by_name[name] = inp
-    wanted = [s.name for s in model.inputs]
-    if set(by_name) != set(wanted):
-        raise ProtocolError(
-            422, f"inputs given: {sorted(by_name)}; model '{model.name}' takes {sorted(wanted)}"
-        )
-    arrays = []
-    for spec in model.inputs:
-        arr = _decode_tensor(by_name[spec.name], spec, model)
+def _decode_data(plan: _Plan, data: Any) -> np.ndarray:
+    name, datatype = printable(plan.spec.name), oip_datatype(plan.dtype)
+    if isinstance(data, RawData):
         try:
-            arrays.append(model.prepare(arr, spec))
-        except InputError as exc:
-            raise ProtocolError(422, exc.message) from None
-    n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
-    if model.batchable and n > max_batch:
-        raise ProtocolError(
-            422,
-            f"the request holds {n} samples; this server runs at most {max_batch} per batch "
-            "(split the request, or start the server with a larger --max-batch)",
+            return data.decode(plan.dtype, plan.shape)
+        except ValueError as exc:
+            raise _bad(
+                f"input '{name}': 'data' is not a rectangular array of {plan.count} {datatype} "
+                f"values ({printable(str(exc))[:160]})"
+            ) from None
+    if not isinstance(data, list):
+        raise _bad(f"input '{name}': 'data' must be a JSON array")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise _bad(
+            f"input '{name}': 'data' is not a rectangular array of {datatype} values "
+            f"({printable(str(exc))[:120]})"
+        ) from None
+    kinds = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[np.dtype(plan.dtype).kind]
+    if arr.size and arr.dtype.kind not in kinds:
+        raise _bad(f"input '{name}': 'data' holds values that are not {datatype}")
+    if arr.size != plan.count:
+        raise _bad(
+            f"input '{name}': 'data' holds {arr.size} values but shape {plan.shape} needs "
+            f"{plan.count}"
         )
+    if np.dtype(plan.dtype).kind in "iu" and arr.size:
+        info = np.iinfo(plan.dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise _bad(f"input '{name}': a value is out of the {datatype} range")
+    try:
+        return arr.astype(plan.dtype).reshape(plan.shape)
+    except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - checked above
+        raise _bad(f"input '{name}': {printable(str(exc))[:120]}") from None
+
+
+def _options(doc: dict[str, Any], model: Model) -> tuple[list[str] | None, float | None, Any]:
     outputs = None
     if doc.get("outputs") is not None:
         req_out = doc["outputs"]
@@ -208,7 +265,9 @@ def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
         unknown = [o for o in outputs if o not in known]
         if unknown:
             raise ProtocolError(
-                422, f"unknown output(s) {unknown}; model '{model.name}' has {sorted(known)}"
+                422,
+                f"unknown output(s) {printable(unknown)[:200]}; model '{model.name}' has "
+                f"{printable(sorted(known))}",
             )
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
@@ -216,12 +275,96 @@ def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
     timeout_s = None
     if "timeout" in params:  # Triton's convention: microseconds
         t = params["timeout"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or t < 0:
-            raise _bad("parameter 'timeout' must be a non-negative number of microseconds")
+        if (
+            not isinstance(t, int | float)
+            or isinstance(t, bool)
+            or not 0 <= t <= MAX_TIMEOUT_US  # also NaN and 1e400 (inf), and 10**400 (an int)
+        ):
+            raise _bad(
+                "parameter 'timeout' must be a number of microseconds from 0 to "
+                f"{MAX_TIMEOUT_US:.0f}"
+            )
         timeout_s = float(t) / 1e6 if t else None
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise _bad("'id' must be a string")
+    return outputs, timeout_s, rid
+
+
+def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> InferRequest:
+    """Check a parsed inference request against ``model`` and turn it into arrays.
+
+    Everything that can be judged from the declared shapes and datatypes is checked first (the
+    inputs' names, shapes and datatypes, the sample count, the bytes the tensors take as sent and
+    after preprocessing); only then are the numbers read (``data`` is a list, or a
+    :class:`~edgesmith.runtime.oipjson.RawData` from :func:`~edgesmith.runtime.oipjson.parse_body`)
+    and images preprocessed.
+
+    Args:
+        doc: the parsed body.
+        model: the model the request is for.
+        max_batch: most samples per request, or all the limits (:class:`RequestLimits`).
+
+    Raises:
+        ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
+    """
+    limits = max_batch if isinstance(max_batch, RequestLimits) else RequestLimits(max_batch)
+    if not isinstance(doc, dict):
+        raise _bad("the body must be a JSON object with an 'inputs' array")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("the request has no 'inputs' array")
+    by_name: dict[str, Any] = {}
+    for inp in inputs:
+        name = inp.get("name") if isinstance(inp, dict) else None
+        if not isinstance(name, str):
+            raise _bad("each input needs a 'name' string")
+        if name in by_name:
+            raise _bad(f"input '{printable(name)[:80]}' is given twice")
+        by_name[name] = inp
+    wanted = [s.name for s in model.inputs]
+    if set(by_name) != set(wanted):
+        raise ProtocolError(
+            422,
+            f"inputs given: {printable(sorted(by_name))[:200]}; model '{model.name}' takes "
+            f"{printable(sorted(wanted))}",
+        )
+    outputs, timeout_s, rid = _options(doc, model)
+    plans = [_plan(by_name[spec.name], spec, model) for spec in model.inputs]
+    n = plans[0].samples
+    if model.batchable and n > limits.max_batch:
+        raise ProtocolError(
+            422,
+            f"the request holds {n} samples; this server runs at most {limits.max_batch} per "
+            "batch (split the request, or start the server with a larger --max-batch)",
+        )
+    if model.batchable and n == 0:
+        raise ProtocolError(422, "the request holds no samples")
+    decoded = sum(p.decoded for p in plans)
+    if decoded > limits.max_decoded_bytes:
+        raise ProtocolError(
+            413,
+            f"the request's tensors take {decoded} bytes; this server takes at most "
+            f"{limits.max_decoded_bytes} per request (split it)",
+        )
+    prepared = sum(p.prepared for p in plans)
+    max_prepared = limits.max_prepared_bytes or limits.max_decoded_bytes
+    if prepared > max_prepared:
+        raise ProtocolError(
+            413,
+            f"the request's tensors take {prepared} bytes once preprocessed; this server "
+            f"takes at most {max_prepared} per request (split it)",
+        )
+    arrays = []
+    for plan in plans:
+        arr = _decode_data(plan, by_name[plan.spec.name]["data"])
+        try:
+            arrays.append(model.prepare(arr, plan.spec))
+        except InputError as exc:
+            raise ProtocolError(422, printable(exc.message)) from None
+    n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
+    if model.batchable and n > limits.max_batch:  # not reached: checked from the shapes
+        raise ProtocolError(422, f"the request holds {n} samples (at most {limits.max_batch})")
     return InferRequest(arrays, n, rid, outputs, timeout_s)
 
 
