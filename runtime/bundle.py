@@ -272,13 +272,13 @@ def _check_listed(manifest: Manifest, where: str) -> None:
             f"manifest names model file '{printable(manifest.model)}' but does not list it in 'files'",
             hint="rebuild the bundle",
         )
-    for what, rel in (
+    for what, named in (
         ("head file", (manifest.trainable_head or {}).get("file")),
         ("golden file", (manifest.golden or {}).get("file")),
     ):
-        if rel is not None and rel not in manifest.files:
+        if named is not None and named not in manifest.files:
             raise BundleError(
-                f"manifest names {what} '{printable(rel)}' but does not list it in 'files'",
+                f"manifest names {what} '{printable(named)}' but does not list it in 'files'",
                 hint="every file a bundle uses must be listed and hashed; rebuild the bundle",
             )
     check_tree(manifest.files, where)
