@@ -13,7 +13,6 @@ Python numbers exists at once). Arrays this fast path does not read (``true``/``
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -30,14 +29,10 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = ["MAX_DEPTH", "BodyError", "RawData", "loads", "parse_body"]
 
 _WS = rb"[ \t\r\n]*+"
-# a "data" key and its array value when the array holds only numbers and brackets: the greedy
-# class stops at the first '"' or '}' after the array and backs off to its closing bracket
-_DATA = re.compile(rb'"data"' + _WS + rb":" + _WS + rb"(\[[-+.,0-9eE \t\r\n\[\]]*\])")
-_LEADING = re.compile(rb"(?:\[" + _WS + rb")++")
+_DATA_KEY = re.compile(rb'"data"' + _WS + rb":" + _WS + rb"\[")
+_NUMBERS = b"-+.,0123456789eE \t\r\n"  # an array of numbers is written with these and brackets
 _EMPTY = re.compile(rb"\[" + _WS + rb"\]")
-_INNERMOST = re.compile(rb"\[[^\[\]]*+\]")
 _BRACKETS = bytes.maketrans(b"[]", b"  ")
-_LONG_INTEGER = re.compile(rb"[0-9]{20}")
 _SLICE = 1 << 18  # bytes of number text parsed at once
 MAX_DEPTH = 32
 _INT_RANGE = {
@@ -82,10 +77,10 @@ def loads(text: bytes) -> Any:
 class RawData:
     """The text of one ``data`` array of numbers, parsed only by :meth:`decode`."""
 
-    __slots__ = ("_body", "_end", "_start")
+    __slots__ = ("_body", "_brackets", "_end", "_start")
 
-    def __init__(self, body: bytes, start: int, end: int) -> None:
-        self._body, self._start, self._end = body, start, end
+    def __init__(self, body: bytes, start: int, end: int, brackets: bytes) -> None:
+        self._body, self._start, self._end, self._brackets = body, start, end, brackets
 
     @property
     def nbytes(self) -> int:
@@ -95,10 +90,9 @@ class RawData:
     def decode(self, dtype: str, shape: list[int]) -> np.ndarray:
         """The numbers of the array, in row-major order, as an array of ``dtype`` and ``shape``.
 
-        The array may be flat or nested to any depth up to :data:`MAX_DEPTH` as long as every
-        number sits at the same depth (the lengths of the inner arrays are not checked against
-        the shape, as in Triton: only the total count). Integer datatypes take JSON integers
-        within their range only.
+        The array may be flat or nested up to :data:`MAX_DEPTH` levels; as in Triton, the
+        nesting is not checked against the shape, only the total count. Integer datatypes take
+        JSON integers within their range only.
 
         Raises:
             ValueError: not a JSON array of numbers, another count, values out of range.
@@ -111,28 +105,15 @@ class RawData:
             return np.zeros(shape, dtype)
         if dtype == "bool":
             raise ValueError("BOOL data must be JSON true or false")
-        lead = _LEADING.match(body, s, e)
-        depth = body[s : lead.end()].count(b"[") if lead else 0
-        if depth > MAX_DEPTH:
-            raise ValueError(f"it nests deeper than {MAX_DEPTH} levels")
-        if depth == 1:
-            text = body[s + 1 : e - 1]
-            if b"[" in text or b"]" in text:
-                raise ValueError("it mixes numbers and arrays at one level")
-        else:
-            span = body[s:e]
-            _check_nesting(span, depth)
-            text = span.translate(_BRACKETS)
-            del span
-        found = text.count(b",") + 1  # after the checks, each comma sits between two numbers
-        if found != count:
-            raise ValueError(f"it holds {found} values but shape {list(shape)} needs {count}")
+        if self._brackets == b"[]":
+            text = body[s + 1 : e - 1]  # flat
+        else:  # numbers may nest unevenly ([1, [2]]): only the total count matters, as in Triton
+            _check_brackets(self._brackets)
+            text = body[s:e].translate(_BRACKETS)  # orjson then checks the commas between numbers
         lo_hi = _INT_RANGE.get(dtype)
-        if lo_hi is not None and (b"." in text or b"e" in text or b"E" in text):
-            raise ValueError(f"{dtype} data must be integers")
         out = np.empty(count, dtype)
         filled = _fill(out, text, lo_hi)
-        if filled != count:  # not reached: the count was checked
+        if filled != count:
             raise ValueError(f"it holds {filled} values but shape {list(shape)} needs {count}")
         return out.reshape(shape)
 
@@ -143,49 +124,70 @@ def _fill(out: np.ndarray, text: bytes, lo_hi: tuple[int, int] | None) -> int:
     while pos < n:
         end = text.find(b",", pos + _SLICE)
         end = n if end < 0 else end
-        part = text[pos:end]
+        part = b"[" + text[pos:end] + b"]"
         pos = end + 1
-        if orjson is not None:
-            values = orjson.loads(b"[" + part + b"]")
-        else:  # pragma: no cover - depends on the install
-            values = json.loads(b"[" + part + b"]")
-        if (
-            lo_hi is not None
-            and _LONG_INTEGER.search(part)
-            and any(type(v) is not int for v in values)
-        ):
-            # orjson reads integers beyond 64 bits as floats
-            raise ValueError(f"a value is out of the range [{lo_hi[0]}, {lo_hi[1]}]")
+        values = orjson.loads(part) if orjson is not None else json.loads(part)
         if i + len(values) > out.size:
-            raise ValueError(f"it holds more than {out.size} values")
-        try:
+            raise ValueError(f"it holds more than the {out.size} values of its shape")
+        if lo_hi is not None:
+            # orjson reads integers beyond 64 bits as floats: those are refused here too
+            arr = np.array(values)
+            if arr.dtype.kind not in "iu":  # a float, or int64 and uint64 values together
+                if not all(type(v) is int for v in values):
+                    raise ValueError(
+                        f"{out.dtype} data must be integers in [{lo_hi[0]}, {lo_hi[1]}]"
+                    )
+                arr = np.array(values, dtype=object)
+            if arr.size and (int(arr.min()) < lo_hi[0] or int(arr.max()) > lo_hi[1]):
+                raise ValueError(
+                    f"a value is out of the {out.dtype} range [{lo_hi[0]}, {lo_hi[1]}]"
+                )
+            out[i : i + arr.size] = arr
+        else:
             out[i : i + len(values)] = values
-        except OverflowError:
-            raise ValueError(
-                f"a value is out of the {out.dtype} range"
-                + (f" [{lo_hi[0]}, {lo_hi[1]}]" if lo_hi else "")
-            ) from None
         i += len(values)
     return i
 
 
-@functools.lru_cache(maxsize=MAX_DEPTH)
-def _nested(depth: int) -> re.Pattern[bytes]:
-    """Arrays nesting exactly ``depth`` levels around ``a`` leaves (each appears once in the
-    pattern, so it grows linearly with ``depth``; nothing backtracks)."""
-    item = rb"a"
-    for _ in range(depth):
-        item = rb"\[(?:" + _WS + item + _WS + rb"(?:,(?!" + _WS + rb"\])|(?=\])))++\]"
-    return re.compile(item)
+def _check_brackets(brackets: bytes) -> None:
+    """Refuse an array whose brackets do not balance, that closes before its end (``[1],[2]``)
+    or that nests deeper than :data:`MAX_DEPTH`, from its brackets alone, a slice at a time."""
+    level = 0
+    for a in range(0, len(brackets), _SLICE):
+        b = np.frombuffer(brackets, np.uint8, min(_SLICE, len(brackets) - a), a)
+        d = np.cumsum((b == 91).astype(np.int32) * 2 - 1, dtype=np.int32)  # '[' +1, ']' -1
+        d += level
+        last = a + b.size == len(brackets)
+        if (d[:-1] if last else d).min(initial=1) <= 0 or d.max() > MAX_DEPTH:
+            raise ValueError(f"it is not one array of arrays at most {MAX_DEPTH} deep")
+        level = int(d[-1])
+    if level != 0:
+        raise ValueError("its brackets do not balance")
 
 
-def _check_nesting(span: bytes, depth: int) -> None:
-    """Refuse a nested array whose numbers do not all sit ``depth`` arrays deep, or that closes
-    before its end (``[[1]],[[2]]``): each innermost array becomes one ``a``, and what is left
-    must be arrays nested ``depth - 1`` levels around those (a small text, checked in C)."""
-    reduced = _INNERMOST.sub(b"a", span)
-    if _nested(depth - 1).fullmatch(reduced) is None:
-        raise ValueError(f"its numbers do not all sit {depth} arrays deep")
+def _numeric_arrays(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, end, its brackets) of each array of numbers that is the value of a "data" key.
+
+    After a value in an object comes ``,`` and the next key's ``"``, or ``}``: the array ends at
+    the last ``]`` before the first ``"`` or ``}`` that follows it (found with ``bytes.find``,
+    in C). An array holding anything but numbers (``true``, ``NaN``, strings) is left alone.
+    """
+    spans = []
+    pos = 0
+    while (key := body.find(b'"data"', pos)) >= 0:
+        m = _DATA_KEY.match(body, key)
+        pos = key + 6
+        if m is None:
+            continue
+        start = m.end() - 1
+        quote, brace = body.find(b'"', start), body.find(b"}", start)
+        stop = min(x for x in (quote, brace, len(body)) if x >= 0)
+        end = body.rfind(b"]", start, stop) + 1
+        brackets = body[start:end].translate(None, _NUMBERS)
+        if end > start and not brackets.translate(None, b"[]"):
+            spans.append((start, end, brackets))
+            pos = end
+    return spans
 
 
 def parse_body(body: bytes, max_skeleton: int) -> Any:
@@ -200,8 +202,8 @@ def parse_body(body: bytes, max_skeleton: int) -> Any:
     Raises:
         BodyError: 400 for a body that is not JSON, 413 for a skeleton over ``max_skeleton``.
     """
-    spans = [m.span(1) for m in _DATA.finditer(body)]
-    skeleton = len(body) - sum(e - s for s, e in spans) + _PLACEHOLDER_BYTES * len(spans)
+    spans = _numeric_arrays(body)
+    skeleton = len(body) - sum(e - s for s, e, _ in spans) + _PLACEHOLDER_BYTES * len(spans)
     if skeleton > max_skeleton:
         raise BodyError(
             413,
@@ -213,7 +215,7 @@ def parse_body(body: bytes, max_skeleton: int) -> Any:
     nonce = secrets.token_hex(8)
     pieces: list[bytes] = []
     pos = 0
-    for i, (s, e) in enumerate(spans):
+    for i, (s, e, _) in enumerate(spans):
         pieces += [body[pos:s], b'"%s:%d"' % (nonce.encode(), i)]
         pos = e
     pieces.append(body[pos:])
@@ -223,8 +225,7 @@ def parse_body(body: bytes, max_skeleton: int) -> Any:
     for inp in inputs if isinstance(inputs, list) else []:
         data = inp.get("data") if isinstance(inp, dict) else None
         if isinstance(data, str) and data.startswith(nonce + ":"):
-            s, e = spans[int(data.rpartition(":")[2])]
-            inp["data"] = RawData(body, s, e)
+            inp["data"] = RawData(body, *spans[int(data.rpartition(":")[2])])
             placed += 1
     if placed != len(spans):  # a "data" key elsewhere (in parameters, a key ending in "data")
         if len(body) > max_skeleton:

@@ -16,7 +16,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 LONG = "EDGESMITH_FUZZ_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("EDGESMITH_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("EDGESMITH_FUZZ_EXAMPLES", "40"))
 
 
 def fuzz(share: float = 1.0) -> settings:
