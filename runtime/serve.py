@@ -7,6 +7,14 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 health endpoints need none), and bad input 400/422 with ``{"error": ...}`` while the server keeps
 serving. SIGTERM stops accepting connections, lets the requests in flight finish, then exits 0.
 
+A request's cost is bounded before its data is read: its declared shapes are checked first (samples
+per batch, bytes as sent and once preprocessed; :class:`~edgesmith.runtime.oip.RequestLimits`), and
+its tensor data is parsed straight into numpy (:mod:`edgesmith.runtime.oipjson`). Parsing,
+preprocessing and large responses run in worker threads, inference on the batcher's thread: the
+event loop only reads bodies, routes and answers, so health checks stay prompt under attack.
+With ``trusted_keys`` (``--key``) and ``require_signature`` only signed bundles are served, at
+start and on every hot swap (docs/security.md).
+
 Hot swap: :meth:`Server.swap` loads a new model (bundles are verified), checks it on its golden
 inputs, and switches to it between two batches; requests already queued finish on the old model,
 so none fails. With ``watch`` the server re-resolves its path (a bundle folder, a model file, or a
@@ -104,8 +112,8 @@ class ServeConfig(BaseModel):
     max_decoded_bytes: int | None = Field(
         default=None,
         ge=1024,
-        description="most bytes of a request's tensors, as sent and once preprocessed (413); "
-        "None: max_body_bytes, or a full batch of the model's input if that is larger",
+        description="most bytes of a request's tensors as sent (413; None: max_body_bytes); once "
+        "preprocessed, that or two full batches of the model's input, whichever is larger",
     )
     trusted_keys: list[str] = Field(
         default_factory=list,
