@@ -515,7 +515,8 @@ def extract_bundle(
     written and checked.
 
     Raises:
-        BundleError: as :func:`verify_bundle`, ``dest`` already exists, or it cannot be written.
+        BundleError: as :func:`verify_bundle`, or ``dest`` already exists.
+        OSError: ``dest`` cannot be written (disk full, permissions).
     """
     tar, dest = Path(tar), Path(dest)
     if not (tar.is_file() and tarfile.is_tarfile(tar)):
@@ -524,12 +525,9 @@ def extract_bundle(
         raise BundleError(
             f"{printable(dest)} already exists", hint="pick another path or remove it first"
         )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        os.chmod(tmp, 0o755)  # readable by a server running as another user, like the files
-    except OSError as exc:
-        raise _write_error(dest, exc) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # readable by a server running as another user, like the files
 
     def sink(rel: str) -> IO[bytes]:
         return _DurableFile(_safe_member(tmp, rel), fsync)  # type: ignore[return-value]
@@ -545,21 +543,10 @@ def extract_bundle(
         os.replace(tmp, dest)
         if fsync:
             fsync_dir(dest.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(dest, exc) from None
-    except BaseException:
+    except BaseException:  # OSErrors (disk full) propagate as such: the OTA agent reports them
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return check.manifest
-
-
-def _write_error(dest: Path, exc: OSError) -> BundleError:
-    name = f" ({printable(exc.filename)})" if exc.filename else ""
-    return BundleError(
-        f"cannot write {printable(dest)}: {exc.strerror or exc}{name}",
-        hint="check the folder exists, is writable and has free space",
-    )
 
 
 def pack_bundle(src: str | Path, out: str | Path) -> Path:
@@ -662,11 +649,8 @@ def write_bundle(
             f"{printable(out)} already exists", hint="pick another path or remove it first"
         )
     check_tree(files, "the bundle")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise _write_error(out, exc) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         entries: dict[str, dict[str, Any]] = {}
         for rel, src in files.items():
@@ -694,9 +678,6 @@ def write_bundle(
             sign_bundle(tmp, sign_key)
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(out, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
