@@ -158,9 +158,6 @@ def _decode_times(bundle: Path, images: np.ndarray, repeats: int) -> list[dict[s
     floats = model(images[:32]).astype(np.float32)  # any float data of a realistic spread
     cases = {
         "uint8 [32,28,28] flat": _body([32, 28, 28], images[:32]),
-        "uint8 [32,100,100,1] nested": _body(
-            [32, 100, 100, 1], np.resize(images, (32, 100, 100, 1)), nested=True
-        ),
         "fp32 [32,1,28,28] nested": json.dumps(
             {
                 "inputs": [
@@ -173,6 +170,9 @@ def _decode_times(bundle: Path, images: np.ndarray, repeats: int) -> list[dict[s
                 ]
             }
         ).encode(),
+        "uint8 [32,100,100,1] nested": _body(
+            [32, 100, 100, 1], np.resize(images, (32, 100, 100, 1)), nested=True
+        ),
     }
     limits = RequestLimits(32, 64 << 20, 256 << 20)
     rows = []

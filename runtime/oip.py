@@ -24,11 +24,13 @@ from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
 __all__ = [
     "DATATYPES",
     "InferRequest",
+    "PlannedRequest",
     "ProtocolError",
     "RequestLimits",
     "decode_request",
     "encode_response",
     "model_metadata",
+    "plan_request",
 ]
 
 # OIP datatype -> numpy dtype name
@@ -50,6 +52,7 @@ _OIP = {v: k for k, v in DATATYPES.items()}
 MAX_ELEMENTS = 1 << 28
 MAX_DIMS = MAX_DEPTH
 MAX_TIMEOUT_US = 86_400e6  # one day
+CHEAP_BYTES = 64 << 10  # tensors this small once preprocessed: light work to finish
 
 
 class ProtocolError(Exception):
@@ -252,7 +255,9 @@ def _decode_data(plan: _Plan, data: Any) -> np.ndarray:
         raise _bad(f"input '{name}': {printable(str(exc))[:120]}") from None
 
 
-def _options(doc: dict[str, Any], model: Model) -> tuple[list[str] | None, float | None, Any]:
+def _options(
+    doc: dict[str, Any], model: Model
+) -> tuple[list[str] | None, float | None, str | None]:
     outputs = None
     if doc.get("outputs") is not None:
         req_out = doc["outputs"]
@@ -291,24 +296,57 @@ def _options(doc: dict[str, Any], model: Model) -> tuple[list[str] | None, float
     return outputs, timeout_s, rid
 
 
-def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> InferRequest:
-    """Check a parsed inference request against ``model`` and turn it into arrays.
+class PlannedRequest:
+    """A request checked from its declared shapes and datatypes; :meth:`finish` reads its data.
 
-    Everything that can be judged from the declared shapes and datatypes is checked first (the
-    inputs' names, shapes and datatypes, the sample count, the bytes the tensors take as sent and
-    after preprocessing); only then are the numbers read (``data`` is a list, or a
-    :class:`~edgesmith.runtime.oipjson.RawData` from :func:`~edgesmith.runtime.oipjson.parse_body`)
-    and images preprocessed.
+    ``cheap`` says that finishing it is light work (its tensors are small once preprocessed):
+    with a small body, the server may do that on its event loop instead of a worker thread.
+    """
 
-    Args:
-        doc: the parsed body.
-        model: the model the request is for.
-        max_batch: most samples per request, or all the limits (:class:`RequestLimits`).
+    __slots__ = ("_data", "_model", "_plans", "id", "n", "outputs", "prepared", "timeout_s")
+
+    def __init__(
+        self,
+        model: Model,
+        plans: list[_Plan],
+        data: list[Any],
+        n: int,
+        options: tuple[list[str] | None, float | None, str | None],
+    ) -> None:
+        self._model, self._plans, self._data, self.n = model, plans, data, n
+        self.outputs, self.timeout_s, self.id = options
+        self.prepared = sum(p.prepared for p in plans)
+
+    @property
+    def cheap(self) -> bool:
+        return self.prepared <= CHEAP_BYTES
+
+    def finish(self) -> InferRequest:
+        """Read the tensors' numbers and preprocess them.
+
+        Raises:
+            ProtocolError: 400 for data that does not fill its shape, 422 for values the model
+                refuses (NaN/Inf, images of the wrong size).
+        """
+        arrays = []
+        for plan, data in zip(self._plans, self._data, strict=True):
+            arr = _decode_data(plan, data)
+            try:
+                arrays.append(self._model.prepare(arr, plan.spec))
+            except InputError as exc:
+                raise ProtocolError(422, printable(exc.message)) from None
+        n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
+        return InferRequest(arrays, n, self.id, self.outputs, self.timeout_s)
+
+
+def plan_request(doc: Any, model: Model, limits: RequestLimits) -> PlannedRequest:
+    """Check a parsed request from its declared shapes and datatypes alone, before any of its
+    data is read: inputs' names, shapes and datatypes, options, the sample count (first), then
+    the bytes its tensors take as sent and once preprocessed.
 
     Raises:
         ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
     """
-    limits = max_batch if isinstance(max_batch, RequestLimits) else RequestLimits(max_batch)
     if not isinstance(doc, dict):
         raise _bad("the body must be a JSON object with an 'inputs' array")
     inputs = doc.get("inputs")
@@ -329,7 +367,7 @@ def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> In
             f"inputs given: {printable(sorted(by_name))[:200]}; model '{model.name}' takes "
             f"{printable(sorted(wanted))}",
         )
-    outputs, timeout_s, rid = _options(doc, model)
+    options = _options(doc, model)
     plans = [_plan(by_name[spec.name], spec, model) for spec in model.inputs]
     n = plans[0].samples
     if model.batchable and n > limits.max_batch:
@@ -347,25 +385,37 @@ def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> In
             f"the request's tensors take {decoded} bytes; this server takes at most "
             f"{limits.max_decoded_bytes} per request (split it)",
         )
-    prepared = sum(p.prepared for p in plans)
+    planned = PlannedRequest(
+        model, plans, [by_name[p.spec.name]["data"] for p in plans], n, options
+    )
     max_prepared = limits.max_prepared_bytes or limits.max_decoded_bytes
-    if prepared > max_prepared:
+    if planned.prepared > max_prepared:
         raise ProtocolError(
             413,
-            f"the request's tensors take {prepared} bytes once preprocessed; this server "
-            f"takes at most {max_prepared} per request (split it)",
+            f"the request's tensors take {planned.prepared} bytes once preprocessed; this "
+            f"server takes at most {max_prepared} per request (split it)",
         )
-    arrays = []
-    for plan in plans:
-        arr = _decode_data(plan, by_name[plan.spec.name]["data"])
-        try:
-            arrays.append(model.prepare(arr, plan.spec))
-        except InputError as exc:
-            raise ProtocolError(422, printable(exc.message)) from None
-    n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
-    if model.batchable and n > limits.max_batch:  # not reached: checked from the shapes
-        raise ProtocolError(422, f"the request holds {n} samples (at most {limits.max_batch})")
-    return InferRequest(arrays, n, rid, outputs, timeout_s)
+    return planned
+
+
+def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> InferRequest:
+    """Check a parsed inference request against ``model`` and turn it into arrays.
+
+    Everything that can be judged from the declared shapes and datatypes is checked first
+    (:func:`plan_request`); only then are the numbers read (``data`` is a list, or a
+    :class:`~edgesmith.runtime.oipjson.RawData` from :func:`~edgesmith.runtime.oipjson.parse_body`)
+    and images preprocessed.
+
+    Args:
+        doc: the parsed body.
+        model: the model the request is for.
+        max_batch: most samples per request, or all the limits (:class:`RequestLimits`).
+
+    Raises:
+        ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
+    """
+    limits = max_batch if isinstance(max_batch, RequestLimits) else RequestLimits(max_batch)
+    return plan_request(doc, model, limits).finish()
 
 
 def encode_response(

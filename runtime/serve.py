@@ -10,8 +10,9 @@ serving. SIGTERM stops accepting connections, lets the requests in flight finish
 A request's cost is bounded before its data is read: its declared shapes are checked first (samples
 per batch, bytes as sent and once preprocessed; :class:`~edgesmith.runtime.oip.RequestLimits`), and
 its tensor data is parsed straight into numpy (:mod:`edgesmith.runtime.oipjson`). Parsing,
-preprocessing and large responses run in worker threads, inference on the batcher's thread: the
-event loop only reads bodies, routes and answers, so health checks stay prompt under attack.
+preprocessing and large responses run in worker threads (small ones, whose whole cost is below
+a thread hop, on the event loop), inference on the batcher's thread: health checks stay prompt
+under attack.
 With ``trusted_keys`` (``--key``) and ``require_signature`` only signed bundles are served, at
 start and on every hot swap (docs/security.md).
 
@@ -64,11 +65,12 @@ from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.oip import (
     InferRequest,
+    PlannedRequest,
     ProtocolError,
     RequestLimits,
-    decode_request,
     encode_response,
     model_metadata,
+    plan_request,
 )
 from edgesmith.runtime.oipjson import BodyError, parse_body
 
@@ -87,7 +89,9 @@ __all__ = ["ServeConfig", "Server"]
 
 log = logging.getLogger(__name__)
 
-# responses with more output values than this are encoded off the event loop
+# what the event loop does itself: bodies this small (when their tensors are small once
+# preprocessed too) and responses with this few values; anything larger goes to a worker thread
+_INLINE_BODY_BYTES = 32 << 10
 _INLINE_OUTPUT_VALUES = 1 << 14
 
 
@@ -455,16 +459,29 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _decode(self, body: bytes) -> tuple[_Slot, InferRequest]:
-        """Parse and check a body against the model served now, and preprocess it (in a worker
-        thread: never on the event loop)."""
+    def _plan(self, body: bytes) -> tuple[_Slot, PlannedRequest]:
+        """Parse a body and check it, from its declared shapes, against the model served now."""
         try:
             doc = parse_body(body, _skeleton_limit(self.config))
         except BodyError as exc:
             raise ProtocolError(exc.status, exc.message) from None
         assert self._slot is not None
         slot = self._slot
-        return slot, decode_request(doc, slot.model, slot.limits)
+        return slot, plan_request(doc, slot.model, slot.limits)
+
+    def _decode(self, body: bytes) -> tuple[_Slot, InferRequest]:
+        """Parse, check, read and preprocess a request (in a worker thread)."""
+        slot, planned = self._plan(body)
+        return slot, planned.finish()
+
+    async def _decode_off_loop(self, body: bytes) -> tuple[_Slot, InferRequest]:
+        """:meth:`_decode`, in a worker thread unless the whole job is small: a small body whose
+        tensors are small once preprocessed costs less than the hop to a thread."""
+        if len(body) > _INLINE_BODY_BYTES:
+            result: tuple[_Slot, InferRequest] = await self._offload(self._decode, body)
+            return result
+        slot, planned = self._plan(body)
+        return slot, planned.finish() if planned.cheap else await self._offload(planned.finish)
 
     async def _offload(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -484,7 +501,7 @@ class Server:
         body = await self._read_body(request)
         loop = asyncio.get_running_loop()
         for _ in range(3):  # a swap between decode and submit: decode again for the new model
-            slot, req = await self._offload(self._decode, body)
+            slot, req = await self._decode_off_loop(body)
             timeout = req.timeout_s if req.timeout_s is not None else self.config.timeout_ms / 1e3
             fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
             item = Pending(req.arrays, req.n, time.monotonic() + timeout, fut)
