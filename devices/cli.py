@@ -30,14 +30,6 @@ _key_option = click.option(
 )
 
 
-def _write_error(out: Path, exc: OSError) -> BundleError:
-    where = f" ({printable(exc.filename)})" if exc.filename else ""
-    return BundleError(
-        f"cannot write {printable(out)}: {exc.strerror or exc}{where}",
-        hint="check that the folder exists, is writable and has free space",
-    )
-
-
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -145,7 +137,7 @@ def keygen_cmd(prefix: Path, force: bool) -> None:
     """
     from edgesmith.runtime.signing import generate_keypair
 
-    priv, pub, kid = generate_keypair(prefix, force=force)  # OSError -> EdgesmithError there
+    priv, pub, kid = generate_keypair(prefix, force=force)
     click.echo(f"private key: {priv} (mode 0600; keep it secret)")
     click.echo(f"public key:  {pub} (install on devices)")
     click.echo(f"key id:      {kid}")
@@ -290,14 +282,11 @@ def bundle_create(
                 "rtol": rtol,
                 "top1": outputs.ndim == 2,
             }
-        try:
-            if out.suffix == ".tar":
-                folder = write_bundle(Path(tmp) / "bundle", manifest, files, sign_key=sign_key)
-                pack_bundle(Path(tmp) / "bundle", out)
-            else:
-                folder = write_bundle(out, manifest, files, sign_key=sign_key)
-        except OSError as exc:
-            raise _write_error(out, exc) from None
+        if out.suffix == ".tar":
+            folder = write_bundle(Path(tmp) / "bundle", manifest, files, sign_key=sign_key)
+            pack_bundle(Path(tmp) / "bundle", out)
+        else:
+            folder = write_bundle(out, manifest, files, sign_key=sign_key)
     click.echo(
         f"wrote {out}: {folder.name} version {folder.version} for {target}"
         + (" (signed)" if sign_key else " (unsigned)")
@@ -460,10 +449,7 @@ def bundle_unpack(bundle: Path, out: Path, keys: tuple[Path, ...], require_signa
     """Verify and safely extract a .tar bundle (no links, special files or paths outside OUT)."""
     from edgesmith.runtime.bundle import extract_bundle
 
-    try:
-        m = extract_bundle(
-            bundle, out, trusted_keys=list(keys) or None, require_signature=require_signature
-        )
-    except OSError as exc:
-        raise _write_error(out, exc) from None
+    m = extract_bundle(
+        bundle, out, trusted_keys=list(keys) or None, require_signature=require_signature
+    )
     click.echo(f"extracted {m.name} version {m.version} to {out}")

@@ -114,14 +114,11 @@ def generate_keypair(prefix: str | Path, force: bool = False) -> tuple[Path, Pat
         tmp = pub_path.with_name(f".{pub_path.name}.tmp")
         tmp.write_bytes(pub_pem)
         os.replace(tmp, pub_path)
-    except OSError as exc:
+    except OSError:  # the CLI reports it (path, reason, hint); exit 2
         if wrote_private:  # never leave a new private key without its public half
             with contextlib.suppress(OSError):
                 priv_path.unlink()
-        raise EdgesmithError(
-            f"cannot write the key pair {prefix}.key/.pub: {exc.strerror or exc}",
-            hint="pick a writable folder with free space (-o DIR/NAME)",
-        ) from None
+        raise
     return priv_path, pub_path, key_id(_raw_public(key.public_key()))
 
 
