@@ -230,14 +230,17 @@ def _decode_data(plan: _Plan, data: Any) -> np.ndarray:
             ) from None
     if not isinstance(data, list):
         raise _bad(f"input '{name}': 'data' must be a JSON array")
+    kind = np.dtype(plan.dtype).kind
     try:
-        arr = np.asarray(data)
+        # floats: straight to the datatype (one pass); integers and booleans: as parsed, so that
+        # floats, out-of-range values and mixed kinds can be told apart
+        arr = np.asarray(data, dtype=plan.dtype if kind == "f" else None)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise _bad(
             f"input '{name}': 'data' is not a rectangular array of {datatype} values "
             f"({printable(str(exc))[:120]})"
         ) from None
-    kinds = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[np.dtype(plan.dtype).kind]
+    kinds = {"b": "b", "i": "iu", "u": "iu", "f": "f"}[kind]
     if arr.size and arr.dtype.kind not in kinds:
         raise _bad(f"input '{name}': 'data' holds values that are not {datatype}")
     if arr.size != plan.count:
@@ -245,12 +248,12 @@ def _decode_data(plan: _Plan, data: Any) -> np.ndarray:
             f"input '{name}': 'data' holds {arr.size} values but shape {plan.shape} needs "
             f"{plan.count}"
         )
-    if np.dtype(plan.dtype).kind in "iu" and arr.size:
+    if kind in "iu" and arr.size:
         info = np.iinfo(plan.dtype)
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise _bad(f"input '{name}': a value is out of the {datatype} range")
     try:
-        return arr.astype(plan.dtype).reshape(plan.shape)
+        return arr.astype(plan.dtype, copy=False).reshape(plan.shape)
     except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - checked above
         raise _bad(f"input '{name}': {printable(str(exc))[:120]}") from None
 
