@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
+from edgesmith.runtime.bundlefiles import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
 
@@ -220,6 +221,7 @@ def bundle_create(
     from edgesmith.devices.profiles import load_profile
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import pack_bundle, write_bundle
+    from edgesmith.runtime.bundlefiles import model_references
 
     fmt = _FORMATS.get(model_file.suffix.lower())
     if fmt is None:
@@ -228,15 +230,19 @@ def bundle_create(
             hint=f"give one of: {', '.join(_FORMATS)}",
         )
     load_profile(target)  # an unknown target is an error with a suggestion
+    model = load(model_file, device="cpu")  # screens the file (ONNX external data paths) first
     files = {model_file.name: model_file}
-    for side in (
-        model_file.with_suffix(".bin"),
-        Path(str(model_file) + ".data"),
-        model_file.with_suffix(".onnx.data"),
-    ):
-        if side.is_file() and side != model_file:
-            files[side.name] = side
-    model = load(model_file, device="cpu")
+    # every file the model opens goes into the bundle, listed and hashed: ONNX external data
+    # (wherever its locations point inside the model's folder), OpenVINO weights
+    for rel in model_references(model_file.parent, model_file.name):
+        side = model_file.parent / rel
+        if not side.is_file():
+            raise BundleError(
+                f"{printable(model_file.name)} uses '{printable(rel)}', which is not in "
+                f"{printable(model_file.parent)}",
+                hint="put the model's external data (or .bin weights) next to it, as exported",
+            )
+        files[rel] = side
     manifest: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -289,31 +295,35 @@ def bundle_create(
 
 def _describe(check: Any, as_json: bool) -> None:
     m = check.manifest
-    if as_json:
+    if as_json:  # JSON escapes control characters itself
         _echo_json(
             {"manifest": m.to_json(), "signed_by": check.signed_by, "signers": check.signers}
         )
         return
-    click.echo(f"{m.name} version {m.version}: {m.format} {m.precision} for {m.target}")
-    click.echo(f"created {m.created}" + (f", expires {m.expires}" if m.expires else ""))
+    p = printable  # every string below comes from the bundle: escape control characters
+    click.echo(f"{m.name} version {m.version}: {m.format} {p(m.precision)} for {p(m.target)}")
+    click.echo(f"created {p(m.created)}" + (f", expires {p(m.expires)}" if m.expires else ""))
     for spec in m.inputs:
-        click.echo(f"input  {spec['name']}: {spec['dtype']} {spec['shape']}")
+        click.echo(f"input  {p(spec['name'])}: {p(spec['dtype'])} {p(spec['shape'])}")
     for spec in m.outputs:
-        click.echo(f"output {spec['name']}: {spec['dtype']} {spec['shape']}")
+        click.echo(f"output {p(spec['name'])}: {p(spec['dtype'])} {p(spec['shape'])}")
     for rel, entry in sorted(m.files.items()):
-        click.echo(f"file   {rel}: {entry.size} bytes, sha256 {entry.sha256[:16]}…")
+        click.echo(f"file   {p(rel)}: {entry.size} bytes, sha256 {entry.sha256[:16]}…")
     if m.golden:
         click.echo(
-            f"golden {m.golden.get('file')} (atol {m.golden.get('atol')}, rtol {m.golden.get('rtol')})"
+            f"golden {p(m.golden.get('file'))} (atol {p(m.golden.get('atol'))}, "
+            f"rtol {p(m.golden.get('rtol'))})"
         )
     if m.metrics:
         shown = {k: v for k, v in m.metrics.items() if isinstance(v, int | float | str)}
-        click.echo("metrics " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        click.echo("metrics " + ", ".join(f"{p(k)} {p(v)}" for k, v in shown.items()))
     if check.signed_by:
         click.echo(f"signature: verified, key {check.signed_by[:16]}")
     elif check.signers:
         click.echo(
-            f"signature: by key(s) {', '.join(s[:16] for s in check.signers)} (not checked: no --key)"
+            "signature: by key(s) "
+            + ", ".join(p(s[:16]) for s in check.signers)
+            + " (not checked: no --key)"
         )
     else:
         click.echo("signature: none (unsigned development bundle)")
@@ -360,7 +370,8 @@ def bundle_verify(
     m = check.manifest
     if check.signers and not check.signed_by:
         raise EdgesmithError(
-            f"{bundle} is signed by key {check.signers[0][:16]}, but no trusted public key was given",
+            f"{bundle} is signed by key {printable(check.signers[0][:16])}, but no trusted public "
+            "key was given",
             hint="pass the publisher's public key: --key NAME.pub",
         )
     if m.expired():

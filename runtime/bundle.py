@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tarfile
@@ -28,6 +29,16 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgesmith.errors import BundleError
+from edgesmith.runtime.bundlefiles import (
+    TarLimits,
+    check_model_references,
+    check_rel,
+    check_tree,
+    printable,
+    references_of,
+    safe_member,
+    screen_tar_members,
+)
 
 __all__ = [
     "MANIFEST",
@@ -55,7 +66,6 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
-MAX_TAR_MEMBERS = 10_000
 KeySource = Mapping[str, bytes] | Iterable[str | Path]
 
 
@@ -94,6 +104,44 @@ class Manifest(BaseModel):
     golden: dict[str, Any] | None = None
     trainable_head: dict[str, Any] | None = None
     build: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _tensor_specs(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, spec in enumerate(v):
+            if not isinstance(spec.get("name"), str) or not isinstance(spec.get("dtype"), str):
+                raise ValueError(f"entry {i} needs a 'name' and a 'dtype' string")
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                for d in shape
+            ):
+                raise ValueError(f"entry {i}: 'shape' must be a list of sizes or names")
+        return v
+
+    @field_validator("golden")
+    @classmethod
+    def _golden(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if "file" in v and not isinstance(v["file"], str):
+            raise ValueError("'file' must be a bundle path")
+        for key in ("atol", "rtol"):
+            x = v.get(key, 0.0)
+            if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x < math.inf:
+                raise ValueError(f"'{key}' must be a non-negative number")
+        if not isinstance(v.get("top1", False), bool):
+            raise ValueError("'top1' must be true or false")
+        return v
+
+    @field_validator("preprocess")
+    @classmethod
+    def _preprocess(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from edgesmith.runtime.specs import validate_preprocess
+
+            validate_preprocess(v)
+        return v
 
     @field_validator("trainable_head")
     @classmethod
@@ -148,36 +196,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_rel(rel: str) -> str:
-    """``rel`` as a clean relative POSIX path, or a BundleError."""
-    rel = rel.removeprefix("./")
-    parts = rel.split("/")
-    if (
-        not rel
-        or rel.startswith(("/", "\\"))
-        or "\\" in rel
-        or any(p in ("", ".", "..") for p in parts)
-        or (len(rel) > 1 and rel[1] == ":")
-    ):
-        raise BundleError(
-            f"bundle lists an unsafe path '{rel}'",
-            hint="bundle paths must be relative and stay inside the bundle",
-        )
-    return rel
-
-
-def _safe_member(root: Path, rel: str) -> Path:
-    full = root / _check_rel(rel)
-    if full.is_symlink():
-        raise BundleError(
-            f"bundle file '{rel}' is a symbolic link", hint="links are refused; rebuild the bundle"
-        )
-    if full.exists() and not full.resolve().is_relative_to(root.resolve()):
-        raise BundleError(
-            f"bundle file '{rel}' resolves outside the bundle",
-            hint="links are refused; rebuild the bundle",
-        )
-    return full
+_check_rel = check_rel  # the old private names, used by other runtime modules
+_safe_member = safe_member
 
 
 def _trusted(keys: KeySource | None) -> Mapping[str, bytes] | None:
@@ -233,26 +253,36 @@ def _parse_manifest(raw: bytes, where: str) -> Manifest:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise BundleError(
-            f"{where}: '{loc}': {err['msg']}",
+            f"{where}: '{printable(loc)}': {printable(err['msg'])}",
             hint="the manifest does not follow schema edgesmith.bundle/1",
         ) from None
-    if manifest.model not in manifest.files:
-        raise BundleError(
-            f"manifest names model file '{manifest.model}' but does not list it in 'files'",
-            hint="rebuild the bundle",
-        )
-    head_file = (manifest.trainable_head or {}).get("file")
-    if head_file is not None and head_file not in manifest.files:
-        raise BundleError(
-            f"manifest names head file '{head_file}' but does not list it in 'files'",
-            hint="rebuild the bundle",
-        )
+    _check_listed(manifest, where)
+    return manifest
+
+
+def _check_listed(manifest: Manifest, where: str) -> None:
+    """Every path the manifest names is listed in ``files``; the paths form a clean tree."""
     for rel in manifest.files:
-        if _check_rel(rel) in (MANIFEST, SIGNATURE):
+        if check_rel(rel) in (MANIFEST, SIGNATURE):
             raise BundleError(
                 f"manifest lists its own '{rel}' as a file", hint="rebuild the bundle"
             )
-    return manifest
+    if manifest.model not in manifest.files:
+        raise BundleError(
+            f"manifest names model file '{printable(manifest.model)}' but does not list it in 'files'",
+            hint="rebuild the bundle",
+        )
+    for what, named in (
+        ("head file", (manifest.trainable_head or {}).get("file")),
+        ("golden file", (manifest.golden or {}).get("file")),
+        ("memory file", ((manifest.trainable_head or {}).get("memory") or {}).get("file")),
+    ):
+        if named is not None and named not in manifest.files:
+            raise BundleError(
+                f"manifest names {what} '{printable(named)}' but does not list it in 'files'",
+                hint="every file a bundle uses must be listed and hashed; rebuild the bundle",
+            )
+    check_tree(manifest.files, where)
 
 
 def _mismatch(rel: str, size: int, entry: FileEntry) -> BundleError:
@@ -284,6 +314,7 @@ def verify_bundle(
     trusted_keys: KeySource | None = None,
     require_signature: bool = False,
     check_files: bool = True,
+    limits: TarLimits | None = None,
 ) -> BundleCheck:
     """Verify a bundle folder or ``.tar`` and report its manifest and signer.
 
@@ -292,14 +323,17 @@ def verify_bundle(
         trusted_keys: ``{key id: raw public key}`` or public key files / folders of ``*.pub``.
             When given, a present signature must verify against one of them.
         require_signature: refuse unsigned bundles (a device policy).
-        check_files: check every listed file's size and SHA-256.
+        check_files: check every listed file's size and SHA-256 and, for a folder, that every
+            file the model opens (ONNX external data, OpenVINO weights) is listed.
+        limits: member count and total size a tar may hold (default: :class:`TarLimits`).
 
     Raises:
-        BundleError: not a bundle, bad or untrusted signature, unsafe paths, size or hash mismatch.
+        BundleError: not a bundle, bad or untrusted signature, unsafe paths, size or hash
+            mismatch, a file the model uses that is not listed, a tar over its limits.
     """
     p = Path(path)
     if p.is_file() and tarfile.is_tarfile(p):
-        return _scan_tar(p, trusted_keys, require_signature, check_files, sink=None)
+        return _scan_tar(p, trusted_keys, require_signature, check_files, sink=None, limits=limits)
     mpath = p / MANIFEST
     if not p.is_dir() or not mpath.is_file():
         raise BundleError(
@@ -327,6 +361,7 @@ def verify_bundle(
                 raise _mismatch(rel, size, entry)
             if sha256_file(full) != entry.sha256:
                 raise _bad_hash(rel)
+        check_model_references(p, manifest, references_of(p, manifest))
     return BundleCheck(manifest, p, signed_by, signers)
 
 
@@ -354,30 +389,6 @@ def read_bundle(
 # --------------------------------------------------------------------------- tar bundles
 
 
-def _tar_members(tf: tarfile.TarFile, where: str) -> dict[str, tarfile.TarInfo]:
-    members: dict[str, tarfile.TarInfo] = {}
-    for n, m in enumerate(tf):
-        if n >= MAX_TAR_MEMBERS:
-            raise BundleError(
-                f"{where} has too many members", hint="this is not an edgesmith bundle"
-            )
-        if m.name in (".", "./"):
-            continue
-        rel = _check_rel(m.name.rstrip("/") if m.isdir() else m.name)
-        if m.isdir():
-            continue
-        if not m.isreg():
-            kind = "link" if (m.issym() or m.islnk()) else "special file"
-            raise BundleError(
-                f"{where}: member '{m.name}' is a {kind}",
-                hint="bundles may hold regular files only; links and devices are refused",
-            )
-        if rel in members:
-            raise BundleError(f"{where}: member '{rel}' appears twice", hint="rebuild the bundle")
-        members[rel] = m
-    return members
-
-
 def _scan_tar(
     path: Path,
     trusted_keys: KeySource | None,
@@ -385,11 +396,12 @@ def _scan_tar(
     check_files: bool,
     sink: Callable[[str], IO[bytes]] | None,
     on_file: Callable[[str], None] | None = None,
+    limits: TarLimits | None = None,
 ) -> BundleCheck:
-    where = str(path)
+    where = printable(path)
     try:
         with tarfile.open(path, "r:") as tf:
-            members = _tar_members(tf, where)
+            members = screen_tar_members(tf, where, limits)
             if MANIFEST not in members:
                 raise BundleError(f"{where} is not a bundle (no {MANIFEST})", hint="rebuild it")
 
@@ -492,22 +504,28 @@ def extract_bundle(
     require_signature: bool = False,
     fsync: bool = False,
     on_file: Callable[[str], None] | None = None,
+    limits: TarLimits | None = None,
 ) -> Manifest:
     """Verify a ``.tar`` bundle and extract it into the new folder ``dest`` (all or nothing).
 
-    The signature is checked before the manifest is parsed, and every file is hashed as it is
-    written; on any failure nothing is left at ``dest``. With ``fsync`` every file and folder is
-    flushed to disk before ``dest`` appears. ``on_file`` is called with each bundle path once
-    its file is written and checked.
+    The signature is checked before the manifest is parsed, the member list is screened
+    (:func:`~edgesmith.runtime.bundlefiles.screen_tar_members`: regular files only, within
+    ``limits``) before any data is read, and every file is hashed as it is written; on any
+    failure nothing is left at ``dest``. With ``fsync`` every file and folder is flushed to disk
+    before ``dest`` appears. ``on_file`` is called with each bundle path once its file is
+    written and checked.
 
     Raises:
         BundleError: as :func:`verify_bundle`, or ``dest`` already exists.
+        OSError: ``dest`` cannot be written (disk full, permissions).
     """
     tar, dest = Path(tar), Path(dest)
     if not (tar.is_file() and tarfile.is_tarfile(tar)):
-        raise BundleError(f"{tar} is not a tar file", hint="give a .tar bundle")
+        raise BundleError(f"{printable(tar)} is not a tar file", hint="give a .tar bundle")
     if dest.exists():
-        raise BundleError(f"{dest} already exists", hint="pick another path or remove it first")
+        raise BundleError(
+            f"{printable(dest)} already exists", hint="pick another path or remove it first"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     os.chmod(tmp, 0o755)  # readable by a server running as another user, like the files
@@ -516,14 +534,17 @@ def extract_bundle(
         return _DurableFile(_safe_member(tmp, rel), fsync)  # type: ignore[return-value]
 
     try:
-        check = _scan_tar(tar, trusted_keys, require_signature, True, sink=sink, on_file=on_file)
+        check = _scan_tar(
+            tar, trusted_keys, require_signature, True, sink=sink, on_file=on_file, limits=limits
+        )
+        check_model_references(tmp, check.manifest, references_of(tmp, check.manifest))
         if fsync:
             for d in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
                 fsync_dir(d)
         os.replace(tmp, dest)
         if fsync:
             fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException:  # OSErrors (disk full) propagate as such: the OTA agent reports them
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return check.manifest
@@ -625,7 +646,10 @@ def write_bundle(
     """
     out = Path(out)
     if out.exists():
-        raise BundleError(f"{out} already exists", hint="pick another path or remove it first")
+        raise BundleError(
+            f"{printable(out)} already exists", hint="pick another path or remove it first"
+        )
+    check_tree(files, "the bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -647,6 +671,9 @@ def write_bundle(
             raise BundleError(
                 f"invalid manifest: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
             ) from None
+        _check_listed(validated, "the manifest")
+        # never write (or sign) a bundle whose model opens files it does not hold
+        check_model_references(tmp, validated, references_of(tmp, validated))
         (tmp / MANIFEST).write_bytes(canonical_bytes(validated.to_json()))
         if sign_key is not None:
             sign_bundle(tmp, sign_key)

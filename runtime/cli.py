@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from edgesmith.errors import InputError
+from edgesmith.runtime.bundlefiles import printable
 
 __all__ = ["bench_cmd", "run_cmd", "serve_cmd"]
 
@@ -93,9 +94,10 @@ def run_cmd(
     if as_json:
         click.echo(json.dumps({"model": model.info, "results": results}, indent=2))
         return
-    for r in results:
+    for r in results:  # labels come from the bundle: control characters are escaped
         click.echo(
-            f"{r['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in r["top"])
+            f"{printable(r['file'])}: "
+            + ", ".join(f"{printable(t['label'])} ({t['probability']:.3f})" for t in r["top"])
         )
 
 
@@ -336,6 +338,19 @@ def bench_cmd(
     help="Nice value of the inference thread (Linux): reading requests and shedding load go first when the CPU is short; 0 treats them alike.",
 )
 @click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Trusted public key (NAME.pub) or folder of *.pub: a signed bundle must verify "
+    "against one, at start and on every hot swap; repeatable.",
+)
+@click.option(
+    "--require-signature",
+    is_flag=True,
+    help="Serve signed bundles only (needs --key); unsigned bundles and bare model files are refused.",
+)
+@click.option(
     "--ready-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -360,6 +375,8 @@ def serve_cmd(
     backend: str | None,
     drain_timeout: float,
     inference_nice: int,
+    keys: tuple[Path, ...],
+    require_signature: bool,
     ready_file: Path | None,
 ) -> None:
     """Serve MODEL (a bundle, a model file, or a link to one) over the Open Inference Protocol v2.
@@ -370,6 +387,7 @@ def serve_cmd(
     Example:
       edgesmith serve out/bundles/fmnist-cnn-onnx-fp32 --port 8000
       curl localhost:8000/v2/models/fmnist-cnn
+      edgesmith serve /var/lib/edgesmith/current --watch --key release.pub --require-signature
     """
     import logging
     import os
@@ -386,6 +404,11 @@ def serve_cmd(
             ) from None
         if not token:
             raise InputError(f"token file {token_file} is empty", hint="write the token into it")
+    if require_signature and not keys:
+        raise InputError(
+            "--require-signature needs the publisher's public key to check signatures with",
+            hint="add --key NAME.pub (the file `edgesmith keygen` wrote next to NAME.key)",
+        )
     if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # not -q: show swaps
         logging.getLogger("edgesmith.runtime.serve").setLevel(logging.INFO)
     config = dict(
@@ -406,5 +429,7 @@ def serve_cmd(
         backend=backend,
         drain_timeout_s=drain_timeout,
         inference_nice=inference_nice,
+        trusted_keys=[str(k) for k in keys],
+        require_signature=require_signature,
     )
     Server(model_path, **config).run(ready_file=ready_file)

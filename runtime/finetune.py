@@ -254,7 +254,7 @@ def _bundle_memory(model: Any) -> Memory | None:
     src = Path(model.info.get("path") or "")
     if m is None or not src.is_dir():
         return None
-    return load_memory(src, m.trainable_head)
+    return load_memory(src, m.trainable_head, m)
 
 
 def _memory_labels(names: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -172,19 +172,28 @@ def decode_samples(z: Any, key: str, x: np.ndarray) -> np.ndarray:
     return (x * np.float32(a) + np.float32(b)).astype(np.float16)
 
 
-def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory | None:
+def load_memory(
+    bundle: str | Path, head_spec: dict[str, Any] | None, manifest: Any = None
+) -> Memory | None:
     """A bundle's memory (None when it ships none).
 
+    With the bundle's ``manifest`` the file is reached through ``bundlefiles.member_path``
+    (listed and hashed in the manifest, inside the bundle, not a link); every caller that reads a
+    bundle passes it.
+
     Raises:
-        BundleError: a missing, oversized or malformed memory file.
+        BundleError: an unlisted, missing, oversized or malformed memory file.
     """
     doc = (head_spec or {}).get("memory")
     if not doc:
         return None
     spec = MemorySpec.model_validate(doc)
-    from edgesmith.runtime.bundle import _safe_member
+    from edgesmith.runtime.bundlefiles import member_path, safe_member
 
-    path = _safe_member(Path(bundle), spec.file)
+    if manifest is not None:
+        path = member_path(bundle, manifest, spec.file, "memory file")
+    else:
+        path = safe_member(Path(bundle), spec.file)
     if not path.is_file():
         raise BundleError(f"memory file '{spec.file}' is missing", hint="the bundle is incomplete")
     if path.stat().st_size > MAX_MEMORY_BYTES:

@@ -10,21 +10,27 @@ protocol specifies.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgesmith.errors import InputError
+from edgesmith.runtime.bundlefiles import printable
 from edgesmith.runtime.model import Model
-from edgesmith.runtime.specs import TensorSpec
+from edgesmith.runtime.oipjson import MAX_DEPTH, RawData
+from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
 
 __all__ = [
     "DATATYPES",
     "InferRequest",
+    "PlannedRequest",
     "ProtocolError",
+    "RequestLimits",
     "decode_request",
     "encode_response",
     "model_metadata",
+    "plan_request",
 ]
 
 # OIP datatype -> numpy dtype name
@@ -44,6 +50,9 @@ DATATYPES: dict[str, str] = {
 }
 _OIP = {v: k for k, v in DATATYPES.items()}
 MAX_ELEMENTS = 1 << 28
+MAX_DIMS = MAX_DEPTH
+MAX_TIMEOUT_US = 86_400e6  # one day
+CHEAP_BYTES = 64 << 10  # tensors this small once preprocessed: light work to finish
 
 
 class ProtocolError(Exception):
@@ -110,56 +119,233 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(400, message)
 
 
-def _decode_tensor(inp: Any, spec: TensorSpec, model: Model) -> np.ndarray:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost, checked from its declared shapes before any data is read.
+
+    Attributes:
+        max_batch: most samples (dimension 0) per request.
+        max_decoded_bytes: most bytes of all its tensors as sent (elements x datatype size).
+        max_prepared_bytes: most bytes of all its tensors as the model takes them (after images
+            are resized and converted); None: ``max_decoded_bytes``.
+    """
+
+    max_batch: int
+    max_decoded_bytes: int = 1 << 30
+    max_prepared_bytes: int | None = None
+
+
+@dataclass
+class _Plan:
+    """One input of a request, checked from its declared shape and datatype alone."""
+
+    spec: TensorSpec
+    shape: list[int]
+    dtype: str
+    count: int
+    samples: int
+    decoded: int
+    prepared: int
+    images: bool
+
+
+def _plan(inp: Any, spec: TensorSpec, model: Model) -> _Plan:
     if not isinstance(inp, dict):
         raise _bad("each entry of 'inputs' must be an object with name, shape, datatype and data")
     for key in ("shape", "datatype", "data"):
         if key not in inp:
-            raise _bad(f"input '{spec.name}' has no '{key}'")
+            raise _bad(f"input '{printable(spec.name)}' has no '{key}'")
     shape = inp["shape"]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise _bad(f"input '{spec.name}': 'shape' must be a list of non-negative integers")
+        raise _bad(
+            f"input '{printable(spec.name)}': 'shape' must be a list of at most {MAX_DIMS} "
+            "non-negative integers"
+        )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise ProtocolError(
-            413, f"input '{spec.name}' has {count} elements; the limit is {MAX_ELEMENTS}"
+            413, f"input '{printable(spec.name)}' has {count} elements; the limit is {MAX_ELEMENTS}"
         )
     datatype = inp["datatype"]
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise _bad(
-            f"input '{spec.name}': unknown datatype {datatype!r}; use one of {', '.join(DATATYPES)}"
+            f"input '{printable(spec.name)}': unknown datatype {printable(repr(datatype))[:40]}; "
+            f"use one of {', '.join(DATATYPES)}"
         )
     dtype = DATATYPES[datatype]
-    images = (
-        dtype == "uint8"
-        and spec.dtype != "uint8"
-        and bool(model.manifest and model.manifest.preprocess)
-    )
+    pre = model.manifest.preprocess if model.manifest else None
+    images = dtype == "uint8" and spec.dtype != "uint8" and bool(pre)
     if dtype != spec.dtype and not images:
         raise ProtocolError(
             422,
-            f"input '{spec.name}' has datatype {datatype}, the model takes {oip_datatype(spec.dtype)}",
+            f"input '{printable(spec.name)}' has datatype {datatype}, the model takes "
+            f"{oip_datatype(spec.dtype)}",
         )
-    data = inp["data"]
+    decoded = count * np.dtype(dtype).itemsize
+    if images:
+        assert pre is not None
+        nchw = preprocessed_shape(shape, pre)
+        if nchw is None:
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}': images of shape {shape}; expected [N, H, W, C] "
+                "(or [H, W, C]) with 1 or 3 channels",
+            )
+        n, c, h, w = nchw
+        final = (n, c, h, w) if pre.get("layout", "NCHW") == "NCHW" else (n, h, w, c)
+        if not spec.accepts_shape(final):
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}': images of shape {shape} preprocess to "
+                f"{list(final)}; the model takes {list(spec.shape)}",
+            )
+        # the resized uint8 images, their float copy and the model's input
+        prepared = n * h * w * c * (1 + 4) + math.prod(final) * spec.np_dtype.itemsize
+        samples = n
+    else:
+        if not spec.accepts_shape(tuple(shape)):
+            raise ProtocolError(
+                422,
+                f"input '{printable(spec.name)}' has shape {shape}, the model takes "
+                f"{list(spec.shape)}",
+            )
+        prepared = decoded
+        samples = shape[0] if shape else 1
+    return _Plan(spec, shape, dtype, count, samples, decoded, prepared, images)
+
+
+def _decode_data(plan: _Plan, data: Any) -> np.ndarray:
+    name, datatype = printable(plan.spec.name), oip_datatype(plan.dtype)
+    if isinstance(data, RawData):
+        try:
+            return data.decode(plan.dtype, plan.shape)
+        except ValueError as exc:
+            raise _bad(
+                f"input '{name}': 'data' is not a rectangular array of {plan.count} {datatype} "
+                f"values ({printable(str(exc))[:160]})"
+            ) from None
     if not isinstance(data, list):
-        raise _bad(f"input '{spec.name}': 'data' must be a JSON array")
+        raise _bad(f"input '{name}': 'data' must be a JSON array")
+    kind = np.dtype(plan.dtype).kind
     try:
-        arr = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        # floats: straight to the datatype (one pass); integers and booleans: as parsed, so that
+        # floats, out-of-range values and mixed kinds can be told apart
+        arr = np.asarray(data, dtype=plan.dtype if kind == "f" else None)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise _bad(
-            f"input '{spec.name}': 'data' is not a rectangular array of {datatype} numbers ({str(exc)[:120]})"
+            f"input '{name}': 'data' is not a rectangular array of {datatype} values "
+            f"({printable(str(exc))[:120]})"
         ) from None
-    if arr.size != count:
+    kinds = {"b": "b", "i": "iu", "u": "iu", "f": "f"}[kind]
+    if arr.size and arr.dtype.kind not in kinds:
+        raise _bad(f"input '{name}': 'data' holds values that are not {datatype}")
+    if arr.size != plan.count:
         raise _bad(
-            f"input '{spec.name}': 'data' holds {arr.size} values but shape {shape} needs {count}"
+            f"input '{name}': 'data' holds {arr.size} values but shape {plan.shape} needs "
+            f"{plan.count}"
         )
-    return arr.reshape(shape)
+    if kind in "iu" and arr.size:
+        info = np.iinfo(plan.dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise _bad(f"input '{name}': a value is out of the {datatype} range")
+    try:
+        return arr.astype(plan.dtype, copy=False).reshape(plan.shape)
+    except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - checked above
+        raise _bad(f"input '{name}': {printable(str(exc))[:120]}") from None
 
 
-def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
-    """Check a parsed inference request against ``model`` and turn it into arrays.
+def _options(
+    doc: dict[str, Any], model: Model
+) -> tuple[list[str] | None, float | None, str | None]:
+    outputs = None
+    if doc.get("outputs") is not None:
+        req_out = doc["outputs"]
+        if not isinstance(req_out, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in req_out
+        ):
+            raise _bad("'outputs' must be a list of objects with a 'name'")
+        outputs = [o["name"] for o in req_out]
+        known = {s.name for s in model.outputs}
+        unknown = [o for o in outputs if o not in known]
+        if unknown:
+            raise ProtocolError(
+                422,
+                f"unknown output(s) {printable(unknown)[:200]}; model '{model.name}' has "
+                f"{printable(sorted(known))}",
+            )
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("'parameters' must be an object")
+    timeout_s = None
+    if "timeout" in params:  # Triton's convention: microseconds
+        t = params["timeout"]
+        if (
+            not isinstance(t, int | float)
+            or isinstance(t, bool)
+            or not 0 <= t <= MAX_TIMEOUT_US  # also NaN and 1e400 (inf), and 10**400 (an int)
+        ):
+            raise _bad(
+                "parameter 'timeout' must be a number of microseconds from 0 to "
+                f"{MAX_TIMEOUT_US:.0f}"
+            )
+        timeout_s = float(t) / 1e6 if t else None
+    rid = doc.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise _bad("'id' must be a string")
+    return outputs, timeout_s, rid
+
+
+class PlannedRequest:
+    """A request checked from its declared shapes and datatypes; :meth:`finish` reads its data.
+
+    ``cheap`` says that finishing it is light work (its tensors are small once preprocessed):
+    with a small body, the server may do that on its event loop instead of a worker thread.
+    """
+
+    __slots__ = ("_data", "_model", "_plans", "id", "n", "outputs", "prepared", "timeout_s")
+
+    def __init__(
+        self,
+        model: Model,
+        plans: list[_Plan],
+        data: list[Any],
+        n: int,
+        options: tuple[list[str] | None, float | None, str | None],
+    ) -> None:
+        self._model, self._plans, self._data, self.n = model, plans, data, n
+        self.outputs, self.timeout_s, self.id = options
+        self.prepared = sum(p.prepared for p in plans)
+
+    @property
+    def cheap(self) -> bool:
+        return self.prepared <= CHEAP_BYTES
+
+    def finish(self) -> InferRequest:
+        """Read the tensors' numbers and preprocess them.
+
+        Raises:
+            ProtocolError: 400 for data that does not fill its shape, 422 for values the model
+                refuses (NaN/Inf, images of the wrong size).
+        """
+        arrays = []
+        for plan, data in zip(self._plans, self._data, strict=True):
+            arr = _decode_data(plan, data)
+            try:
+                arrays.append(self._model.prepare(arr, plan.spec))
+            except InputError as exc:
+                raise ProtocolError(422, printable(exc.message)) from None
+        n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
+        return InferRequest(arrays, n, self.id, self.outputs, self.timeout_s)
+
+
+def plan_request(doc: Any, model: Model, limits: RequestLimits) -> PlannedRequest:
+    """Check a parsed request from its declared shapes and datatypes alone, before any of its
+    data is read: inputs' names, shapes and datatypes, options, the sample count (first), then
+    the bytes its tensors take as sent and once preprocessed.
 
     Raises:
         ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
@@ -175,54 +361,64 @@ def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
         if not isinstance(name, str):
             raise _bad("each input needs a 'name' string")
         if name in by_name:
-            raise _bad(f"input '{name}' is given twice")
+            raise _bad(f"input '{printable(name)[:80]}' is given twice")
         by_name[name] = inp
     wanted = [s.name for s in model.inputs]
     if set(by_name) != set(wanted):
         raise ProtocolError(
-            422, f"inputs given: {sorted(by_name)}; model '{model.name}' takes {sorted(wanted)}"
+            422,
+            f"inputs given: {printable(sorted(by_name))[:200]}; model '{model.name}' takes "
+            f"{printable(sorted(wanted))}",
         )
-    arrays = []
-    for spec in model.inputs:
-        arr = _decode_tensor(by_name[spec.name], spec, model)
-        try:
-            arrays.append(model.prepare(arr, spec))
-        except InputError as exc:
-            raise ProtocolError(422, exc.message) from None
-    n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
-    if model.batchable and n > max_batch:
+    options = _options(doc, model)
+    plans = [_plan(by_name[spec.name], spec, model) for spec in model.inputs]
+    n = plans[0].samples
+    if model.batchable and n > limits.max_batch:
         raise ProtocolError(
             422,
-            f"the request holds {n} samples; this server runs at most {max_batch} per batch "
-            "(split the request, or start the server with a larger --max-batch)",
+            f"the request holds {n} samples; this server runs at most {limits.max_batch} per "
+            "batch (split the request, or start the server with a larger --max-batch)",
         )
-    outputs = None
-    if doc.get("outputs") is not None:
-        req_out = doc["outputs"]
-        if not isinstance(req_out, list) or not all(
-            isinstance(o, dict) and isinstance(o.get("name"), str) for o in req_out
-        ):
-            raise _bad("'outputs' must be a list of objects with a 'name'")
-        outputs = [o["name"] for o in req_out]
-        known = {s.name for s in model.outputs}
-        unknown = [o for o in outputs if o not in known]
-        if unknown:
-            raise ProtocolError(
-                422, f"unknown output(s) {unknown}; model '{model.name}' has {sorted(known)}"
-            )
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _bad("'parameters' must be an object")
-    timeout_s = None
-    if "timeout" in params:  # Triton's convention: microseconds
-        t = params["timeout"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or t < 0:
-            raise _bad("parameter 'timeout' must be a non-negative number of microseconds")
-        timeout_s = float(t) / 1e6 if t else None
-    rid = doc.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise _bad("'id' must be a string")
-    return InferRequest(arrays, n, rid, outputs, timeout_s)
+    if model.batchable and n == 0:
+        raise ProtocolError(422, "the request holds no samples")
+    decoded = sum(p.decoded for p in plans)
+    if decoded > limits.max_decoded_bytes:
+        raise ProtocolError(
+            413,
+            f"the request's tensors take {decoded} bytes; this server takes at most "
+            f"{limits.max_decoded_bytes} per request (split it)",
+        )
+    planned = PlannedRequest(
+        model, plans, [by_name[p.spec.name]["data"] for p in plans], n, options
+    )
+    max_prepared = limits.max_prepared_bytes or limits.max_decoded_bytes
+    if planned.prepared > max_prepared:
+        raise ProtocolError(
+            413,
+            f"the request's tensors take {planned.prepared} bytes once preprocessed; this "
+            f"server takes at most {max_prepared} per request (split it)",
+        )
+    return planned
+
+
+def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> InferRequest:
+    """Check a parsed inference request against ``model`` and turn it into arrays.
+
+    Everything that can be judged from the declared shapes and datatypes is checked first
+    (:func:`plan_request`); only then are the numbers read (``data`` is a list, or a
+    :class:`~edgesmith.runtime.oipjson.RawData` from :func:`~edgesmith.runtime.oipjson.parse_body`)
+    and images preprocessed.
+
+    Args:
+        doc: the parsed body.
+        model: the model the request is for.
+        max_batch: most samples per request, or all the limits (:class:`RequestLimits`).
+
+    Raises:
+        ProtocolError: 400 (not an inference request), 422 (not for this model), 413 (too big).
+    """
+    limits = max_batch if isinstance(max_batch, RequestLimits) else RequestLimits(max_batch)
+    return plan_request(doc, model, limits).finish()
 
 
 def encode_response(

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import EdgesmithError
+from edgesmith.errors import BundleError, EdgesmithError
+from edgesmith.runtime.bundlefiles import read_golden
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -56,7 +57,7 @@ def check_old_classes(model: Any, root: Path, budget: float | None = None) -> di
     spec = (m.trainable_head or {}) if m is not None else {}
     if spec.get("trained", {}).get("by") != "device":
         return None
-    memory = load_memory(root, spec)
+    memory = load_memory(root, spec, m)
     if memory is None or not len(memory.holdout) or memory.spec.reference_accuracy is None:
         return None
     result = check(
@@ -105,9 +106,9 @@ def check_health(
     golden = manifest.golden if manifest else None
     expected: np.ndarray | None = None
     try:
-        if golden and golden.get("file"):
-            with np.load(root / str(golden["file"]), allow_pickle=False) as data:
-                inputs, expected = np.asarray(data["inputs"]), np.asarray(data["outputs"])
+        data = read_golden(root, manifest) if manifest else None  # listed, hashed, inside
+        if golden and data is not None:
+            inputs, expected = data
             out = np.asarray(model(inputs))
             sample = inputs[:1]
         else:
@@ -119,6 +120,8 @@ def check_health(
                 return HealthReport(False, "not a bundle")
             sample = _zeros_for(manifest.inputs[0])
             out = np.asarray(model(sample))
+    except BundleError as exc:
+        return HealthReport(False, f"golden data unreadable: {exc.message}")
     except EdgesmithError as exc:
         return HealthReport(False, f"the model fails on its golden inputs: {exc.message}")
     except (KeyError, ValueError, OSError) as exc:

@@ -252,7 +252,7 @@ def activate(
             )
         model = load(dest)
         current = load_head(agent.current_path, installed.trainable_head)
-        memory = load_memory(dest, m.trainable_head)
+        memory = load_memory(dest, m.trainable_head, m)
         if memory is not None and len(memory.holdout):  # the old task first
             mf = memory.features(model, "holdout")
             names = memory.names("holdout")
@@ -357,7 +357,7 @@ def keep_local_head(agent: Agent, dest: Path, m: Manifest) -> Manifest | None:
     model = load(dest)
     labels = list(cur.labels or [])
     details: dict[str, Any] = {"kept_over_version": m.version}
-    memory = load_memory(dest, spec)
+    memory = load_memory(dest, spec, m)
     if memory is not None and len(memory.holdout):  # the local head must know the update's classes
         mf = memory.features(model, "holdout")
         theirs = label_accuracy(model.head, list(m.labels or []), mf, memory.names("holdout"))

@@ -92,6 +92,22 @@ def test_a_changed_memory_file_fails_verification(mlp_head_bundle: Path, tmp_pat
         verify_bundle(copy)
 
 
+def test_an_unlisted_memory_file_is_refused(mlp_head_bundle: Path, tmp_path: Path) -> None:
+    """Like golden data, the memory is a file the bundle uses: listed and hashed, or refused."""
+    import shutil
+
+    from edgesmith.runtime.bundle import MANIFEST, canonical_bytes
+
+    copy = tmp_path / "b"
+    shutil.copytree(mlp_head_bundle, copy)
+    (copy / "manifest.sig").unlink(missing_ok=True)
+    doc = json.loads((copy / MANIFEST).read_text())
+    del doc["files"][MEMORY_FILE]
+    (copy / MANIFEST).write_bytes(canonical_bytes(doc))
+    with pytest.raises(BundleError, match="names memory file .* does not list it"):
+        read_bundle(copy)
+
+
 def test_malformed_memory_files_are_refused(mlp_head_bundle: Path, tmp_path: Path) -> None:
     spec = {"memory": read_bundle(mlp_head_bundle).trainable_head["memory"]}
     ok = np.zeros((2, 4), np.float16)
