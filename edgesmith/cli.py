@@ -21,6 +21,7 @@ import click
 from edgesmith import __version__
 from edgesmith.errors import EdgesmithError
 from edgesmith.progress import echo, set_quiet
+from edgesmith.text import printable
 
 __all__ = ["COMMANDS", "cli", "describe_os_error", "main"]
 
@@ -338,6 +339,11 @@ def describe_os_error(exc: OSError) -> tuple[str, str] | None:
     return message, template.format(path=path, folder=folder)
 
 
+def _safe(text: object) -> str:
+    """An error text for the terminal: each line escaped (names in messages come from files)."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to exit codes and one-line messages."""
     args = sys.argv[1:] if argv is None else argv
@@ -347,9 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     except EdgesmithError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(f"error: {_safe(exc.message)}", err=True)
         if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
+            click.echo(f"hint: {_safe(exc.hint)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__.startswith("NoArgsIsHelp"):  # bare `edgesmith recipe`: show help
             click.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))  # type: ignore[attr-defined]
             sys.exit(0)
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {_safe(exc.format_message())}", err=True)
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
             click.echo(f"hint: see '{ctx.command_path} --help'", err=True)
@@ -371,10 +377,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         described = describe_os_error(exc) if isinstance(exc, OSError) else None
         if described is not None:
-            click.echo(f"error: {described[0]}", err=True)
-            click.echo(f"hint: {described[1]}", err=True)
+            click.echo(f"error: {_safe(described[0])}", err=True)
+            click.echo(f"hint: {_safe(described[1])}", err=True)
             sys.exit(2)
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"error: internal error: {type(exc).__name__}: {_safe(exc)}", err=True)
         click.echo("hint: rerun with --debug for the traceback and report it as a bug", err=True)
         sys.exit(70)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgesmith.errors import BundleError, ModelLoadError
+from edgesmith.text import printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,28 +51,6 @@ __all__ = [
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255
 MAX_GOLDEN_BYTES = 256 << 20
-
-
-def printable(text: object) -> str:
-    """``text`` with control and other non-printable characters escaped (``\\x1b``, ``\\u202e``).
-
-    For anything that came from a file (manifest strings, paths, labels) before it reaches a
-    terminal or a log: an escape sequence in a bundle must not rewrite the screen.
-    """
-    s = str(text)
-    if s.isprintable():
-        return s
-    out = []
-    for c in s:
-        if c.isprintable():
-            out.append(c)
-        elif ord(c) < 0x100:
-            out.append(f"\\x{ord(c):02x}")
-        elif ord(c) < 0x10000:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(f"\\U{ord(c):08x}")
-    return "".join(out)
 
 
 def check_rel(rel: str) -> str:

@@ -10,21 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith.errors import EdgesmithError
+from edgesmith.text import printable
 
 __all__ = ["AgentConfig", "UpdateResult", "printable"]
-
-
-def printable(text: str) -> str:
-    """``text`` with control and format characters (ESC, CR, bidi overrides) escaped: safe to
-    print on a terminal. Reasons and names can come from a bundle or a channel file.
-
-    Example:
-        >>> printable("rpi5\x1b[2J")
-        'rpi5\\x1b[2J'
-    """
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
-    )
 
 
 class AgentConfig(BaseModel):
