@@ -321,10 +321,6 @@ def test_keygen_and_bundle_create_os_errors_exit_2(
 ) -> None:
     """Row 10: OSErrors of these commands are one-line errors with a hint (the generic mapping of
     OSErrors in edgesmith/cli.py), and nothing half-written is left."""
-    import edgesmith.cli
-
-    if not hasattr(edgesmith.cli, "describe_os_error"):
-        pytest.skip("needs the CLI's OSError mapping (sec-core's branch, issue 12 row 10)")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, _, err = run(capsys, "keygen", "-o", blocker / "keys" / "release")
