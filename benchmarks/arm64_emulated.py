@@ -125,7 +125,7 @@ def _recipe(target: str, formats: list[str], full: bool) -> dict[str, Any]:
 
 def build_bundles(cache: Path, src_key: str, full: bool) -> tuple[dict[str, Path], Path]:
     """Bundles per target (``out/TARGET/bundles/*``), built once per source, recipe and key."""
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     keys = cache / "keys"
     if not (keys / "release.pub").is_file():
@@ -166,7 +166,7 @@ def build_bundles(cache: Path, src_key: str, full: bool) -> tuple[dict[str, Path
 
 
 def _tasks(bundles: dict[str, Path]) -> list[dict[str, Any]]:
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     tasks = []
     for target, folder in bundles.items():
@@ -444,7 +444,7 @@ def _compare(
 
 def _claims(results: dict[str, list[dict[str, Any]]], checks: Checks) -> None:
     """Each Arm profile's ``verified`` entries must hold on the cores they name that ran here."""
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     for target in TARGETS:
         profile = load_profile(target)

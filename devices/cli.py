@@ -46,7 +46,7 @@ def devices_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def devices_list(as_json: bool) -> None:
     """List the built-in device profiles."""
-    from edgesmith.devices.profiles import list_profiles, load_profile
+    from edgesmith.runtime.profiles import list_profiles, load_profile
 
     profiles = [load_profile(n) for n in list_profiles()]
     if as_json:
@@ -66,7 +66,7 @@ def devices_show(name: str, as_json: bool) -> None:
     """Show every field of profile NAME (a built-in name or a YAML file)."""
     import yaml
 
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     data = load_profile(name).model_dump()
     if as_json:
@@ -218,7 +218,7 @@ def bundle_create(
     import numpy as np
 
     from edgesmith.devices.ota.channel import iso_utc, parse_duration, utc_now
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import pack_bundle, write_bundle
     from edgesmith.runtime.bundlefiles import model_references
@@ -377,7 +377,7 @@ def bundle_verify(
     if m.expired():
         raise CheckFailed(f"{bundle} expired at {m.expires}", hint="rebuild and republish it")
     if target:
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         prof = load_profile(target)
         if not prof.runs_bundles_for(m.target):

@@ -51,7 +51,7 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.devices.profiles import resolve_target
+    from edgesmith.runtime.profiles import resolve_target
     from edgesmith.models import build_model
 
     profile = resolve_target(recipe.target)

@@ -182,7 +182,7 @@ class Model:
 
 def _profile(target: str) -> Any:
     try:
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         return load_profile(target)
     except EdgesmithError:

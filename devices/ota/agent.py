@@ -130,7 +130,7 @@ class Agent:
         Raises:
             EdgesmithError: another agent holds the root, bad keys, unknown target.
         """
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         if self._started:
             return
@@ -651,7 +651,7 @@ class Agent:
                 hint="the store is inconsistent; republish the release",
             )
         if not self.profile.runs_bundles_for(m.target):
-            from edgesmith.devices.profiles import list_profiles, load_profile
+            from edgesmith.runtime.profiles import list_profiles, load_profile
 
             arch = load_profile(m.target).arch if m.target in list_profiles() else "unknown arch"
             raise UpdateError(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from edgesmith.cli import main
-from edgesmith.devices.profiles import list_profiles, load_profile, resolve_target
+from edgesmith.runtime.profiles import list_profiles, load_profile, resolve_target
 from edgesmith.errors import EdgesmithError
 
 EXPECTED = [
