@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
-from edgesmith.runtime.bundlefiles import printable
+from edgesmith.runtime.bundle.files import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
 
@@ -218,10 +218,10 @@ def bundle_create(
     import numpy as np
 
     from edgesmith.devices.ota.channel import iso_utc, parse_duration, utc_now
-    from edgesmith.runtime.profiles import load_profile
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import pack_bundle, write_bundle
-    from edgesmith.runtime.bundlefiles import model_references
+    from edgesmith.runtime.bundle.files import model_references
+    from edgesmith.runtime.profiles import load_profile
 
     fmt = _FORMATS.get(model_file.suffix.lower())
     if fmt is None:

@@ -51,8 +51,8 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.runtime.profiles import resolve_target
     from edgesmith.models import build_model
+    from edgesmith.runtime.profiles import resolve_target
 
     profile = resolve_target(recipe.target)
     threads = profile.threads or os.cpu_count() or 1

@@ -188,7 +188,7 @@ def load_memory(
     if not doc:
         return None
     spec = MemorySpec.model_validate(doc)
-    from edgesmith.runtime.bundlefiles import member_path, safe_member
+    from edgesmith.runtime.bundle.files import member_path, safe_member
 
     if manifest is not None:
         path = member_path(bundle, manifest, spec.file, "memory file")

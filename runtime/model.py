@@ -11,7 +11,7 @@ import numpy as np
 from edgesmith.errors import BundleError, EdgesmithError, InputError, ModelLoadError
 from edgesmith.runtime.backends import Session, backend_for, get_backend
 from edgesmith.runtime.bundle import KeySource, Manifest, read_bundle
-from edgesmith.runtime.bundlefiles import (
+from edgesmith.runtime.bundle.files import (
     check_model_references,
     model_references,
     model_references_from,

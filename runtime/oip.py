@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import InputError
-from edgesmith.runtime.bundlefiles import printable
+from edgesmith.runtime.bundle.files import printable
 from edgesmith.runtime.model import Model
 from edgesmith.runtime.oipjson import MAX_DEPTH, RawData
 from edgesmith.runtime.specs import TensorSpec, preprocessed_shape

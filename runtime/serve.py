@@ -60,7 +60,7 @@ from edgesmith.runtime.batching import (
     Pending,
     QueueFull,
 )
-from edgesmith.runtime.bundlefiles import printable, read_golden
+from edgesmith.runtime.bundle.files import printable, read_golden
 from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.oip import (

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BundleError, EdgesmithError
-from edgesmith.runtime.bundlefiles import read_golden
+from edgesmith.runtime.bundle.files import read_golden
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 

@@ -27,7 +27,7 @@ from edgesmith.runtime.bundle import (
     verify_bundle,
     write_bundle,
 )
-from edgesmith.runtime.bundlefiles import TarLimits, member_path, read_golden
+from edgesmith.runtime.bundle.files import TarLimits, member_path, read_golden
 from edgesmith.runtime.onnxfile import scan_onnx
 from edgesmith.runtime.signing import generate_keypair
 

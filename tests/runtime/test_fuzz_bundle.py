@@ -30,7 +30,7 @@ from edgesmith.runtime.bundle import (
     extract_bundle,
     verify_bundle,
 )
-from edgesmith.runtime.bundlefiles import TarLimits, printable
+from edgesmith.runtime.bundle.files import TarLimits, printable
 from edgesmith.runtime.onnxfile import scan_onnx
 
 # --------------------------------------------------------------------------- manifest

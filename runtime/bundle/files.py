@@ -30,7 +30,7 @@ from edgesmith.text import printable
 if TYPE_CHECKING:
     import numpy as np
 
-    from edgesmith.runtime.bundle import Manifest
+    from edgesmith.runtime.bundle.verify import Manifest
 
 __all__ = [
     "DEFAULT_TAR_LIMITS",

@@ -29,7 +29,7 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgesmith.errors import BundleError
-from edgesmith.runtime.bundlefiles import (
+from edgesmith.runtime.bundle.files import (
     TarLimits,
     check_model_references,
     check_rel,
@@ -509,7 +509,7 @@ def extract_bundle(
     """Verify a ``.tar`` bundle and extract it into the new folder ``dest`` (all or nothing).
 
     The signature is checked before the manifest is parsed, the member list is screened
-    (:func:`~edgesmith.runtime.bundlefiles.screen_tar_members`: regular files only, within
+    (:func:`~edgesmith.runtime.bundle.files.screen_tar_members`: regular files only, within
     ``limits``) before any data is read, and every file is hashed as it is written; on any
     failure nothing is left at ``dest``. With ``fsync`` every file and folder is flushed to disk
     before ``dest`` appears. ``on_file`` is called with each bundle path once its file is
