@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
-from edgesmith.runtime.bundle.files import printable
+from edgesmith.text import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
 

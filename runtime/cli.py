@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from edgesmith.errors import InputError
-from edgesmith.runtime.bundle.files import printable
+from edgesmith.text import printable
 
 __all__ = ["bench_cmd", "run_cmd", "serve_cmd"]
 

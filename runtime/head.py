@@ -456,9 +456,9 @@ def load_head(bundle: str | Path, spec: dict[str, Any]) -> Head:
         BundleError: a missing, oversized, pickled, or mis-shaped head file.
     """
     s = HeadSpec.model_validate(spec)
-    from edgesmith.runtime.bundle import _safe_member
+    from edgesmith.runtime.bundle.files import safe_member
 
-    path = _safe_member(Path(bundle), s.file)
+    path = safe_member(Path(bundle), s.file)
     if not path.is_file():
         raise BundleError(f"head file '{s.file}' is missing", hint="the bundle is incomplete")
     if path.stat().st_size > MAX_HEAD_BYTES:

@@ -15,9 +15,9 @@ from edgesmith.runtime.bundle.files import (
     check_model_references,
     model_references,
     model_references_from,
-    printable,
 )
 from edgesmith.runtime.specs import NanPolicy, TensorSpec, check_input, preprocess_images
+from edgesmith.text import printable
 
 __all__ = ["Model", "load"]
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import InputError
-from edgesmith.runtime.bundle.files import printable
 from edgesmith.runtime.model import Model
 from edgesmith.runtime.oipjson import MAX_DEPTH, RawData
 from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
+from edgesmith.text import printable
 
 __all__ = [
     "DATATYPES",

@@ -60,7 +60,7 @@ from edgesmith.runtime.batching import (
     Pending,
     QueueFull,
 )
-from edgesmith.runtime.bundle.files import printable, read_golden
+from edgesmith.runtime.bundle.files import read_golden
 from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.oip import (
@@ -73,6 +73,7 @@ from edgesmith.runtime.oip import (
     plan_request,
 )
 from edgesmith.runtime.oipjson import BodyError, loads, parse_body
+from edgesmith.text import printable
 
 try:
     from starlette.applications import Starlette

@@ -1,43 +1,47 @@
 """Deploy bundles (DESIGN.md section 4): a folder (or ``.tar`` of it) holding ``manifest.json``,
-the model file(s) and ``manifest.sig``. The modules of this package, by concern, are re-exported
-here, so ``from edgesmith.runtime.bundle import read_bundle`` works as it always did."""
+the model file(s) and ``manifest.sig``.
+
+One module per concern: ``manifest`` (the schema, canonical bytes, path rules), ``files`` (the one
+way to reach a listed file, hashing), ``signature`` (``manifest.sig`` over the raw bytes),
+``tar`` (screened members, extraction), ``verify`` (``verify_bundle``/``read_bundle``) and
+``write`` (``write_bundle``, ``pack_bundle``, ``sign_bundle``). Their public names are
+re-exported here: ``from edgesmith.runtime.bundle import read_bundle``.
+"""
 
 from edgesmith.runtime.bundle.files import (
-    DEFAULT_TAR_LIMITS,
     MAX_GOLDEN_BYTES,
-    TarLimits,
     check_model_references,
-    check_rel,
-    check_tree,
+    fsync_dir,
     member_path,
     model_references,
     model_references_from,
     read_golden,
     references_of,
     safe_member,
-    screen_tar_members,
+    sha256_file,
 )
-from edgesmith.runtime.bundle.verify import (
+from edgesmith.runtime.bundle.manifest import (
     MANIFEST,
     SCHEMA,
     SIGNATURE,
-    BundleCheck,
     FileEntry,
-    KeySource,
     Manifest,
-    _parse_manifest,
-    _safe_member,
     canonical_bytes,
-    extract_bundle,
-    fsync_dir,
-    pack_bundle,
+    check_rel,
+    check_tree,
+    parse_manifest,
     parse_utc,
-    read_bundle,
-    sha256_file,
-    sign_bundle,
-    verify_bundle,
-    write_bundle,
 )
+from edgesmith.runtime.bundle.signature import KeySource
+from edgesmith.runtime.bundle.tar import (
+    DEFAULT_TAR_LIMITS,
+    BundleCheck,
+    TarLimits,
+    extract_bundle,
+    screen_tar_members,
+)
+from edgesmith.runtime.bundle.verify import read_bundle, verify_bundle
+from edgesmith.runtime.bundle.write import pack_bundle, sign_bundle, write_bundle
 
 __all__ = [
     "DEFAULT_TAR_LIMITS",
@@ -50,8 +54,6 @@ __all__ = [
     "KeySource",
     "Manifest",
     "TarLimits",
-    "_parse_manifest",
-    "_safe_member",
     "canonical_bytes",
     "check_model_references",
     "check_rel",
@@ -62,6 +64,7 @@ __all__ = [
     "model_references",
     "model_references_from",
     "pack_bundle",
+    "parse_manifest",
     "parse_utc",
     "read_bundle",
     "read_golden",
