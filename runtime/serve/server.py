@@ -8,8 +8,8 @@ health endpoints need none), and bad input 400/422 with ``{"error": ...}`` while
 serving. SIGTERM stops accepting connections, lets the requests in flight finish, then exits 0.
 
 A request's cost is bounded before its data is read: its declared shapes are checked first (samples
-per batch, bytes as sent and once preprocessed; :class:`~edgesmith.runtime.oip.RequestLimits`), and
-its tensor data is parsed straight into numpy (:mod:`edgesmith.runtime.oipjson`). Parsing,
+per batch, bytes as sent and once preprocessed; :class:`~edgesmith.runtime.serve.oip.RequestLimits`), and
+its tensor data is parsed straight into numpy (:mod:`edgesmith.runtime.serve.oipjson`). Parsing,
 preprocessing and large responses run in worker threads (small ones, whose whole cost is below
 a thread hop, on the event loop), inference on the batcher's thread: health checks stay prompt
 under attack.
@@ -53,17 +53,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith import __version__
 from edgesmith.errors import CheckFailed, EdgesmithError
-from edgesmith.runtime.batching import (
+from edgesmith.runtime.bundle.files import read_golden
+from edgesmith.runtime.model import Model, load
+from edgesmith.runtime.serve.batching import (
     BatcherClosed,
     DeadlineExceeded,
     MicroBatcher,
     Pending,
     QueueFull,
 )
-from edgesmith.runtime.bundle.files import read_golden
-from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from edgesmith.runtime.model import Model, load
-from edgesmith.runtime.oip import (
+from edgesmith.runtime.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from edgesmith.runtime.serve.oip import (
     InferRequest,
     PlannedRequest,
     ProtocolError,
@@ -72,7 +72,7 @@ from edgesmith.runtime.oip import (
     model_metadata,
     plan_request,
 )
-from edgesmith.runtime.oipjson import BodyError, loads, parse_body
+from edgesmith.runtime.serve.oipjson import BodyError, loads, parse_body
 from edgesmith.text import printable
 
 try:
@@ -465,7 +465,7 @@ class Server:
 
         A small body is parsed whole (its Python objects take at most ~25x its size, and orjson
         alone is the fastest way); a larger one keeps its arrays of numbers out of Python objects
-        (:func:`~edgesmith.runtime.oipjson.parse_body`)."""
+        (:func:`~edgesmith.runtime.serve.oipjson.parse_body`)."""
         try:
             if len(body) <= _INLINE_BODY_BYTES:
                 doc = loads(body)
