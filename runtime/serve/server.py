@@ -1,27 +1,11 @@
 """``edgesmith serve``: a model server speaking the Open Inference Protocol v2 (KServe/Triton REST).
 
-Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
-``/v2/models/{name}[/versions/{v}]/ready``, ``POST /v2/models/{name}[/versions/{v}]/infer`` and
-``GET /metrics`` (Prometheus). Requests run through a :class:`MicroBatcher`; a full queue answers
-503, a passed deadline 504, a body over the limit 413, a missing or wrong bearer token 401 (the
-health endpoints need none), and bad input 400/422 with ``{"error": ...}`` while the server keeps
-serving. SIGTERM stops accepting connections, lets the requests in flight finish, then exits 0.
-
-A request's cost is bounded before its data is read: its declared shapes are checked first (samples
-per batch, bytes as sent and once preprocessed; :class:`~edgesmith.runtime.serve.oip.RequestLimits`), and
-its tensor data is parsed straight into numpy (:mod:`edgesmith.runtime.serve.oipjson`). Parsing,
-preprocessing and large responses run in worker threads (small ones, whose whole cost is below
-a thread hop, on the event loop), inference on the batcher's thread: health checks stay prompt
-under attack.
-With ``trusted_keys`` (``--key``) and ``require_signature`` only signed bundles are served, at
-start and on every hot swap (docs/security.md).
-
-Hot swap: :meth:`Server.swap` loads a new model (bundles are verified), checks it on its golden
-inputs, and switches to it between two batches; requests already queued finish on the old model,
-so none fails. With ``watch`` the server re-resolves its path (a bundle folder, a model file, or a
-symbolic link such as the OTA agent's ``current``) every ``watch_interval_s`` and swaps when the
-resolved target or the manifest's version changes; a model that fails to load or check is logged
-and the old one keeps serving.
+The :class:`Server` holds the model being served (a slot: the model, its micro-batcher and its
+request limits), swaps it (:mod:`~edgesmith.runtime.serve.swap`), and runs the HTTP routes
+(:mod:`~edgesmith.runtime.serve.app`) under uvicorn. SIGTERM stops accepting connections, lets the
+requests in flight finish, then exits 0. With ``trusted_keys`` (``--key``) and
+``require_signature`` only signed bundles are served, at start and on every hot swap
+(docs/security.md).
 
 Built on Starlette and uvicorn (the ``serve`` extra): the ASGI toolkit under FastAPI, without
 FastAPI's request models, because bodies must be size-capped before they are parsed and OIP
@@ -32,68 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import math
-import os
 import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgesmith import __version__
-from edgesmith.errors import CheckFailed, EdgesmithError
-from edgesmith.runtime.bundle.files import read_golden
+from edgesmith.errors import EdgesmithError
 from edgesmith.runtime.model import Model, load
-from edgesmith.runtime.serve.batching import (
-    BatcherClosed,
-    DeadlineExceeded,
-    MicroBatcher,
-    Pending,
-    QueueFull,
-)
-from edgesmith.runtime.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from edgesmith.runtime.serve.oip import (
-    InferRequest,
-    PlannedRequest,
-    ProtocolError,
-    RequestLimits,
-    encode_response,
-    model_metadata,
-    plan_request,
-)
-from edgesmith.runtime.serve.oipjson import BodyError, loads, parse_body
+from edgesmith.runtime.serve.app import App
+from edgesmith.runtime.serve.batching import MicroBatcher, Pending
+from edgesmith.runtime.serve.metrics import ServerMetrics
+from edgesmith.runtime.serve.oip import RequestLimits
+from edgesmith.runtime.serve.swap import fingerprint, self_check, watch
 from edgesmith.text import printable
 
-try:
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-except ImportError:  # pragma: no cover - depends on the install
-    raise EdgesmithError(
-        "edgesmith serve needs starlette and uvicorn", hint="pip install 'edgesmith[serve]'"
-    ) from None
+__all__ = ["ServeConfig", "Server", "Slot"]
 
-__all__ = ["ServeConfig", "Server"]
-
-log = logging.getLogger(__name__)
-
-# what the event loop does itself: bodies this small (when their tensors are small once
-# preprocessed too) and responses with this few values; anything larger goes to a worker thread
-_INLINE_BODY_BYTES = 32 << 10
-_INLINE_OUTPUT_VALUES = 1 << 14
+log = logging.getLogger("edgesmith.runtime.serve")
 
 
 class ServeConfig(BaseModel):
@@ -150,7 +97,9 @@ class ServeConfig(BaseModel):
 
 
 @dataclass
-class _Slot:
+class Slot:
+    """The model being served, its micro-batcher and its request limits."""
+
     model: Model
     batcher: MicroBatcher
     source: str
@@ -170,76 +119,6 @@ def _limits(model: Model, config: ServeConfig) -> RequestLimits:
             per = math.prod(int(d) for d in dims) * spec.np_dtype.itemsize
             full_batch += per * (config.max_batch if spec.batched else 1)
     return RequestLimits(config.max_batch, decoded, max(decoded, 2 * full_batch))
-
-
-def _skeleton_limit(config: ServeConfig) -> int:
-    """Most bytes of a body outside its numeric tensor data: parsed into Python objects, which
-    take up to ~25x their JSON size."""
-    return max(16 << 10, min(1 << 20, config.max_body_bytes // 16))
-
-
-def _fingerprint(path: Path) -> tuple[Any, ...]:
-    """What identifies the model behind ``path``: its resolved target and version (or file stat)."""
-    real = os.path.realpath(path)
-    if os.path.isdir(real):
-        manifest = os.path.join(real, "manifest.json")
-        st = os.stat(manifest)
-        version = None
-        with contextlib.suppress(OSError, ValueError, AttributeError), open(manifest, "rb") as f:
-            version = json.loads(f.read(1 << 22)).get("version")
-        return (real, version, st.st_mtime_ns, st.st_size)
-    st = os.stat(real)
-    return (real, None, st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _self_check(model: Model, root: Path) -> None:
-    """Run a new model once before it serves: on the bundle's golden inputs when it has them."""
-    manifest = model.manifest
-    golden = manifest.golden if manifest else None
-    data = read_golden(root, manifest) if manifest and root.is_dir() else None
-    if golden and data is not None and len(model.inputs) == 1:
-        inputs, expected = data
-        got = np.asarray(model.run_checked([inputs]))
-        ok = np.allclose(
-            got, expected, rtol=golden.get("rtol", 1e-3), atol=golden.get("atol", 1e-4)
-        )
-        if golden.get("top1") and got.ndim == 2:
-            ok = ok and bool((got.argmax(1) == expected.argmax(1)).all())
-        if not ok:
-            raise CheckFailed(
-                f"{model.name} v{model.version} does not reproduce its golden outputs "
-                f"(max abs diff {float(np.abs(got - expected).max()):.3g})",
-                hint="the bundle does not run correctly on this device; rebuild it",
-            )
-        return
-    feeds = [
-        np.zeros([1 if not isinstance(d, int) else d for d in s.shape], s.np_dtype)
-        for s in model.inputs
-    ]
-    outs = model.run_checked(feeds)
-    if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outs):
-        raise CheckFailed(
-            f"{model.name} gives NaN or Inf on a zero input", hint="the model file is broken"
-        )
-
-
-def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    # NaN/Inf outputs (possible only with nan_policy="allow") are written as NaN/Infinity literals,
-    # as Python's json module and Triton do
-    return Response(
-        json.dumps(doc, separators=(",", ":")).encode(),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _json({"error": message}, status, headers)
-
-
-def _json_response(model: Model, req: InferRequest, result: list[np.ndarray]) -> Response:
-    return _json(encode_response(model, req, result))
 
 
 class Server:
@@ -273,19 +152,24 @@ class Server:
             )
         self.path = Path(path)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._swap_lock = threading.Lock()
-        self._draining = False
+        self.draining = False
         self._server: Any = None
-        self._slot: _Slot | None = None
+        self._slot: Slot | None = None
         self.metrics = ServerMetrics(
             queue_depth=lambda: self._slot.batcher.depth if self._slot else 0
         )
         self._slot = self._open(self.path)
         self.metrics.set_model(self._slot.model.info)
-        self.app = self._build_app()
+        self._http = App(self)
+        self.app = self._http.build()
 
     # ------------------------------------------------------------------ model slot and swap
+
+    @property
+    def slot(self) -> Slot | None:
+        """The model being served now, with its batcher and limits."""
+        return self._slot
 
     @property
     def model(self) -> Model:
@@ -293,9 +177,9 @@ class Server:
         assert self._slot is not None
         return self._slot.model
 
-    def _open(self, path: Path) -> _Slot:
+    def _open(self, path: Path) -> Slot:
         try:
-            fp = _fingerprint(path)
+            fp = fingerprint(path)
         except OSError as exc:
             raise EdgesmithError(
                 f"cannot read {printable(path)}: {exc.strerror}", hint="check the path"
@@ -312,7 +196,7 @@ class Server:
             require_signature=cfg.require_signature,
         )
         if cfg.self_check:
-            _self_check(model, real)
+            self_check(model, real)
         batcher = MicroBatcher(
             model.run_checked,
             max_batch=cfg.max_batch,
@@ -324,7 +208,7 @@ class Server:
             name=model.name,
             nice=cfg.inference_nice,
         )
-        return _Slot(model, batcher, str(real), fp, _limits(model, cfg))
+        return Slot(model, batcher, str(real), fp, _limits(model, cfg))
 
     def swap(self, path: str | Path | None = None) -> Model:
         """Load, verify and check a new model, then serve it instead of the current one.
@@ -365,42 +249,6 @@ class Server:
             old.batcher.close(timeout=self.config.drain_timeout_s)
         return new.model
 
-    async def _watch(self) -> None:
-        failed: tuple[Any, ...] | None = None
-        while True:
-            await asyncio.sleep(self.config.watch_interval_s)
-            try:
-                fp = await asyncio.to_thread(_fingerprint, self.path)
-            except OSError as exc:  # the link is being replaced, or the bundle is gone
-                if failed != ("missing",):
-                    log.error(
-                        "watch: cannot resolve %s (%s); still serving the current model",
-                        printable(self.path),
-                        printable(exc),
-                    )
-                    failed = ("missing",)
-                continue
-            assert self._slot is not None
-            if fp == self._slot.fingerprint or fp == failed:
-                continue
-            try:
-                await asyncio.to_thread(self.swap, self.path)
-                failed = None
-            except Exception as exc:
-                failed = fp
-                msg = (
-                    exc.message
-                    if isinstance(exc, EdgesmithError)
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                log.error(
-                    "hot swap to %s failed; still serving %s v%s: %s",
-                    printable(fp[0]),
-                    self.model.name,
-                    self.model.version,
-                    printable(msg),
-                )
-
     # ------------------------------------------------------------------ batch results -> asyncio
 
     def _deliver(self, batch: list[Pending]) -> None:
@@ -408,238 +256,22 @@ class Server:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(_resolve, batch)
 
-    # ------------------------------------------------------------------ HTTP
-
-    def _auth(self, request: Request) -> Response | None:
-        token = self.config.token
-        if not token:
-            return None
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            return None
-        return _error(
-            401,
-            "missing or wrong bearer token",
-            headers={"WWW-Authenticate": 'Bearer realm="edgesmith"'},
-        )
-
-    def _find(self, request: Request) -> tuple[_Slot | None, Response | None]:
-        slot = self._slot
-        assert slot is not None
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
-        if name != slot.model.name:
-            return None, _error(
-                404, f"unknown model '{name}'; this server serves '{slot.model.name}'"
-            )
-        if version is not None and version != str(slot.model.version):
-            return None, _error(
-                404,
-                f"model '{name}' version {version} is not served (serving {slot.model.version})",
-            )
-        return slot, None
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise ProtocolError(400, "the Content-Length header is not a number")
-            if int(declared) > limit:
-                raise ProtocolError(
-                    413, f"the body has {declared} bytes; this server takes at most {limit}"
-                )
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolError(413, f"the body is over {limit} bytes, this server's limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _plan(self, body: bytes) -> tuple[_Slot, PlannedRequest]:
-        """Parse a body and check it, from its declared shapes, against the model served now.
-
-        A small body is parsed whole (its Python objects take at most ~25x its size, and orjson
-        alone is the fastest way); a larger one keeps its arrays of numbers out of Python objects
-        (:func:`~edgesmith.runtime.serve.oipjson.parse_body`)."""
-        try:
-            if len(body) <= _INLINE_BODY_BYTES:
-                doc = loads(body)
-            else:
-                doc = parse_body(body, _skeleton_limit(self.config))
-        except BodyError as exc:
-            raise ProtocolError(exc.status, exc.message) from None
-        assert self._slot is not None
-        slot = self._slot
-        return slot, plan_request(doc, slot.model, slot.limits)
-
-    def _decode(self, body: bytes) -> tuple[_Slot, InferRequest]:
-        """Parse, check, read and preprocess a request (in a worker thread)."""
-        slot, planned = self._plan(body)
-        return slot, planned.finish()
-
-    async def _decode_off_loop(self, body: bytes) -> tuple[_Slot, InferRequest]:
-        """:meth:`_decode`, in a worker thread unless the whole job is small: a small body whose
-        tensors are small once preprocessed costs less than the hop to a thread."""
-        if len(body) > _INLINE_BODY_BYTES:
-            result: tuple[_Slot, InferRequest] = await self._offload(self._decode, body)
-            return result
-        slot, planned = self._plan(body)
-        return slot, planned.finish() if planned.cheap else await self._offload(planned.finish)
-
-    async def _offload(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.config.decode_threads, thread_name_prefix="edgesmith-decode"
-            )
-        return await loop.run_in_executor(self._pool, fn, *args)
-
-    async def _infer(self, request: Request) -> Response:
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
-        slot, missing = self._find(request)
-        if missing is not None:
-            return missing
-        body = await self._read_body(request)
-        loop = asyncio.get_running_loop()
-        for _ in range(3):  # a swap between decode and submit: decode again for the new model
-            slot, req = await self._decode_off_loop(body)
-            timeout = req.timeout_s if req.timeout_s is not None else self.config.timeout_ms / 1e3
-            fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
-            item = Pending(req.arrays, req.n, time.monotonic() + timeout, fut)
-            try:
-                slot.batcher.submit(item)
-                break
-            except BatcherClosed:
-                continue
-            except QueueFull:
-                return _error(
-                    503,
-                    f"the queue is full ({self.config.max_queue} requests waiting); retry later",
-                    headers={"Retry-After": "1"},
-                )
-        else:
-            return _error(503, "the model is being replaced; retry", headers={"Retry-After": "1"})
-        del body  # the request's arrays are all that is needed from here on
-        timer = loop.call_later(timeout, _expire, fut, item)
-        try:
-            result = await fut
-        except DeadlineExceeded:
-            return _error(
-                504, f"the request did not finish within its deadline ({timeout * 1e3:.0f} ms)"
-            )
-        finally:
-            timer.cancel()
-        if sum(r.size for r in result) > _INLINE_OUTPUT_VALUES:
-            return await self._offload(_json_response, slot.model, req, result)
-        return _json_response(slot.model, req, result)
-
-    async def _handle(self, endpoint: str, request: Request, fn: Any) -> Response:
-        t0 = time.perf_counter()
-        self.metrics.inflight.inc()
-        try:
-            resp = await fn(request)
-        except ProtocolError as exc:
-            resp = _error(exc.status, exc.message)
-        except Exception as exc:
-            log.exception("%s failed", endpoint)
-            resp = _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
-        finally:
-            self.metrics.inflight.dec()
-        self.metrics.observe_request(endpoint, resp.status_code, time.perf_counter() - t0)
-        return resp
-
-    def _build_app(self) -> Starlette:
-        async def infer(request: Request) -> Response:
-            return await self._handle("infer", request, self._infer)
-
-        async def live(request: Request) -> Response:
-            return _json({"live": True})
-
-        async def ready(request: Request) -> Response:
-            ok = self._slot is not None and not self._draining
-            return _json({"ready": ok}, 200 if ok else 503)
-
-        async def server_meta(request: Request) -> Response:
-            return self._auth(request) or _json(
-                {"name": "edgesmith", "version": __version__, "extensions": []}
-            )
-
-        async def model_meta(request: Request) -> Response:
-            denied = self._auth(request)
-            if denied is not None:
-                return denied
-            slot, missing = self._find(request)
-            if missing is not None:
-                return missing
-            assert slot is not None
-            return _json(model_metadata(slot.model))
-
-        async def model_ready(request: Request) -> Response:
-            denied = self._auth(request)
-            if denied is not None:
-                return denied
-            slot, missing = self._find(request)
-            if missing is not None:
-                return missing
-            assert slot is not None
-            return _json({"name": slot.model.name, "ready": not self._draining})
-
-        async def metrics(request: Request) -> Response:
-            denied = self._auth(request)
-            if denied is not None:
-                return denied
-            return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-        async def not_found(request: Request, exc: Exception) -> Response:
-            status = getattr(exc, "status_code", 404)
-            return _error(
-                status,
-                f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}",
-            )
-
-        routes = [
-            Route("/v2", server_meta, methods=["GET"]),
-            Route("/v2/health/live", live, methods=["GET"]),
-            Route("/v2/health/ready", ready, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
-        ]
-        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes += [
-                Route(prefix, model_meta, methods=["GET"]),
-                Route(prefix + "/ready", model_ready, methods=["GET"]),
-                Route(prefix + "/infer", infer, methods=["POST"]),
-            ]
-        return Starlette(
-            routes=routes,
-            lifespan=self._lifespan,
-            exception_handlers={HTTPException: not_found},
-        )
-
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
         self._loop = asyncio.get_running_loop()
-        self._draining = False
-        watcher = asyncio.create_task(self._watch()) if self.config.watch else None
+        self.draining = False
+        watcher = asyncio.create_task(watch(self)) if self.config.watch else None
         try:
             yield
         finally:
-            self._draining = True
+            self.draining = True
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             if self._slot is not None:
                 await asyncio.to_thread(self._slot.batcher.close, self.config.drain_timeout_s)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            self._http.close()
 
     # ------------------------------------------------------------------ process
 
@@ -664,7 +296,7 @@ class Server:
         """Ask a running :meth:`run` to drain and return (thread-safe; what SIGTERM does)."""
         server = self._server
         if server is not None:
-            self._draining = True
+            self.draining = True
             if self._slot is not None:
                 self._slot.batcher.flush()
             server.should_exit = True
@@ -696,7 +328,7 @@ class Server:
         class _Uvicorn(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
                 # draining starts now: queued requests run without waiting for their batch to fill
-                outer._draining = True
+                outer.draining = True
                 if outer._slot is not None:
                     outer._slot.batcher.flush()
                 super().handle_exit(sig, frame)
@@ -751,9 +383,3 @@ def _resolve(batch: list[Pending]) -> None:
             fut.set_exception(item.error)
         else:
             fut.set_result(item.result)
-
-
-def _expire(fut: asyncio.Future[Any], item: Pending) -> None:
-    if not fut.done():
-        item.cancelled = True
-        fut.set_exception(DeadlineExceeded())

@@ -419,8 +419,8 @@ def test_incremental_batches_with_replay_keep_the_first_classes(
 
 def test_the_server_serves_head_bundles_as_logits(head_bundle: Path) -> None:
     pytest.importorskip("starlette")
-    from edgesmith.runtime.serve import _self_check
     from edgesmith.runtime.serve.oip import model_metadata
+    from edgesmith.runtime.serve.swap import self_check as _self_check
 
     model = load(head_bundle)
     _self_check(model, head_bundle)  # the hot-swap check: golden logits through run_checked
