@@ -127,8 +127,13 @@ def numpy_vs_torch(
 ) -> dict[str, Any]:
     import torch
 
-    from edgesmith.runtime.head import Head, LayerSpec
-    from edgesmith.runtime.training import FinetuneConfig, feature_stats, init_like, train_head
+    from edgesmith.runtime.finetune.head import Head, LayerSpec
+    from edgesmith.runtime.finetune.training import (
+        FinetuneConfig,
+        feature_stats,
+        init_like,
+        train_head,
+    )
 
     shape = Head.from_arrays(
         [LayerSpec(type="linear", in_features=f.shape[1], out_features=10)],
@@ -250,9 +255,9 @@ def incremental_run(
     seed: int,
 ) -> dict[str, Any]:
     """One seed: a fresh 5-class head learns classes 0-4, then 5 batches of one new class each."""
-    from edgesmith.runtime.head import Head, LayerSpec
-    from edgesmith.runtime.incremental import IncrementalLearner
-    from edgesmith.runtime.training import (
+    from edgesmith.runtime.finetune.head import Head, LayerSpec
+    from edgesmith.runtime.finetune.incremental import IncrementalLearner
+    from edgesmith.runtime.finetune.training import (
         FinetuneConfig,
         evaluate_head,
         feature_stats,

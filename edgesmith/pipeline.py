@@ -167,7 +167,7 @@ def _add_head(
     out: Path,
 ) -> None:
     """A trainable-head bundle: the head's arrays, its manifest entry, and logits as the output."""
-    from edgesmith.runtime.head import HEAD_FILE
+    from edgesmith.runtime.finetune.head import HEAD_FILE
 
     cfg = p.recipe.trainable_head
     assert cfg is not None

@@ -237,7 +237,7 @@ def finetune_cmd(
         replay.parent.mkdir(parents=True, exist_ok=True)
     buf = None
     if replay is not None:
-        from edgesmith.runtime.incremental import ReplayBuffer
+        from edgesmith.runtime.finetune.incremental import ReplayBuffer
 
         buf = ReplayBuffer.load(replay, capacity=replay_size)
     tmp_dir = None

@@ -149,7 +149,7 @@ class Model:
 
     @property
     def head(self) -> Any:
-        """The numpy :class:`~edgesmith.runtime.head.Head` of a trainable-head bundle, else None."""
+        """The numpy :class:`~edgesmith.runtime.finetune.head.Head` of a trainable-head bundle, else None."""
         return getattr(self._session, "head", None)
 
     def features(self, x: Any) -> np.ndarray:
@@ -310,7 +310,7 @@ def load(
         model_file, device=device, threads=threads, options={**profile_opts, **opts}
     )
     if manifest is not None and manifest.trainable_head:  # backbone here, head in numpy
-        from edgesmith.runtime.head import HeadSession, load_head
+        from edgesmith.runtime.finetune.head import HeadSession, load_head
 
         head = load_head(p, manifest.trainable_head)
         session = HeadSession(session, head, manifest.trainable_head)

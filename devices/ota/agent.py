@@ -326,7 +326,7 @@ class Agent:
 
             check_local_bundle(check.manifest, self.state.get("fleet_models", {}))
         else:  # the fleet (or, without signatures, the operator) vouches for this model
-            from edgesmith.runtime.head import backbone_fingerprint
+            from edgesmith.runtime.finetune.head import backbone_fingerprint
 
             known = self.state.setdefault("fleet_models", {})
             fp = backbone_fingerprint(check.manifest)

@@ -50,8 +50,8 @@ def check_old_classes(model: Any, root: Path, budget: float | None = None) -> di
     Raises:
         EdgesmithError: a malformed memory file.
     """
-    from edgesmith.runtime.memory import check_old_classes as check
-    from edgesmith.runtime.memory import load_memory
+    from edgesmith.runtime.finetune.memory import check_old_classes as check
+    from edgesmith.runtime.finetune.memory import load_memory
 
     m = model.manifest
     spec = (m.trainable_head or {}) if m is not None else {}

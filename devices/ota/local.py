@@ -36,8 +36,8 @@ import numpy as np
 
 from edgesmith.errors import BundleError, UpdateError
 from edgesmith.runtime.bundle import Manifest, fsync_dir, read_bundle, verify_bundle, write_bundle
-from edgesmith.runtime.head import HEAD_FILE, Head, backbone_fingerprint, load_head
-from edgesmith.runtime.memory import check_old_classes, label_accuracy, load_memory
+from edgesmith.runtime.finetune.head import HEAD_FILE, Head, backbone_fingerprint, load_head
+from edgesmith.runtime.finetune.memory import check_old_classes, label_accuracy, load_memory
 
 from .config import UpdateResult
 

@@ -119,7 +119,7 @@ class Manifest(BaseModel):
     @classmethod
     def _head_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         # schema edgesmith.head/1, defined with the head code (runtime/head.py)
-        from edgesmith.runtime.head import validate_head_spec
+        from edgesmith.runtime.bundle.headspec import validate_head_spec
 
         return None if v is None else validate_head_spec(v)
 

@@ -1,7 +1,7 @@
 """Training a numpy head: softmax cross-entropy, SGD with momentum or Adam (PyTorch's update
 rules), L2 on the weights, class-balanced loss weights, distillation from a previous head, and
 early stopping on a held-out split. Used by :mod:`edgesmith.runtime.finetune` (bundles) and
-:mod:`edgesmith.runtime.incremental` (batches over time); numpy only.
+:mod:`edgesmith.runtime.finetune.incremental` (batches over time); numpy only.
 
 Example:
     >>> result = train_head(head, features, labels, FinetuneConfig(epochs=20), val=(fv, yv))  # doctest: +SKIP
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgesmith.errors import DataError, EdgesmithError
 from edgesmith.progress import track
-from edgesmith.runtime.head import Head, flatten_features
+from edgesmith.runtime.finetune.head import Head, flatten_features
 
 __all__ = [
     "OPTIMIZERS",
@@ -316,7 +316,7 @@ def train_head(
 
         frozen: boolean masks (``{"layers.0.weight": mask}``) of parameter entries that keep
             their starting values (the old classes' part of a head grown by
-            :meth:`~edgesmith.runtime.head.Head.grow`).
+            :meth:`~edgesmith.runtime.finetune.head.Head.grow`).
 
     Returns:
         The trained head with its history; a progress bar shows loss and accuracy per epoch.
