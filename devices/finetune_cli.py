@@ -1,6 +1,6 @@
 """``edgesmith finetune BUNDLE --data DIR``: train a bundle's head on the device (no torch).
 
-Reads a labelled image folder, trains the head in numpy (runtime/finetune.py), writes the next
+Reads a labelled image folder, trains the head in numpy (runtime/finetune/workflow.py), writes the next
 bundle version, and with ``--activate`` installs it through the OTA agent's health-checked A/B
 switch, refusing it if it is worse on the held-out split than the installed head.
 """
