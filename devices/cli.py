@@ -7,32 +7,19 @@ backends) happen inside the command that needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edgesmith.devices.cliutil import echo_json, key_option
 from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
 from edgesmith.text import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
 
 log = logging.getLogger(__name__)
-
-_key_option = click.option(
-    "--key",
-    "keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Trusted public key file (NAME.pub) or folder of *.pub; repeatable.",
-)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
 
 # --------------------------------------------------------------------------- devices
 
@@ -50,7 +37,7 @@ def devices_list(as_json: bool) -> None:
 
     profiles = [load_profile(n) for n in list_profiles()]
     if as_json:
-        _echo_json([p.model_dump() for p in profiles])
+        echo_json([p.model_dump() for p in profiles])
         return
     click.echo(f"{'name':18} {'arch':8} {'backend':12} {'formats':22} {'precision':9} description")
     for p in profiles:
@@ -70,7 +57,7 @@ def devices_show(name: str, as_json: bool) -> None:
 
     data = load_profile(name).model_dump()
     if as_json:
-        _echo_json(data)
+        echo_json(data)
     else:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
@@ -90,7 +77,7 @@ def devices_detect(root: Path, as_json: bool) -> None:
 
     d = detect(root)
     if as_json:
-        _echo_json(d.to_json())
+        echo_json(d.to_json())
     else:
         click.echo(f"arch:         {d.arch or 'unknown'} ({d.cores} cores)")
         click.echo(f"cpu:          {d.cpu or 'unknown'}{f' ({d.vendor})' if d.vendor else ''}")
@@ -296,9 +283,7 @@ def bundle_create(
 def _describe(check: Any, as_json: bool) -> None:
     m = check.manifest
     if as_json:  # JSON escapes control characters itself
-        _echo_json(
-            {"manifest": m.to_json(), "signed_by": check.signed_by, "signers": check.signers}
-        )
+        echo_json({"manifest": m.to_json(), "signed_by": check.signed_by, "signers": check.signers})
         return
     p = printable  # every string below comes from the bundle: escape control characters
     click.echo(f"{m.name} version {m.version}: {m.format} {p(m.precision)} for {p(m.target)}")
@@ -331,7 +316,7 @@ def _describe(check: Any, as_json: bool) -> None:
 
 @bundle_group.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_key_option
+@key_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def bundle_inspect(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Show a bundle's manifest and signature (files are not re-hashed; see `verify`)."""
@@ -342,7 +327,7 @@ def bundle_inspect(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
 @bundle_group.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_key_option
+@key_option
 @click.option(
     "--require-signature", is_flag=True, help="Fail on unsigned bundles (a device's policy)."
 )
@@ -443,7 +428,7 @@ def bundle_pack(bundle: Path, out: Path) -> None:
     required=True,
     help="New folder to extract into.",
 )
-@_key_option
+@key_option
 @click.option("--require-signature", is_flag=True, help="Refuse unsigned bundles.")
 def bundle_unpack(bundle: Path, out: Path, keys: tuple[Path, ...], require_signature: bool) -> None:
     """Verify and safely extract a .tar bundle (no links, special files or paths outside OUT)."""

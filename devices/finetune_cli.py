@@ -208,9 +208,9 @@ def finetune_cmd(
 
     agent_cfg = None
     if activate:
-        from edgesmith.devices.ota.cli import _agent_config
+        from edgesmith.devices.ota.cli import agent_config
 
-        agent_cfg = _agent_config(
+        agent_cfg = agent_config(
             config,
             root=root,
             trusted_keys=list(keys) or None,
