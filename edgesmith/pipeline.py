@@ -31,7 +31,7 @@ __all__ = ["Artifact", "Evaluator", "build", "prepare"]
 
 log = logging.getLogger(__name__)
 
-GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (edgesmith.golden)
+GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (runtime/golden.py)
 _eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 
@@ -100,9 +100,9 @@ def _write_bundle(
     head: Any = None,
     memory: Any = None,
 ) -> str:
-    from edgesmith.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import write_bundle
+    from edgesmith.runtime.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime.specs import TensorSpec
 
     model = load(art.path, device="cpu", threads=p.threads)
