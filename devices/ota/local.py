@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgesmith.errors import BundleError, UpdateError
-from edgesmith.runtime.bundle import Manifest, fsync_dir, read_bundle, verify_bundle, write_bundle
-from edgesmith.runtime.finetune.head import HEAD_FILE, Head, backbone_fingerprint, load_head
+from edgesmith.runtime.bundle import Manifest, fsync_dir, read_bundle, verify_bundle
+from edgesmith.runtime.finetune.derive import derive_bundle
+from edgesmith.runtime.finetune.head import Head, backbone_fingerprint, load_head
 from edgesmith.runtime.finetune.memory import check_old_classes, label_accuracy, load_memory
 
 from .config import UpdateResult
@@ -393,48 +395,27 @@ def _write_merged(
     labels: list[str],
     details: dict[str, Any],
 ) -> Manifest:
-    import shutil
-    import tempfile
-
-    spec = dict(m.trainable_head or {})
-    golden = dict(m.golden or {})
-    skip = {spec.get("file"), golden.get("file")}
-    files = {rel: dest / rel for rel in m.files if rel not in skip}
+    trained = dict((cur.trainable_head or {}).get("trained", {}))
+    trained.update(
+        base_version=m.version,
+        backbone=backbone_fingerprint(m),
+        kept_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     merged = agent.slots.slots_dir / f".merge-{dest.name}"  # hidden: prepare() removes leftovers
     shutil.rmtree(merged, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".keep-", dir=agent.slots.slots_dir) as tmp:
-        files[HEAD_FILE] = local.save(Path(tmp) / HEAD_FILE)
-        if golden.get("file"):
-            with np.load(dest / str(golden["file"]), allow_pickle=False) as z:
-                g_in, g_old = np.asarray(z["inputs"]), np.asarray(z["outputs"])
-            g_out = local(model.features(g_in))
-            np.savez(Path(tmp) / "golden.npz", inputs=g_in, outputs=g_out)
-            files[str(golden["file"])] = Path(tmp) / "golden.npz"
-            ratio = float(np.abs(g_out).max() or 1.0) / float(np.abs(g_old).max() or 1.0)
-            golden["atol"] = float(golden.get("atol", 1e-4)) * max(ratio, 1.0)
-        trained = dict((cur.trainable_head or {}).get("trained", {}))
-        trained.update(
-            base_version=m.version,
-            backbone=backbone_fingerprint(m),
-            kept_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        doc = m.to_json()
-        for k in ("schema", "files", "created"):
-            doc.pop(k, None)
-        doc["labels"] = labels
-        doc["outputs"] = [{"name": "logits", "shape": ["batch", local.classes], "dtype": "float32"}]
-        doc["trainable_head"] = local.spec(
-            spec["feature_output"],
-            policy=spec.get("policy", "keep"),
-            trained=trained,
-            **({"memory": spec["memory"]} if spec.get("memory") else {}),
-        )
-        if golden:
-            doc["golden"] = golden
-        doc["metrics"] = {**m.metrics, "local_head": details}
-        write_bundle(merged, doc, files, sign_key=agent._device_key)
-    slot = dest.name
-    agent.slots.clear(slot)
+    derive_bundle(
+        dest,
+        m,
+        merged,
+        head=local,
+        features=model.features,
+        labels=labels,
+        trained=trained,
+        metrics={**m.metrics, "local_head": details},
+        sign_key=agent._device_key,
+        work_dir=agent.slots.slots_dir,
+    )
+    agent.slots.clear(dest.name)
     os.replace(merged, dest)
     fsync_dir(agent.slots.slots_dir)
     log.info("kept the head fine-tuned here on %s version %s", m.name, m.version)

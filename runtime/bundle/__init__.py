@@ -9,13 +9,11 @@ re-exported here: ``from edgesmith.runtime.bundle import read_bundle``.
 """
 
 from edgesmith.runtime.bundle.files import (
-    MAX_GOLDEN_BYTES,
     check_model_references,
     fsync_dir,
     member_path,
     model_references,
     model_references_from,
-    read_golden,
     references_of,
     safe_member,
     sha256_file,
@@ -46,7 +44,6 @@ from edgesmith.runtime.bundle.write import pack_bundle, sign_bundle, write_bundl
 __all__ = [
     "DEFAULT_TAR_LIMITS",
     "MANIFEST",
-    "MAX_GOLDEN_BYTES",
     "SCHEMA",
     "SIGNATURE",
     "BundleCheck",
@@ -67,7 +64,6 @@ __all__ = [
     "parse_manifest",
     "parse_utc",
     "read_bundle",
-    "read_golden",
     "references_of",
     "safe_member",
     "screen_tar_members",

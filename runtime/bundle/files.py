@@ -19,31 +19,24 @@ import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from edgesmith.errors import BundleError, ModelLoadError
 from edgesmith.runtime.bundle.manifest import check_rel
 from edgesmith.text import printable
 
-if TYPE_CHECKING:
-    import numpy as np
-
 __all__ = [
-    "MAX_GOLDEN_BYTES",
     "check_model_references",
     "fsync_dir",
     "hash_mismatch",
     "member_path",
     "model_references",
     "model_references_from",
-    "read_golden",
     "references_of",
     "safe_member",
     "sha256_file",
     "size_mismatch",
 ]
-
-MAX_GOLDEN_BYTES = 256 << 20
 
 
 class Listing(Protocol):
@@ -51,7 +44,6 @@ class Listing(Protocol):
 
     files: Mapping[str, Any]
     model: str
-    golden: dict[str, Any] | None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -122,42 +114,6 @@ def member_path(root: str | Path, manifest: Listing, rel: Any, what: str = "file
             hint="the bundle is incomplete; download it again",
         )
     return path
-
-
-def read_golden(root: str | Path, manifest: Listing) -> tuple[np.ndarray, np.ndarray] | None:
-    """A bundle's golden ``(inputs, outputs)`` through :func:`member_path`, or None without any.
-
-    Raises:
-        BundleError: the golden file is unlisted, unsafe, missing, too large, pickled, or lacks
-            the ``inputs``/``outputs`` arrays.
-    """
-    import numpy as np
-
-    golden = manifest.golden
-    if not golden or not golden.get("file"):
-        return None
-    rel = golden["file"]
-    path = member_path(root, manifest, rel, "golden file")
-    if path.stat().st_size > MAX_GOLDEN_BYTES:
-        raise BundleError(
-            f"golden file '{printable(rel)}' is larger than {MAX_GOLDEN_BYTES >> 20} MiB",
-            hint="golden data is a few inputs; rebuild the bundle",
-        )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            inputs, outputs = np.asarray(data["inputs"]), np.asarray(data["outputs"])
-    except KeyError as exc:
-        raise BundleError(
-            f"golden file '{printable(rel)}' has no {exc} array",
-            hint="golden data holds 'inputs' and 'outputs'; rebuild the bundle",
-        ) from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise BundleError(
-            f"golden file '{printable(rel)}' is not a numpy archive of plain arrays "
-            f"({printable(str(exc)[:160])})",
-            hint="rebuild the bundle",
-        ) from None
-    return inputs, outputs
 
 
 # --------------------------------------------------------------------------- model references

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BundleError, DataError
+from edgesmith.runtime.finetune.derive import derive_bundle
 from edgesmith.runtime.finetune.features import FeatureCache, encode_labels, label_key, require_head
-from edgesmith.runtime.finetune.head import HEAD_FILE, Head, backbone_fingerprint
+from edgesmith.runtime.finetune.head import Head, backbone_fingerprint
 from edgesmith.runtime.finetune.memory import (
     Memory,
     align_weights,
@@ -406,10 +407,6 @@ def write_finetuned(
     Raises:
         BundleError: the model was not loaded from a bundle folder, or ``out`` exists.
     """
-    import tempfile
-
-    from edgesmith.runtime.bundle import write_bundle
-
     m = model.manifest
     src = Path(model.info.get("path") or "")
     if m is None or not src.is_dir():
@@ -417,53 +414,27 @@ def write_finetuned(
             "only a model loaded from a bundle folder can be written as a new version",
             hint="load the bundle folder, not the model file",
         )
-    spec = dict(m.trainable_head or {})
-    golden_cfg = dict(m.golden or {})
-    out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".finetune-") as tmp:
-        files = {
-            rel: src / rel
-            for rel in m.files
-            if rel not in (spec.get("file"), golden_cfg.get("file"))
-        }
-        head_path = result.head.save(Path(tmp) / HEAD_FILE)
-        files[HEAD_FILE] = head_path
-        if golden_cfg.get("file"):
-            with np.load(src / str(golden_cfg["file"]), allow_pickle=False) as z:
-                g_in, g_old = np.asarray(z["inputs"]), np.asarray(z["outputs"])
-            g_out = result.head(model.features(g_in))
-            golden_path = Path(tmp) / "golden.npz"
-            np.savez(golden_path, inputs=g_in, outputs=g_out)
-            files[str(golden_cfg["file"])] = golden_path
-            ratio = float(np.abs(g_out).max() or 1.0) / float(np.abs(g_old).max() or 1.0)
-            golden_cfg["atol"] = float(golden_cfg.get("atol", 1e-4)) * max(ratio, 1.0)
-        doc = m.to_json()
-        for k in ("schema", "files", "created"):
-            doc.pop(k, None)
-        doc["version"] = m.version + 1
-        doc["labels"] = result.labels
-        doc["outputs"] = [
-            {"name": "logits", "shape": ["batch", len(result.labels)], "dtype": "float32"}
-        ]
-        doc["trainable_head"] = result.head.spec(
-            spec.get("feature_output", "features"),
-            policy=spec.get("policy", "keep"),
-            trained=result.trained,
-            **({"memory": spec["memory"]} if spec.get("memory") else {}),
-        )
-        if golden_cfg:
-            doc["golden"] = golden_cfg
-        base_metrics = m.metrics.get("build", m.metrics)
-        doc["metrics"] = {
-            "metric": "top1",
-            "accuracy": result.metrics["holdout_accuracy"],
-            "evaluated_on": "device holdout",
-            **{
-                k: v
-                for k, v in result.metrics.items()
-                if k not in ("per_class", "previous_per_class", "history")
-            },
-            "build": base_metrics,
-        }
-        write_bundle(out, doc, files, sign_key=sign_key)
-    return out
+    metrics = {
+        "metric": "top1",
+        "accuracy": result.metrics["holdout_accuracy"],
+        "evaluated_on": "device holdout",
+        **{
+            k: v
+            for k, v in result.metrics.items()
+            if k not in ("per_class", "previous_per_class", "history")
+        },
+        "build": m.metrics.get("build", m.metrics),
+    }
+    derive_bundle(
+        src,
+        m,
+        out,
+        head=result.head,
+        features=model.features,
+        labels=result.labels,
+        trained=result.trained,
+        metrics=metrics,
+        version=m.version + 1,
+        sign_key=sign_key,
+    )
+    return Path(out)

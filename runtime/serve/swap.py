@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgesmith.errors import CheckFailed, EdgesmithError
-from edgesmith.runtime.bundle.files import read_golden
+from edgesmith.runtime.golden import check_golden
 from edgesmith.runtime.model import Model
 from edgesmith.text import printable
 
@@ -62,22 +62,18 @@ def fingerprint(path: Path) -> tuple[Any, ...]:
 
 
 def self_check(model: Model, root: Path) -> None:
-    """Run a new model once before it serves: on the bundle's golden inputs when it has them."""
-    manifest = model.manifest
-    golden = manifest.golden if manifest else None
-    data = read_golden(root, manifest) if manifest and root.is_dir() else None
-    if golden and data is not None and len(model.inputs) == 1:
-        inputs, expected = data
-        got = np.asarray(model.run_checked([inputs]))
-        ok = np.allclose(
-            got, expected, rtol=golden.get("rtol", 1e-3), atol=golden.get("atol", 1e-4)
-        )
-        if golden.get("top1") and got.ndim == 2:
-            ok = ok and bool((got.argmax(1) == expected.argmax(1)).all())
-        if not ok:
+    """Run a new model once before it serves: on the bundle's golden inputs when it has them
+    (:func:`~edgesmith.runtime.golden.check_golden`, as the OTA health check), else on zeros.
+
+    Raises:
+        CheckFailed: the model does not reproduce its golden outputs, or gives NaN/Inf on zeros.
+    """
+    golden = check_golden(model, root) if root.is_dir() and len(model.inputs) == 1 else None
+    if golden is not None:
+        if not golden.ok:
             raise CheckFailed(
-                f"{model.name} v{model.version} does not reproduce its golden outputs "
-                f"(max abs diff {float(np.abs(got - expected).max()):.3g})",
+                f"{model.name} v{model.version} does not reproduce its golden outputs: "
+                f"{golden.reason}",
                 hint="the bundle does not run correctly on this device; rebuild it",
             )
         return

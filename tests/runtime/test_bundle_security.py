@@ -26,10 +26,10 @@ from edgesmith.runtime.bundle import (
     extract_bundle,
     member_path,
     pack_bundle,
-    read_golden,
     verify_bundle,
     write_bundle,
 )
+from edgesmith.runtime.golden import read_golden
 from edgesmith.runtime.onnxfile import scan_onnx
 from edgesmith.runtime.signing import generate_keypair
 
