@@ -90,7 +90,7 @@ def attach_memory(bundle: Path, out: Path) -> Path:
     from edgesmith.exemplars import prepare_memory, write_memory
     from edgesmith.recipe import HeadMemoryConfig
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import read_bundle, write_bundle
+    from edgesmith.runtime.bundle import derived_manifest, read_bundle, write_bundle
     from edgesmith.runtime.finetune.memory import MEMORY_FILE
     from edgesmith.runtime.specs import preprocess_images
 
@@ -116,10 +116,7 @@ def attach_memory(bundle: Path, out: Path) -> Path:
             return model.features(x)
 
     mem = write_memory(pm, Backbone(), model.head, work / MEMORY_FILE)
-    doc = m.to_json()
-    for k in ("schema", "files", "created"):
-        doc.pop(k)
-    doc["trainable_head"]["memory"] = mem
+    doc = derived_manifest(m, trainable_head={**(m.trainable_head or {}), "memory": mem})
     files = {rel: bundle / rel for rel in m.files}
     files[MEMORY_FILE] = work / MEMORY_FILE
     write_bundle(out, doc, files)

@@ -138,9 +138,6 @@ def bundle_group() -> None:
     """Create, inspect, verify and sign deploy bundles."""
 
 
-_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".xml": "openvino"}
-
-
 @bundle_group.command("create")
 @click.argument("model_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option(
@@ -206,15 +203,16 @@ def bundle_create(
 
     from edgesmith.devices.ota.channel import iso_utc, parse_duration, utc_now
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import pack_bundle, write_bundle
+    from edgesmith.runtime.bundle import new_manifest, pack_bundle, write_bundle
     from edgesmith.runtime.bundle.files import model_references
+    from edgesmith.runtime.formats import FORMATS, format_of_file
     from edgesmith.runtime.profiles import load_profile
 
-    fmt = _FORMATS.get(model_file.suffix.lower())
+    fmt = format_of_file(model_file)
     if fmt is None:
         raise BundleError(
             f"cannot tell the format of {model_file.name}",
-            hint=f"give one of: {', '.join(_FORMATS)}",
+            hint=f"give one of: {', '.join(f.suffix for f in FORMATS.values())}",
         )
     load_profile(target)  # an unknown target is an error with a suggestion
     model = load(model_file, device="cpu")  # screens the file (ONNX external data paths) first
@@ -230,23 +228,21 @@ def bundle_create(
                 hint="put the model's external data (or .bin weights) next to it, as exported",
             )
         files[rel] = side
-    manifest: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "target": target,
-        "format": fmt,
-        "precision": precision,
-        "model": model_file.name,
-        "inputs": [s.to_json() for s in model.inputs],
-        "outputs": [s.to_json() for s in model.outputs],
-        "build": {"edgesmith": __import__("edgesmith").__version__, "tool": "bundle create"},
-    }
-    if expires:
-        manifest["expires"] = iso_utc(utc_now() + parse_duration(expires))
-    if labels:
-        manifest["labels"] = [
-            ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()
-        ]
+    manifest = new_manifest(
+        name,
+        version,
+        target,
+        fmt.name,
+        precision,
+        model_file.name,
+        [s.to_json() for s in model.inputs],
+        [s.to_json() for s in model.outputs],
+        build={"tool": "bundle create"},
+        expires=iso_utc(utc_now() + parse_duration(expires)) if expires else None,
+        labels=[ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if labels
+        else None,
+    )
     with tempfile.TemporaryDirectory(prefix=".bundle-") as tmp:
         if golden:
             try:

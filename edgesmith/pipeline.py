@@ -101,7 +101,7 @@ def _write_bundle(
     memory: Any = None,
 ) -> str:
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import write_bundle
+    from edgesmith.runtime.bundle import new_manifest, write_bundle
     from edgesmith.runtime.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime.specs import TensorSpec
 
@@ -125,36 +125,34 @@ def _write_bundle(
     in_specs = [
         TensorSpec(s.name, ("batch", *s.shape[1:]), s.dtype).to_json() for s in model.inputs
     ]
-    manifest = {
-        "name": p.recipe.name,
-        "version": version,
-        "target": p.profile.name,
-        "format": art.format,
-        "precision": art.precision,
-        "model": art.path.name,
-        "inputs": in_specs,
-        "outputs": [s.to_json() for s in model.outputs],
-        "preprocess": p.data.preprocess,
-        "labels": p.data.labels,
-        "golden": golden,
-        "metrics": {
+    manifest = new_manifest(
+        p.recipe.name,
+        version,
+        p.profile.name,
+        art.format,
+        art.precision,
+        art.path.name,
+        in_specs,
+        [s.to_json() for s in model.outputs],
+        build={"recipe": p.recipe.name},
+        preprocess=p.data.preprocess,
+        labels=p.data.labels,
+        golden=golden,
+        metrics={
             "metric": p.recipe.metric,
             "accuracy": art.accuracy,
             "latency_ms": art.latency_ms,
             "size_bytes": art.size_bytes,
             "parity": art.parity.to_json(),
         },
-        "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
-    }
+    )
     if head is not None:
         _add_head(manifest, files, head, model.outputs[0].name, p, out)
         if memory is not None:  # the build classes' exemplars and held-out samples
             from edgesmith.exemplars import add_memory
 
             add_memory(manifest, files, memory, model, head, out / ".work", art)
-    write_bundle(
-        out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
-    )
+    write_bundle(out / rel, manifest, files, sign_key=sign_key)
     return rel
 
 

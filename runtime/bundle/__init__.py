@@ -4,7 +4,8 @@ the model file(s) and ``manifest.sig``.
 One module per concern: ``manifest`` (the schema, canonical bytes, path rules), ``files`` (the one
 way to reach a listed file, hashing), ``signature`` (``manifest.sig`` over the raw bytes),
 ``tar`` (screened members, extraction), ``verify`` (``verify_bundle``/``read_bundle``) and
-``write`` (``write_bundle``, ``pack_bundle``, ``sign_bundle``). Their public names are
+``write`` (``new_manifest``/``derived_manifest``, the one way to build a manifest's fields, and
+``write_bundle``, ``pack_bundle``, ``sign_bundle``). Their public names are
 re-exported here: ``from edgesmith.runtime.bundle import read_bundle``.
 """
 
@@ -39,7 +40,13 @@ from edgesmith.runtime.bundle.tar import (
     screen_tar_members,
 )
 from edgesmith.runtime.bundle.verify import read_bundle, verify_bundle
-from edgesmith.runtime.bundle.write import pack_bundle, sign_bundle, write_bundle
+from edgesmith.runtime.bundle.write import (
+    derived_manifest,
+    new_manifest,
+    pack_bundle,
+    sign_bundle,
+    write_bundle,
+)
 
 __all__ = [
     "DEFAULT_TAR_LIMITS",
@@ -55,11 +62,13 @@ __all__ = [
     "check_model_references",
     "check_rel",
     "check_tree",
+    "derived_manifest",
     "extract_bundle",
     "fsync_dir",
     "member_path",
     "model_references",
     "model_references_from",
+    "new_manifest",
     "pack_bundle",
     "parse_manifest",
     "parse_utc",

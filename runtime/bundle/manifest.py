@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgesmith.errors import BundleError
+from edgesmith.runtime.formats import FormatName
 from edgesmith.text import printable
 
 __all__ = [
@@ -64,7 +65,7 @@ class Manifest(BaseModel):
     created: str
     expires: str | None = None
     target: str
-    format: Literal["onnx", "tflite", "openvino"]
+    format: FormatName
     precision: str
     model: str
     files: dict[str, FileEntry]

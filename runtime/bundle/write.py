@@ -34,7 +34,58 @@ from edgesmith.runtime.bundle.tar import extract_bundle
 from edgesmith.runtime.bundle.verify import verify_bundle
 from edgesmith.text import printable
 
-__all__ = ["pack_bundle", "sign_bundle", "write_bundle"]
+__all__ = ["derived_manifest", "new_manifest", "pack_bundle", "sign_bundle", "write_bundle"]
+
+# set by write_bundle, never by whoever builds the manifest's fields
+_WRITTEN = ("schema", "files", "created")
+
+
+def new_manifest(
+    name: str,
+    version: int,
+    target: str,
+    format: str,
+    precision: str,
+    model: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    *,
+    build: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The fields of a new bundle's manifest, for :func:`write_bundle`: the required ones, ``build``
+    stamped with this edgesmith's version, and the optional ``fields`` (``preprocess``,
+    ``labels``, ``golden``, ``metrics``, ``expires``, ``trainable_head``) that are not None.
+
+    Example:
+        >>> doc = new_manifest("fmnist", 1, "rpi5", "onnx", "int8", "model.onnx", ins, outs,
+        ...                    build={"tool": "bundle create"}, labels=None)  # doctest: +SKIP
+    """
+    from edgesmith import __version__
+
+    doc: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "target": target,
+        "format": format,
+        "precision": precision,
+        "model": model,
+        "inputs": inputs,
+        "outputs": outputs,
+        "build": {"edgesmith": __version__, **(build or {})},
+    }
+    doc.update({k: v for k, v in fields.items() if v is not None})
+    return doc
+
+
+def derived_manifest(manifest: Manifest, **changes: Any) -> dict[str, Any]:
+    """The fields of ``manifest`` for a new bundle made from it (a new head, a new version), with
+    ``changes``: everything but what :func:`write_bundle` sets (schema, files, created)."""
+    doc = manifest.to_json()
+    for k in _WRITTEN:
+        doc.pop(k, None)
+    doc.update(changes)
+    return doc
 
 
 def pack_bundle(src: str | Path, out: str | Path) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgesmith.runtime.bundle.files import member_path
 from edgesmith.runtime.bundle.manifest import Manifest
-from edgesmith.runtime.bundle.write import write_bundle
+from edgesmith.runtime.bundle.write import derived_manifest, write_bundle
 from edgesmith.runtime.finetune.head import HEAD_FILE, OUTPUT_NAME, Head
 from edgesmith.runtime.golden import remake_golden
 
@@ -64,9 +64,7 @@ def derive_bundle(
     spec = dict(manifest.trainable_head or {})
     skip = {spec.get("file"), (manifest.golden or {}).get("file")}
     files = {rel: member_path(src, manifest, rel) for rel in manifest.files if rel not in skip}
-    doc = manifest.to_json()
-    for k in ("schema", "files", "created"):
-        doc.pop(k, None)
+    doc = derived_manifest(manifest)
     with tempfile.TemporaryDirectory(prefix=".derive-", dir=work_dir) as tmp:
         files[HEAD_FILE] = head.save(Path(tmp) / HEAD_FILE)
         golden = remake_golden(src, manifest, lambda x: head(features(x)), tmp)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import EdgesmithError, RecipeError
+from edgesmith.runtime.formats import FormatName
 from edgesmith.validation import validate
 from edgesmith.yamlutil import Loc, load_yaml_with_lines
 
@@ -56,7 +57,7 @@ class Verified(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["onnx", "tflite", "openvino"]
+    format: FormatName
     precisions: list[Literal["fp32", "fp16", "int8"]]
     provider: str  # what info["provider"] reports: an onnxruntime provider, LiteRT's "XNNPACK"
     cpus: list[str]  # the cores it ran on (qemu -cpu names for emulated Arm cores)
@@ -78,7 +79,7 @@ class Profile(BaseModel):
     jetson: bool = False  # /etc/nv_tegra_release present
     accel_device: str | None = None  # e.g. /dev/accel/accel0 (Intel NPU)
     compatible: list[str] = Field(default_factory=list)  # other targets whose bundles run here
-    formats: list[Literal["onnx", "tflite", "openvino"]]
+    formats: list[FormatName]
     backend: Literal["onnxruntime", "openvino", "litert"]
     ov_device: str | None = None
     providers: list[str] = Field(default_factory=list)
