@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgesmith.errors import DataError, EdgesmithError
+from edgesmith.errors import DataError
 from edgesmith.progress import track
 from edgesmith.runtime.finetune.head import Head, flatten_features
+from edgesmith.validation import validate
 
 __all__ = [
     "OPTIMIZERS",
@@ -89,15 +90,9 @@ class FinetuneConfig(BaseModel):
         """A config from another config or a dict plus keyword overrides; errors name the key."""
         base = config.model_dump() if isinstance(config, FinetuneConfig) else dict(config or {})
         base.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(base)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise EdgesmithError(
-                f"fine-tune option '{loc}': {err['msg']}",
-                hint=f"options: {', '.join(cls.model_fields)}",
-            ) from None
+        return validate(
+            cls, base, source="fine-tune options", hint=f"options: {', '.join(cls.model_fields)}"
+        )
 
 
 # --------------------------------------------------------------------------- loss and optimizers

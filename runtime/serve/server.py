@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import EdgesmithError
 from edgesmith.runtime.model import Model, load
@@ -37,6 +37,7 @@ from edgesmith.runtime.serve.metrics import ServerMetrics
 from edgesmith.runtime.serve.oip import RequestLimits
 from edgesmith.runtime.serve.swap import fingerprint, self_check, watch
 from edgesmith.text import printable
+from edgesmith.validation import validate
 
 __all__ = ["ServeConfig", "Server", "Slot"]
 
@@ -135,16 +136,12 @@ class Server:
     """
 
     def __init__(self, path: str | Path, config: ServeConfig | None = None, **overrides: Any):
-        try:
-            self.config = ServeConfig.model_validate(
-                {**(config.model_dump() if config else {}), **overrides}
-            )
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise EdgesmithError(
-                f"serve option '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}",
-                hint="see `edgesmith serve --help`",
-            ) from None
+        self.config = validate(
+            ServeConfig,
+            {**(config.model_dump() if config else {}), **overrides},
+            source="serve options",
+            hint="see `edgesmith serve --help`",
+        )
         if self.config.require_signature and not self.config.trusted_keys:
             raise EdgesmithError(
                 "serving signed bundles only needs the publisher's public key",

@@ -157,3 +157,19 @@ def test_agent_options_are_made_from_agent_config(tmp_path: Path, capsys) -> Non
     # a bound the model sets is refused by the flag already, with the flag's name
     code, _, err = run_cli(["ota", "agent", "--root", tmp_path, "--interval", "0"], capsys)
     assert code == 2 and "--interval" in err
+
+
+def test_agent_yaml_lists_every_problem_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """agent.yaml goes through the one validation layer: every bad key, its line, a suggestion."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"root: {tmp_path / 'root'}\npoll_interval_s: -1\ntimeout: 3\nmax_attempts: zero\n"
+    )
+    code, _, err = run_cli(["ota", "agent", "--config", config, "--once"], capsys)
+    assert code == 2, err
+    assert f"{config}: 3 problems: line 2: 'poll_interval_s'" in err, err
+    assert "line 3: unknown key 'timeout'" in err and "line 4: 'max_attempts'" in err
+    assert "did you mean 'timeout_s'?" in err and "Traceback" not in err
+    assert not (tmp_path / "root").exists(), "nothing was written"

@@ -60,3 +60,18 @@ def test_what_the_flags_accept_the_config_accepts() -> None:
     assert res.exit_code == 2 and "--watch-interval" in res.output
     res = CliRunner().invoke(cli, ["serve", "nowhere", "--max-body-mb", "0.0001"])
     assert res.exit_code == 2 and "--max-body-mb" in res.output
+
+
+def test_the_python_api_lists_every_bad_option() -> None:
+    """Server(**options) goes through the one validation layer: every problem, not the first."""
+    from edgesmith.errors import EdgesmithError
+    from edgesmith.runtime.serve import Server
+
+    with pytest.raises(EdgesmithError) as exc:
+        Server("no-model-is-loaded-first", max_batch=0, max_queue=-1, max_bach=4)
+    message = exc.value.message
+    assert message.startswith("serve options: 3 problems: "), message
+    assert "'max_batch'" in message and "'max_queue'" in message
+    assert "unknown key 'max_bach'" in message and "did you mean 'max_batch'?" in (
+        exc.value.hint or ""
+    )
