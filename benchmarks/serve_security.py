@@ -150,8 +150,8 @@ def _decode_times(bundle: Path, images: np.ndarray, repeats: int) -> list[dict[s
     from edgesmith.runtime import load
 
     try:
-        from edgesmith.runtime.oip import RequestLimits, decode_request
-        from edgesmith.runtime.oipjson import parse_body
+        from edgesmith.runtime.serve.oip import RequestLimits, decode_request
+        from edgesmith.runtime.serve.oipjson import parse_body
     except ImportError:  # a checkout before the new decoder
         return []
     model = load(bundle)

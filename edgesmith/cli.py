@@ -37,7 +37,7 @@ COMMANDS: dict[str, str] = {
     "keygen": "edgesmith.devices.cli:keygen_cmd",
     "ota": "edgesmith.devices.ota.cli:ota_group",
     "serve": "edgesmith.runtime.cli:serve_cmd",
-    "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
+    "finetune": "edgesmith.devices.finetune_cli:finetune_cmd",
     "prune": "edgesmith.commands.prune:prune_cmd",
     "distill": "edgesmith.commands.distill:distill_cmd",
     "quantize": "edgesmith.commands.quantize:quantize_cmd",

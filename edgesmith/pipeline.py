@@ -31,7 +31,7 @@ __all__ = ["Artifact", "Evaluator", "build", "prepare"]
 
 log = logging.getLogger(__name__)
 
-GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (edgesmith.golden)
+GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (runtime/golden.py)
 _eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 
@@ -51,8 +51,8 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.devices.profiles import resolve_target
     from edgesmith.models import build_model
+    from edgesmith.runtime.profiles import resolve_target
 
     profile = resolve_target(recipe.target)
     threads = profile.threads or os.cpu_count() or 1
@@ -100,9 +100,9 @@ def _write_bundle(
     head: Any = None,
     memory: Any = None,
 ) -> str:
-    from edgesmith.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import write_bundle
+    from edgesmith.runtime.bundle import new_manifest, write_bundle
+    from edgesmith.runtime.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime.specs import TensorSpec
 
     model = load(art.path, device="cpu", threads=p.threads)
@@ -125,36 +125,34 @@ def _write_bundle(
     in_specs = [
         TensorSpec(s.name, ("batch", *s.shape[1:]), s.dtype).to_json() for s in model.inputs
     ]
-    manifest = {
-        "name": p.recipe.name,
-        "version": version,
-        "target": p.profile.name,
-        "format": art.format,
-        "precision": art.precision,
-        "model": art.path.name,
-        "inputs": in_specs,
-        "outputs": [s.to_json() for s in model.outputs],
-        "preprocess": p.data.preprocess,
-        "labels": p.data.labels,
-        "golden": golden,
-        "metrics": {
+    manifest = new_manifest(
+        p.recipe.name,
+        version,
+        p.profile.name,
+        art.format,
+        art.precision,
+        art.path.name,
+        in_specs,
+        [s.to_json() for s in model.outputs],
+        build={"recipe": p.recipe.name},
+        preprocess=p.data.preprocess,
+        labels=p.data.labels,
+        golden=golden,
+        metrics={
             "metric": p.recipe.metric,
             "accuracy": art.accuracy,
             "latency_ms": art.latency_ms,
             "size_bytes": art.size_bytes,
             "parity": art.parity.to_json(),
         },
-        "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
-    }
+    )
     if head is not None:
         _add_head(manifest, files, head, model.outputs[0].name, p, out)
         if memory is not None:  # the build classes' exemplars and held-out samples
             from edgesmith.exemplars import add_memory
 
             add_memory(manifest, files, memory, model, head, out / ".work", art)
-    write_bundle(
-        out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
-    )
+    write_bundle(out / rel, manifest, files, sign_key=sign_key)
     return rel
 
 
@@ -167,7 +165,7 @@ def _add_head(
     out: Path,
 ) -> None:
     """A trainable-head bundle: the head's arrays, its manifest entry, and logits as the output."""
-    from edgesmith.runtime.head import HEAD_FILE
+    from edgesmith.runtime.finetune.head import HEAD_FILE
 
     cfg = p.recipe.trainable_head
     assert cfg is not None

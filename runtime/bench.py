@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import EdgesmithError
-from edgesmith.runtime.bundlefiles import printable
+from edgesmith.text import printable
 
 __all__ = [
     "BenchConfig",

@@ -11,13 +11,13 @@ import numpy as np
 from edgesmith.errors import BundleError, EdgesmithError, InputError, ModelLoadError
 from edgesmith.runtime.backends import Session, backend_for, get_backend
 from edgesmith.runtime.bundle import KeySource, Manifest, read_bundle
-from edgesmith.runtime.bundlefiles import (
+from edgesmith.runtime.bundle.files import (
     check_model_references,
     model_references,
     model_references_from,
-    printable,
 )
 from edgesmith.runtime.specs import NanPolicy, TensorSpec, check_input, preprocess_images
+from edgesmith.text import printable
 
 __all__ = ["Model", "load"]
 
@@ -149,7 +149,7 @@ class Model:
 
     @property
     def head(self) -> Any:
-        """The numpy :class:`~edgesmith.runtime.head.Head` of a trainable-head bundle, else None."""
+        """The numpy :class:`~edgesmith.runtime.finetune.head.Head` of a trainable-head bundle, else None."""
         return getattr(self._session, "head", None)
 
     def features(self, x: Any) -> np.ndarray:
@@ -182,7 +182,7 @@ class Model:
 
 def _profile(target: str) -> Any:
     try:
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         return load_profile(target)
     except EdgesmithError:
@@ -310,7 +310,7 @@ def load(
         model_file, device=device, threads=threads, options={**profile_opts, **opts}
     )
     if manifest is not None and manifest.trainable_head:  # backbone here, head in numpy
-        from edgesmith.runtime.head import HeadSession, load_head
+        from edgesmith.runtime.finetune.head import HeadSession, load_head
 
         head = load_head(p, manifest.trainable_head)
         session = HeadSession(session, head, manifest.trainable_head)

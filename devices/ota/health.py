@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BundleError, EdgesmithError
-from edgesmith.runtime.bundlefiles import read_golden
+from edgesmith.runtime.golden import check_golden, read_golden
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -50,8 +50,8 @@ def check_old_classes(model: Any, root: Path, budget: float | None = None) -> di
     Raises:
         EdgesmithError: a malformed memory file.
     """
-    from edgesmith.runtime.memory import check_old_classes as check
-    from edgesmith.runtime.memory import load_memory
+    from edgesmith.runtime.finetune.memory import check_old_classes as check
+    from edgesmith.runtime.finetune.memory import load_memory
 
     m = model.manifest
     spec = (m.trainable_head or {}) if m is not None else {}
@@ -103,15 +103,9 @@ def check_health(
     except Exception as exc:  # a backend failing on a bad model must not take the agent down
         return HealthReport(False, f"the model does not load: {type(exc).__name__}: {exc}")
     manifest = model.manifest
-    golden = manifest.golden if manifest else None
-    expected: np.ndarray | None = None
     try:
-        data = read_golden(root, manifest) if manifest else None  # listed, hashed, inside
-        if golden and data is not None:
-            inputs, expected = data
-            out = np.asarray(model(inputs))
-            sample = inputs[:1]
-        else:
+        golden = check_golden(model, root)  # through the listed, hashed golden file
+        if golden is None:
             if require_golden:
                 return HealthReport(
                     False, "the bundle has no golden data and this device requires it"
@@ -119,7 +113,11 @@ def check_health(
             if manifest is None:
                 return HealthReport(False, "not a bundle")
             sample = _zeros_for(manifest.inputs[0])
-            out = np.asarray(model(sample))
+            model(sample)
+        else:
+            data = read_golden(root, manifest)
+            assert data is not None  # check_golden read it
+            sample = data[0][:1]
     except BundleError as exc:
         return HealthReport(False, f"golden data unreadable: {exc.message}")
     except EdgesmithError as exc:
@@ -128,30 +126,11 @@ def check_health(
         return HealthReport(False, f"golden data unreadable: {type(exc).__name__}: {exc}")
     except Exception as exc:
         return HealthReport(False, f"the model fails to run: {type(exc).__name__}: {exc}")
-    report = HealthReport(True, golden=expected is not None)
-    if expected is not None and golden is not None:
-        if out.shape != expected.shape:
-            return HealthReport(
-                False, f"golden output shape {list(out.shape)}, expected {list(expected.shape)}"
-            )
-        if not np.isfinite(out).all():
-            return HealthReport(False, "the model returns NaN or Inf on its golden inputs")
-        diff = np.abs(out.astype(np.float64) - expected.astype(np.float64))
-        report.max_abs_diff = float(diff.max()) if diff.size else 0.0
-        atol, rtol = float(golden.get("atol", 1e-4)), float(golden.get("rtol", 1e-3))
-        if out.ndim >= 2:
-            flat_o, flat_e = out.reshape(len(out), -1), expected.reshape(len(expected), -1)
-            report.top1_agreement = float((flat_o.argmax(1) == flat_e.argmax(1)).mean())
-        if not np.allclose(out, expected, atol=atol, rtol=rtol):
-            report.ok = False
-            report.reason = (
-                f"golden outputs differ by up to {report.max_abs_diff:.4g} "
-                f"(tolerance atol {atol:.3g}, rtol {rtol:.3g})"
-            )
-            return report
-        if golden.get("top1") and report.top1_agreement is not None and report.top1_agreement < 1:
-            report.ok = False
-            report.reason = f"golden top-1 agreement {report.top1_agreement:.3f} < 1"
+    report = HealthReport(True, golden=golden is not None)
+    if golden is not None:
+        report.max_abs_diff, report.top1_agreement = golden.max_abs_diff, golden.top1_agreement
+        if not golden.ok:
+            report.ok, report.reason = False, golden.reason
             return report
     try:
         report.old_classes = check_old_classes(model, root, old_class_budget)

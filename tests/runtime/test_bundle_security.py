@@ -21,13 +21,15 @@ from edgesmith.errors import BundleError, ModelLoadError
 from edgesmith.runtime import load, read_bundle
 from edgesmith.runtime.bundle import (
     MANIFEST,
+    TarLimits,
     canonical_bytes,
     extract_bundle,
+    member_path,
     pack_bundle,
     verify_bundle,
     write_bundle,
 )
-from edgesmith.runtime.bundlefiles import TarLimits, member_path, read_golden
+from edgesmith.runtime.golden import read_golden
 from edgesmith.runtime.onnxfile import scan_onnx
 from edgesmith.runtime.signing import generate_keypair
 

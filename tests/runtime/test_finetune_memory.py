@@ -15,7 +15,7 @@ import pytest
 from edgesmith.errors import BundleError
 from edgesmith.runtime import load
 from edgesmith.runtime.bundle import read_bundle, verify_bundle
-from edgesmith.runtime.memory import (
+from edgesmith.runtime.finetune.memory import (
     MEMORY_FILE,
     OldClassCheck,
     align_weights,
@@ -209,7 +209,7 @@ def test_adding_ten_digit_classes_keeps_the_fashion_classes(mlp_head_bundle: Pat
 
 
 def test_the_new_version_keeps_the_memory(mlp_head_bundle: Path, tmp_path: Path) -> None:
-    from edgesmith.runtime.head import backbone_fingerprint
+    from edgesmith.runtime.finetune.head import backbone_fingerprint
 
     model = load(mlp_head_bundle)
     xt, yt, xv, yv = _digits_split()

@@ -25,13 +25,14 @@ from edgesmith.errors import BundleError, EdgesmithError, ModelLoadError
 from edgesmith.runtime.bundle import (
     MANIFEST,
     SIGNATURE,
-    _parse_manifest,
+    TarLimits,
     canonical_bytes,
     extract_bundle,
+    parse_manifest,
     verify_bundle,
 )
-from edgesmith.runtime.bundlefiles import TarLimits, printable
 from edgesmith.runtime.onnxfile import scan_onnx
+from edgesmith.text import printable
 
 # --------------------------------------------------------------------------- manifest
 
@@ -107,7 +108,7 @@ def _describe_is_printable(raw: bytes) -> None:
     from edgesmith.devices.cli import _describe
     from edgesmith.runtime.bundle import BundleCheck
 
-    m = _parse_manifest(raw, "m")
+    m = parse_manifest(raw, "m")
     runner = click.testing.CliRunner()
 
     @click.command()
@@ -134,7 +135,7 @@ def test_manifest_parser_accepts_or_raises_bundle_error(
     elif mangle == "cut":
         raw = raw[: data.draw(st.integers(0, len(raw)))]
     try:
-        _parse_manifest(raw, "m")
+        parse_manifest(raw, "m")
     except BundleError as exc:
         assert exc.message and all(c.isprintable() for c in exc.message), repr(exc.message)
         return

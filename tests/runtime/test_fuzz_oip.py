@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgesmith.runtime.model import Model, load
-from edgesmith.runtime.oip import DATATYPES, ProtocolError, RequestLimits, decode_request
-from edgesmith.runtime.oipjson import BodyError, RawData, loads, parse_body
+from edgesmith.runtime.serve.oip import DATATYPES, ProtocolError, RequestLimits, decode_request
+from edgesmith.runtime.serve.oipjson import BodyError, RawData, loads, parse_body
 
 SKELETON = 64 << 10
 LIMITS = RequestLimits(max_batch=8, max_decoded_bytes=1 << 20, max_prepared_bytes=4 << 20)

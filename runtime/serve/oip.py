@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import InputError
-from edgesmith.runtime.bundlefiles import printable
 from edgesmith.runtime.model import Model
-from edgesmith.runtime.oipjson import MAX_DEPTH, RawData
+from edgesmith.runtime.serve.oipjson import MAX_DEPTH, RawData
 from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
+from edgesmith.text import printable
 
 __all__ = [
     "DATATYPES",
@@ -406,7 +406,7 @@ def decode_request(doc: Any, model: Model, max_batch: int | RequestLimits) -> In
 
     Everything that can be judged from the declared shapes and datatypes is checked first
     (:func:`plan_request`); only then are the numbers read (``data`` is a list, or a
-    :class:`~edgesmith.runtime.oipjson.RawData` from :func:`~edgesmith.runtime.oipjson.parse_body`)
+    :class:`~edgesmith.runtime.serve.oipjson.RawData` from :func:`~edgesmith.runtime.serve.oipjson.parse_body`)
     and images preprocessed.
 
     Args:
