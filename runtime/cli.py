@@ -258,6 +258,11 @@ def _serve_option(name: str, *decls: str, help: str, **attrs: Any) -> Any:
     help="Default per-request deadline (504); a request's 'timeout' parameter (µs) overrides it.",
 )
 @_serve_option("max_body_bytes", "--max-body-mb", scale=1 << 20, help="Request body limit (413).")
+@_serve_option(
+    "body_timeout_s",
+    "--body-timeout",
+    help="Seconds a client may take to send a request body (408).",
+)
 @_serve_option("max_connections", help="Concurrent connections before 503.")
 @click.option(
     "--token-file",

@@ -163,13 +163,24 @@ class App:
                 raise ProtocolError(
                     413, f"the body has {declared} bytes; this server takes at most {limit}"
                 )
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolError(413, f"the body is over {limit} bytes, this server's limit")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ProtocolError(413, f"the body is over {limit} bytes, this server's limit")
+                chunks.append(chunk)
+
+        # a client that trickles its body would otherwise hold a connection and its buffer for ever
+        deadline = self.config.body_timeout_s
+        try:
+            await asyncio.wait_for(read(), deadline)
+        except asyncio.TimeoutError:
+            raise ProtocolError(
+                408, f"the request body did not arrive within {deadline:g} s; send it faster"
+            ) from None
         return b"".join(chunks)
 
     def _plan(self, body: bytes) -> tuple[Any, PlannedRequest]:

@@ -62,6 +62,12 @@ class ServeConfig(BaseModel):
         default=10_000, gt=0, description="default per-request deadline (504)"
     )
     max_body_bytes: int = Field(default=8 << 20, ge=1024, description="request body limit (413)")
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="most seconds a client may take to send a request body (408)",
+    )
     max_decoded_bytes: int | None = Field(
         default=None,
         ge=1024,

@@ -7,6 +7,7 @@ Timings are in ``benchmarks/serve_security.py``; here only robust bounds are ass
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -129,6 +130,84 @@ def test_big_honest_requests_do_not_block_health(serve, bundle: Path) -> None:
     assert len(probe.latencies) >= 3
     # generous: the machine is shared; a blocked loop took seconds per request
     assert max(probe.latencies) < 5.0, max(probe.latencies)
+
+
+def test_a_trickled_body_is_cut_off_at_its_deadline(serve, bundle: Path) -> None:
+    """A client that sends its body a byte at a time would hold a connection and its buffer for
+    as long as it liked: the body must arrive within --body-timeout (408), and the server keeps
+    answering everyone else meanwhile."""
+    import socket
+    from urllib.parse import urlparse
+
+    s = serve(bundle, "--body-timeout", 1.5)
+    url = urlparse(s.url)
+    body = _uint8_body([1, 8, 8, 1])
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head + body[:10])
+        t0 = time.perf_counter()
+        answer = b""
+        sent = 10
+        sock.settimeout(0.2)
+        while b"\r\n\r\n" not in answer and time.perf_counter() - t0 < 20:
+            if sent < len(body) - 1:  # a byte every 0.2 s, never the last one
+                sock.sendall(body[sent : sent + 1])
+                sent += 1
+            with contextlib.suppress(TimeoutError):
+                answer += sock.recv(4096)
+            if time.perf_counter() - t0 < 1.0:  # others are served while it trickles
+                assert httpx.get(s.url + "/v2/health/ready").status_code == 200
+        took = time.perf_counter() - t0
+        sock.settimeout(5)
+        while not answer.endswith(b"}"):  # the JSON error may come in a second packet
+            more = sock.recv(4096)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 1.5 s" in answer
+    assert 1.0 < took < 15, took
+    ok = httpx.post(s.url + INFER, content=body)  # the server is unharmed
+    assert ok.status_code == 200, ok.text
+
+
+def test_an_accepted_body_at_the_limit_stays_within_its_memory_bound(serve, bundle: Path) -> None:
+    """The memory target for requests that are served, not only refused: a body just under the
+    limit (FP32 images, nested lists: the most Python objects per byte) costs under 4x the body
+    limit plus the model's working set (~nothing here) at its peak."""
+    s = serve(bundle, "--max-body-mb", BODY_LIMIT_MB, "--max-batch", 4096)
+    limit = BODY_LIMIT_MB << 20
+    n = 64
+    x = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+    nested = json.dumps(x.tolist()).encode()
+    while len(nested) < limit - 4096:  # grow the batch until the body nearly fills the limit
+        n *= 2
+        x = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+        nested = json.dumps(x.tolist()).encode()
+        if len(nested) > limit - 256:
+            n //= 2
+            x = x[:n]
+            nested = json.dumps(x.tolist()).encode()
+            break
+    body = (
+        b'{"inputs":[{"name":"input","shape":' + json.dumps(list(x.shape)).encode()
+        + b',"datatype":"FP32","data":' + nested + b"}]}"
+    )  # fmt: skip
+    assert limit // 2 < len(body) <= limit
+    with httpx.Client(base_url=s.url, timeout=120) as c:
+        assert c.post(INFER, content=_uint8_body([8, 8, 8, 1])).status_code == 200
+        rss_before = psutil.Process(s.proc.pid).memory_info().rss
+        if not _peak_rss_reset(s.proc.pid):
+            pytest.skip("this kernel does not let VmHWM be reset (/proc/PID/clear_refs)")
+        r = c.post(INFER, content=body)
+        assert r.status_code == 200, r.text[:300]
+        growth = _peak_rss(s.proc.pid) - rss_before
+    got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(len(x), -1)
+    np.testing.assert_allclose(got, expected(x), atol=1e-4)
+    assert growth < 4 * limit + (16 << 20), growth / 2**20
 
 
 @pytest.mark.parametrize(
