@@ -259,9 +259,11 @@ def finetune_model(
     """Fine-tune the trainable head of a loaded bundle on this device.
 
     The old classes are kept by default: when the bundle ships a memory of its build classes
-    (runtime/memory.py), their exemplars are trained on together with the new data, the
-    current head is distilled on all of it (learning without forgetting), and after new classes
-    were added their output rows are aligned to the old ones (weight aligning). The result
+    (runtime/memory.py), their exemplars are trained on together with the new data. When
+    classes are added (``config.isolate``, the default) the old classes' path is frozen and
+    grown hidden units learn the new ones, so there is nothing to distil; otherwise the current
+    head is distilled on all of it (learning without forgetting). After new classes were added
+    their output rows are aligned to the old ones (weight aligning). The result
     states the accuracy on the old classes (the memory's held-out samples), the new classes
     and all classes, before and after, and whether the old classes stayed within the bundle's
     budget (``metrics["old_class_check"]``).
