@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from edgesmith.devices.cliutil import echo_json, key_option
-from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
+from edgesmith.errors import BundleError, CheckFailed, EdgesmithError, InputError
 from edgesmith.text import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
@@ -124,6 +124,12 @@ def keygen_cmd(prefix: Path, force: bool) -> None:
     """
     from edgesmith.runtime.signing import generate_keypair
 
+    if prefix.is_dir():
+        raise InputError(
+            f"-o {prefix} is a folder; -o takes a file prefix "
+            f"(it would write {prefix}.key beside the folder)",
+            hint=f"name the pair inside it: -o {prefix / 'release'}",
+        )
     priv, pub, kid = generate_keypair(prefix, force=force)
     click.echo(f"private key: {priv} (mode 0600; keep it secret)")
     click.echo(f"public key:  {pub} (install on devices)")

@@ -381,3 +381,17 @@ def test_malformed_manifest_fields_are_bundle_errors(
         read_bundle(bundle)
     code, _, err = run(capsys, "bundle", "inspect", bundle)
     assert code == 2 and err.startswith("error: ")
+
+
+def test_keygen_into_an_existing_folder_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``keygen -o keys/`` used to write ``keys.key`` beside the folder; it names the fix now."""
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    code, _, err = run(capsys, "keygen", "-o", folder)
+    assert code == 2 and "is a folder" in err and f"-o {folder / 'release'}" in err, err
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
+    code, _, err = run(capsys, "keygen", "-o", folder / "release")
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["release.key", "release.pub"]
