@@ -4,7 +4,6 @@ offline (examples/imagenet_photos). The build itself is slow and needs four Debi
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +60,13 @@ def test_pretrained_efficientnet_int8_on_real_photos(tmp_path: Path) -> None:
     assert len(images) >= 500 and 0.45 < calibration.mean() < 0.55
     assert len(set(sources.tolist())) >= 8  # several packages, not one kind of picture
 
-    report = build(load_recipe(EXAMPLE / "recipe.yaml"), tmp_path / "out", bundle_version=1)
-    assert report["baseline"]["accuracy"] == 1.0  # the labels are the float model's top-1
-    arts = {(a["format"], a["precision"]): a for a in report["artifacts"]}
+    arts: dict[tuple[str, str], Any] = {}
+    seconds = []
+    for name in ("recipe.yaml", "recipe-tflite.yaml"):  # intel-cpu: onnx, openvino; x86-cpu: tflite
+        report = build(load_recipe(EXAMPLE / name), tmp_path / name, bundle_version=1)
+        assert report["baseline"]["accuracy"] == 1.0  # the labels are the float model's top-1
+        arts |= {(a["format"], a["precision"]): a for a in report["artifacts"]}
+        seconds.append(report["seconds"])
     for fmt in ("onnx", "openvino", "tflite"):
         fp32, int8 = arts[(fmt, "fp32")], arts[(fmt, "int8")]
         q = int8["quantization"]
@@ -73,5 +76,4 @@ def test_pretrained_efficientnet_int8_on_real_photos(tmp_path: Path) -> None:
         assert q["speed"]["faster"], (fmt, q["speed"])
         assert q["bias_correction"]["method"] == "bias-correction"
         assert q["accuracy_contract"]["gate"] == "max_accuracy_drop"
-    assert report["seconds"] < 1200
-    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert max(seconds) < 1200, seconds
