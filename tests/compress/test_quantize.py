@@ -71,7 +71,16 @@ def test_int8_within_budget_parity_and_size(fmt: str, quant_build: tuple[Path, d
         "activations": "asymmetric-uint8",
         "format": "QDQ",
         "calibration_method": "minmax",
+        "target_vnni": False,
     }
+    # bias correction in PyTorch before export, on by default: every conv / linear layer corrected
+    assert q["bias_correction"]["method"] == "bias-correction"
+    assert q["bias_correction"]["layers"] >= 6 and q["bias_correction"]["batch_norms_folded"] == 4
+    # one accuracy contract: the budget is the gate; the int8 parity tolerance follows from it
+    contract = q["accuracy_contract"]
+    assert contract["gate"] == "max_accuracy_drop" and contract["max_accuracy_drop"] == 0.005
+    assert contract["parity"]["source"] == "budget" and contract["parity"]["top1_agreement"] == 0.75
+    assert q["speed"]["baseline"] == "fp32" and q["speed"]["ratio"] > 0
     assert q["calibration_samples"] == 128
     assert q["accuracy_drop"] <= 0.005
     assert int8["accuracy"] >= report["baseline"]["accuracy"] - 0.005
