@@ -146,7 +146,7 @@ def _int8_lines(artifacts: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"- speed: {speed['ratio']:.2f}x the time of {speed['baseline']} "
                 f"({speed['int8_ms']:.3f} ms, {speed.get('threads')} threads, interleaved); "
-                + speed.get("recommendation", "faster than every float option")
+                + (speed.get("recommendation") or "faster than every float option")
                 + f"; {speed['note']}"
             )
     return out

@@ -80,8 +80,8 @@ class LayerStat:
             "error_rounded": float(f"{self.error_rounded:.4g}"),
             "error": float(f"{self.error:.4g}"),
             "added": float(f"{self.added:.4g}"),
-            **({"guarded_channels": self.guarded} if self.guarded else {}),
-            **({"first": True} if self.first else {}),
+            "guarded_channels": self.guarded,
+            "first": self.first,
         }
 
 

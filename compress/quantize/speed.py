@@ -106,9 +106,9 @@ def speed_verdict(
     """Time the int8 model against every non-int8 option of its backend on this machine.
 
     Returns:
-        ``int8_ms``, each option's ms, the fastest option (``baseline``), ``ratio`` (int8 time
-        over the baseline's), ``faster``, a ``note`` on half precision and, when int8 is not
-        faster, a ``recommendation``.
+        ``int8_ms``, each option's ms (``options``), the fastest option (``baseline``,
+        ``baseline_ms``), ``ratio`` (int8 time over the baseline's), ``faster``, a ``note`` on half
+        precision and a ``recommendation`` when int8 is not faster (else None).
     """
     from edgesmith.runtime import load
 
@@ -122,12 +122,17 @@ def speed_verdict(
     ratio = times[0] / times[1 + base_i]
     out: dict[str, Any] = {
         "int8_ms": round(times[0], 4),
-        **{f"{n}_ms": round(t, 4) for (n, _), t in zip(options, times[1:], strict=True)},
+        "options": [
+            {"precision": n, "ms": round(t, 4)}
+            for (n, _), t in zip(options, times[1:], strict=True)
+        ],
         "baseline": name,
+        "baseline_ms": round(times[1 + base_i], 4),
         "ratio": round(ratio, 3),
         "faster": ratio < 1.0,
         "threads": threads,
         "note": note,
+        "recommendation": None,
     }
     if ratio >= 1.0:
         out["recommendation"] = (

@@ -189,3 +189,33 @@ def test_best_candidate_is_judged_on_the_whole_evaluation_set(setup) -> None:  #
     assert result.accepted and not result.reason
     assert result.trials[-1]["step"] == "best candidate (whole evaluation set)"
     assert result.measurement.agreement >= 0.9
+
+
+def test_require_speedup_refuses_an_int8_model_that_is_not_faster(setup) -> None:  # type: ignore[no-untyped-def]
+    """The verdict times the int8 file against its backend's fp32 file, interleaved; an "int8"
+    model ~50x the work of the fp32 one (three wide float layers) is reported not faster, with the
+    float artifact recommended, and ``require_speedup`` turns that into a failed check."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from edgesmith.compress.quantize.hook import _speed
+    from edgesmith.export.onnx import export
+
+    _, probe, work = setup
+    wide = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 10)
+    ).eval()
+    slow = export(wide, (torch.zeros(1, 1, 28, 28),), work / "slow.onnx")
+    ev = SimpleNamespace(threads=1, inputs=probe(0.0).inputs[:1])
+    art = SimpleNamespace(path=slow, format="onnx")
+    fp32 = SimpleNamespace(path=work / "fp32.onnx")
+
+    verdict, checks = _speed(art, fp32, ev, False, "quantize")  # type: ignore[arg-type]
+    assert verdict["baseline"] == "fp32" and verdict["ratio"] > 1 and not verdict["faster"]
+    assert "ship the fp32 artifact" in verdict["recommendation"] and not checks
+    verdict, checks = _speed(art, fp32, ev, True, "quantize")  # type: ignore[arg-type]
+    (check,) = checks
+    assert not check.passed and check.key == "require_speedup"
+    assert "require_speedup: int8 is not faster than fp32 with onnx" in check.detail

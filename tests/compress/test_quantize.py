@@ -151,6 +151,11 @@ def test_stage_row_and_report(quant_build: tuple[Path, dict]) -> None:
     assert len(report["artifacts"]) == 3 * 4 + 1  # fp32, int8, fp16, w8 x 3 + bf16 for openvino
     md = (out / "report.md").read_text()
     assert "| `q-tflite-int8.tflite` | tflite | int8 |" in md
+    # the int8 section: which check decided, the float layers and the speed verdict per artifact
+    assert "### `q-onnx-int8.onnx`" in md
+    assert "accuracy gate: max_accuracy_drop (max_accuracy_drop 0.005)" in md
+    assert "decided by: max_accuracy_drop" in md and "layers kept float: 0 of" in md
+    assert "the time of fp32" in md
     assert_structure("report-quantize", report)  # every key of the public format, as before
 
 
