@@ -130,6 +130,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     help="Ed25519 private key (from `edgesmith keygen`) that signs every bundle [env: EDGESMITH_SIGN_KEY].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option(
+    "--keep-going",
+    is_flag=True,
+    help="When some formats fail their checks, still write the formats that passed "
+    "(report.json 'partial'; exit 1).",
+)
 def build_cmd(
     recipe: Path,
     out: Path,
@@ -138,11 +144,14 @@ def build_cmd(
     bundle_version: int | None,
     sign_key: Path | None,
     as_json: bool,
+    keep_going: bool,
 ) -> None:
     """Run RECIPE end to end: stages, export, parity and accuracy checks, bundles, report.
 
     Writes OUT/report.json, OUT/report.md, OUT/report.png, the artifacts and OUT/bundles/*,
     all at once when every check passed (exit 0), or nothing (exit 1 on a failed check).
+    With --keep-going a multi-format build whose stages passed writes the formats that met their
+    checks, leaves the others out and still exits 1.
     """
     from edgesmith.pipeline import build
     from edgesmith.recipe import load_recipe, parse_recipe
@@ -161,6 +170,7 @@ def build_cmd(
         bundle_version=bundle_version,
         on_failure=_print_summary,
         sign_key=sign_key,
+        keep_going=keep_going,
     )
     if report is None:  # a torchrun rank other than 0: rank 0 writes and prints
         return

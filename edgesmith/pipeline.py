@@ -246,10 +246,14 @@ def build(
     bundle_version: int | None = None,
     on_failure: Callable[[dict[str, Any]], None] | None = None,
     sign_key: Any = None,
+    keep_going: bool = False,
 ) -> dict[str, Any] | None:
     """Run a recipe end to end and write ``out`` atomically.
 
     ``sign_key`` (an Ed25519 private key object or key file) signs every bundle before it appears.
+    ``keep_going``: when some formats fail their checks and the others (and every stage) pass,
+    write the formats that passed, mark the report ``partial`` and raise ``CheckFailed`` after
+    writing; by default a build writes everything or nothing.
 
     Returns:
         The report (as written to ``report.json``); None on torchrun ranks other than 0, which
@@ -337,6 +341,8 @@ def build(
             recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads, head=head
         )
         artifacts: list[Artifact] = []
+        stage_checks = list(checks)
+        by_format: dict[str, list[Check]] = {}
         for fmt in recipe.export:
             spec_fmt = EXPORTERS[fmt]
             path = tmp / f"{recipe.name}-{fmt}-fp32{spec_fmt.suffix}"
@@ -348,9 +354,22 @@ def build(
                 derived = hook(ctx, art, ev)
                 artifacts += derived.artifacts
                 checks += derived.checks
-        golden_inputs = inputs[:GOLDEN_CANDIDATES]
+                by_format.setdefault(fmt, []).extend(derived.checks)
         for art in artifacts:
             checks.append(art.parity_check())
+            by_format.setdefault(art.format, []).append(checks[-1])
+        dropped = _dropped_formats(stage_checks, by_format) if keep_going else {}
+        if dropped:
+            for art in [a for a in artifacts if a.format in dropped]:
+                for f in art.files:
+                    f.unlink(missing_ok=True)
+            artifacts = [a for a in artifacts if a.format not in dropped]
+            report["partial"] = {
+                "formats": sorted({a.format for a in artifacts}),
+                "dropped": dropped,
+            }
+        golden_inputs = inputs[:GOLDEN_CANDIDATES]
+        for art in artifacts:
             art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head, memory)
         report["failures"] = [str(c) for c in failed(checks)]
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
@@ -360,11 +379,33 @@ def build(
 
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         write_report(tmp, report)
-        if report["failures"]:
+        if report["failures"] and not dropped:
             if on_failure:
                 on_failure(report)
             raise CheckFailed(
                 f"{len(report['failures'])} check(s) failed: " + "; ".join(report["failures"]),
                 hint="nothing was written; " + failure_hint(checks),
             )
+    if dropped:  # --keep-going: the formats that passed are written; the build still failed
+        if on_failure:
+            on_failure(report)
+        raise CheckFailed(
+            f"partial build: {', '.join(sorted(dropped))} failed its checks and was left out: "
+            + "; ".join(report["failures"]),
+            hint=f"wrote {out} with {', '.join(report['partial']['formats'])} only "
+            "(report.json 'partial'); " + failure_hint(checks),
+        )
     return report
+
+
+def _dropped_formats(
+    stage_checks: list[Check], by_format: dict[str, list[Check]]
+) -> dict[str, list[str]]:
+    """The formats to leave out of a ``keep_going`` build (format -> its failed checks), or {}
+    when the stages failed (nothing can be kept) or no format passed."""
+    if failed(stage_checks):
+        return {}
+    bad = {fmt: [str(c) for c in failed(cs)] for fmt, cs in by_format.items() if failed(cs)}
+    if not bad or len(bad) == len(by_format):
+        return {}
+    return bad

@@ -41,9 +41,11 @@ class Artifact:
     latency: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     bundle: str | None = None
+    parity_source: str = ""  # which tolerance applied and where it came from, when not the recipe's
 
     def parity_check(self) -> Check:
         """The parity tolerance of the recipe, checked on the whole evaluation set."""
+        source = f" ({self.parity_source})" if self.parity_source else ""
         return Check(
             "export",
             "parity",
@@ -51,7 +53,7 @@ class Artifact:
             None,
             self.parity.passed,
             PARITY_HINT,
-            f"{self.path.name}: parity failed: {self.parity.reason}",
+            f"{self.path.name}: parity failed: {self.parity.reason}{source}",
         )
 
     def to_json(self, root: Path) -> dict[str, Any]:
@@ -106,8 +108,14 @@ class Evaluator:
         precision: str,
         files: list[Path] | None = None,
         extra: dict[str, Any] | None = None,
+        tolerance: Any = None,
+        parity_source: str = "",
     ) -> Artifact:
-        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference."""
+        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference.
+
+        ``tolerance`` replaces the recipe's parity tolerance for ``precision`` (the int8 contract,
+        ``compress/quantize/contract.py``); ``parity_source`` names it in a failure message.
+        """
         from edgesmith.runtime import load
 
         model = load(path, threads=self.threads, device="cpu")
@@ -120,7 +128,7 @@ class Evaluator:
             for i in track(range(0, len(self.inputs), step), f"evaluate {path.name}")
         ]
         out = np.concatenate(outs)
-        tol = self.recipe.parity.get(precision) or self.recipe.parity["int8"]
+        tol = tolerance or self.recipe.parity.get(precision) or self.recipe.parity["int8"]
         parity = compare_outputs(self.reference, out, tol.top1_agreement, tol.max_abs_diff)
         accuracy = self.metric(out, self.targets)
         one = self.inputs[:1]
@@ -142,4 +150,5 @@ class Evaluator:
             parity,
             latency={k: lat[k] for k in ("p50", "p90", "p99")},
             extra=dict(extra or {}),
+            parity_source=parity_source,
         )

@@ -71,7 +71,16 @@ def test_int8_within_budget_parity_and_size(fmt: str, quant_build: tuple[Path, d
         "activations": "asymmetric-uint8",
         "format": "QDQ",
         "calibration_method": "minmax",
+        "target_vnni": False,
     }
+    # bias correction in PyTorch before export, on by default: every conv / linear layer corrected
+    assert q["bias_correction"]["method"] == "bias-correction"
+    assert q["bias_correction"]["layers"] >= 6 and q["bias_correction"]["batch_norms_folded"] == 4
+    # one accuracy contract: the budget is the gate; the int8 parity tolerance follows from it
+    contract = q["accuracy_contract"]
+    assert contract["gate"] == "max_accuracy_drop" and contract["max_accuracy_drop"] == 0.005
+    assert contract["parity"]["source"] == "budget" and contract["parity"]["top1_agreement"] == 0.75
+    assert q["speed"]["baseline"] == "fp32" and q["speed"]["ratio"] > 0
     assert q["calibration_samples"] == 128
     assert q["accuracy_drop"] <= 0.005
     assert int8["accuracy"] >= report["baseline"]["accuracy"] - 0.005
@@ -142,6 +151,11 @@ def test_stage_row_and_report(quant_build: tuple[Path, dict]) -> None:
     assert len(report["artifacts"]) == 3 * 4 + 1  # fp32, int8, fp16, w8 x 3 + bf16 for openvino
     md = (out / "report.md").read_text()
     assert "| `q-tflite-int8.tflite` | tflite | int8 |" in md
+    # the int8 section: which check decided, the float layers and the speed verdict per artifact
+    assert "### `q-onnx-int8.onnx`" in md
+    assert "accuracy gate: max_accuracy_drop (max_accuracy_drop 0.005)" in md
+    assert "decided by: max_accuracy_drop" in md and "layers kept float: 0 of" in md
+    assert "the time of fp32" in md
     assert_structure("report-quantize", report)  # every key of the public format, as before
 
 
