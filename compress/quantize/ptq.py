@@ -34,14 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from .fxgraph import PtqSkipped, fold_batch_norms, trace, weighted
+
 __all__ = ["LayerStat", "PtqResult", "PtqSkipped", "apply", "fold_batch_norms"]
 
 # the int32 bias must fit with this margin (2**31 is the limit)
 _BIAS_LIMIT = 2.0**30
-
-
-class PtqSkipped(Exception):
-    """The model cannot be walked (``torch.fx`` cannot trace it); formats quantize it as exported."""
 
 
 @dataclass
@@ -144,83 +142,6 @@ class PtqResult:
                 xb = torch.as_tensor(np.asarray(x[i : i + batch]))
                 outs.append(_run_sim(self, xb, keep).numpy())
         return np.concatenate(outs)
-
-
-def _weighted(mod: Any) -> bool:
-    from torch import nn
-
-    return isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)
-
-
-def trace(model: Any) -> Any:
-    """A ``torch.fx.GraphModule`` of a copy of ``model`` (in eval mode) with convolutions and
-    linear layers as leaves.
-
-    Raises:
-        PtqSkipped: ``torch.fx`` cannot trace the model (data-dependent control flow, ...).
-    """
-    from torch import fx
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: Any, qualname: str) -> bool:
-            return _weighted(m) or super().is_leaf_module(m, qualname)
-
-    model = copy.deepcopy(model).eval()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
-        raise PtqSkipped(
-            f"torch.fx cannot trace the model: {type(exc).__name__}: {first[:160]}"
-        ) from None
-    return fx.GraphModule(model, graph)
-
-
-def fold_batch_norms(gm: Any) -> int:
-    """Fold each batch norm that directly follows a convolution or linear layer into it, in place.
-
-    Returns:
-        How many were folded.
-    """
-    import torch
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
-
-    modules = dict(gm.named_modules())
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(
-            modules.get(node.target), nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
-        ):
-            continue
-        prev = node.args[0] if node.args else None
-        if getattr(prev, "op", None) != "call_module" or len(prev.users) != 1:
-            continue
-        layer, bn = modules.get(prev.target), modules[node.target]
-        if not _weighted(layer) or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        if isinstance(layer, nn.Linear) and layer.out_features != bn.num_features:
-            continue
-        if not isinstance(layer, nn.Linear) and layer.out_channels != bn.num_features:
-            continue
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        if isinstance(layer, nn.Linear):
-            w, b = fuse_linear_bn_weights(
-                layer.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-            )
-        else:
-            w, b = fuse_conv_bn_weights(
-                layer.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-            )
-        layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        folded += 1
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return folded
 
 
 def _fake_quant(x: Any, lo: float, hi: float, activations: str) -> Any:
@@ -374,7 +295,7 @@ def apply(
                 fmod, qmod = fmods[node.target], qmods[node.target]
                 f_args, q_args = _map(env_f, node.args), _map(env_q, node.args)
                 kwargs_f, kwargs_q = _map(env_f, node.kwargs), _map(env_q, node.kwargs)
-                if not _weighted(qmod) or len(f_args) != 1 or kwargs_f:
+                if not weighted(qmod) or len(f_args) != 1 or kwargs_f:
                     env_f[node] = fmod(*f_args, **kwargs_f)
                     env_q[node] = qmod(*q_args, **kwargs_q)
                 else:
