@@ -87,11 +87,13 @@ def _module_of(node: Any) -> str | None:
 
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
+            try:  # metadata of a model file: any text (deep nesting, huge numbers)
+                scopes = ast.literal_eval(prop.value[:100_000])
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 return None
-            mods = [s for s in scopes[:-1] if s]
+            if not isinstance(scopes, list | tuple):
+                return None
+            mods = [s for s in scopes[:-1] if isinstance(s, str) and s]
             return mods[-1] if mods else None
     return None
 

@@ -219,3 +219,19 @@ def test_require_speedup_refuses_an_int8_model_that_is_not_faster(setup) -> None
     (check,) = checks
     assert not check.passed and check.key == "require_speedup"
     assert "require_speedup: int8 is not faster than fp32 with onnx" in check.detail
+
+
+@pytest.mark.parametrize(
+    "value", ["['a', 'b', 'conv']", "[" * 5000 + "]" * 5000, "12", "['x', 3, None, 'y']", "oops("]
+)
+def test_module_names_from_hostile_exporter_metadata(value: str) -> None:
+    """The exporter's name scopes are text in the model file: anything that is not a list of
+    names gives no module name, never an exception."""
+    import onnx
+
+    from edgesmith.compress.quantize.onnx import _module_of
+
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=value)
+    got = _module_of(node)
+    assert got == {"['a', 'b', 'conv']": "b", "['x', 3, None, 'y']": "x"}.get(value), got
