@@ -158,7 +158,8 @@ class _ImageFolder:
 
         path, label = self.files[i]
         mode = "L" if self.pre.get("channels") == "GRAY" else "RGB"
-        arr = read_image(path, mode, convert=True)  # the build converts (see runtime.imagefolder)
+        # the build converts modes and takes camera-sized photos (see runtime.imagefolder)
+        arr = read_image(path, mode, convert=True, max_pixels=None)
         x = preprocess_images(arr, self.pre, self.spec)[0]
         return torch.from_numpy(x), torch.tensor(label, dtype=torch.int64)
 

@@ -363,6 +363,9 @@ def build(
             for art in [a for a in artifacts if a.format in dropped]:
                 for f in art.files:
                     f.unlink(missing_ok=True)
+                plot = art.extra.get("quantization", {}).get("sensitivity_plot")
+                if plot:  # the int8 search's figure, beside the models
+                    (tmp / str(plot)).unlink(missing_ok=True)
             artifacts = [a for a in artifacts if a.format not in dropped]
             report["partial"] = {
                 "formats": sorted({a.format for a in artifacts}),

@@ -97,6 +97,7 @@ def read_image(
     size: tuple[int | None, int | None] = (None, None),
     resize: bool = False,
     convert: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> np.ndarray:
     """One image as uint8 (H, W) for ``mode`` ``L`` or (H, W, 3) for ``RGB``.
 
@@ -105,6 +106,8 @@ def read_image(
         size: (height, width) the image must have (None: any).
         resize: resize an image of another size instead of refusing it.
         convert: convert an image of another mode instead of refusing it.
+        max_pixels: refuse larger images (the device's bound); None leaves it to PIL's own
+            decompression-bomb limit (the build, where camera photos are normal).
 
     Raises:
         DataError: unreadable, too large, or (unless allowed) of another mode or size.
@@ -113,7 +116,7 @@ def read_image(
 
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
+            if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(
                     f"{path}: {im.width}x{im.height} is too large for an image of this model",
                     hint="resize the images first",

@@ -56,6 +56,10 @@ def fold_batch_norms(gm: Any) -> int:
     from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
     modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}  # a module called at several places cannot take one node's BN
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     folded = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(
@@ -64,6 +68,8 @@ def fold_batch_norms(gm: Any) -> int:
             continue
         prev = node.args[0] if node.args else None
         if getattr(prev, "op", None) != "call_module" or len(prev.users) != 1:
+            continue
+        if calls.get(prev.target, 0) != 1:
             continue
         layer, bn = modules.get(prev.target), modules[node.target]
         if not weighted(layer) or not bn.track_running_stats or bn.running_mean is None:

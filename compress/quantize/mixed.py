@@ -482,6 +482,8 @@ def search(
                 if accept(layers, m, "refine"):
                     chosen, cur_m, changed = layers, m, True
                     result.fallbacks = [f for f in result.fallbacks if f.id != fb.id]
+                    if current_ms is not None:  # the chosen model no longer pays for it
+                        current_ms -= fb.latency_ms or 0.0
                     break
 
     if current_ms is not None:

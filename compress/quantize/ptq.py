@@ -309,6 +309,11 @@ def apply(
                     else:
                         done.add(node.target)
                         stat, yq = _correct(node.target, qmod, xq, yf, lo, hi, per_channel)
+                        if fmod.bias is None:  # the float twin gets the bias slot too (zeros),
+                            # so a layer kept float gets its own bias back, not the correction
+                            fmod.bias = torch.nn.Parameter(
+                                torch.zeros_like(qmod.bias), requires_grad=False
+                            )
                         own = fmod(x_in)  # this layer in float on the same input
                         energy = float((yf.double() ** 2).mean()) or 1.0
                         stat.added = float(((yq - own).double() ** 2).mean()) / energy

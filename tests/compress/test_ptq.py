@@ -140,3 +140,43 @@ def test_a_model_torch_fx_cannot_trace_is_skipped() -> None:
 
     with pytest.raises(PtqSkipped, match="torch.fx cannot trace"):
         apply(Branchy(), np.ones((4, 4), np.float32))
+
+
+def test_a_module_called_twice_keeps_its_function_when_folding() -> None:
+    """A batch norm after one of two calls of a shared convolution cannot be folded into it: the
+    other call would get the folded weights too."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.c(x)) + self.c(x)
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.2, 3)
+    gm = trace(model)
+    assert fold_batch_norms(gm) == 0
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
+
+
+def test_a_layer_without_bias_gets_a_zero_bias_in_the_float_twin() -> None:
+    """Bias correction gives a bias-free layer a bias; the float model that a layer kept in float
+    is restored from must have the slot too (zeros), or the restored layer keeps the correction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten()).eval()
+    x = np.random.default_rng(0).random((16, 3, 8, 8), dtype=np.float32)
+    res = apply(model, x, samples=16)
+    corrected, original = (
+        dict(res.model.named_modules())["0"],
+        dict(res.original.named_modules())["0"],
+    )
+    assert corrected.bias is not None and float(corrected.bias.abs().max()) > 0
+    assert original.bias is not None and float(original.bias.abs().max()) == 0
+    with torch.no_grad():
+        assert torch.allclose(res.original(torch.from_numpy(x)), model(torch.from_numpy(x)))

@@ -137,6 +137,19 @@ def test_image_folder_reads_real_images_and_class_names(tmp_path: Path) -> None:
     bad = next(i for i, (p, _) in enumerate(ds.eval.files) if p.name == "broken.png")  # type: ignore[attr-defined]
     with pytest.raises(DataError, match="cannot read image"):
         ds.eval[bad]
+    # a camera-sized photo (24 MP) is a normal training image at build time; the device's
+    # 16.7 MP bound (runtime.imagefolder.MAX_PIXELS) is for its own fine-tuning data
+    big = tmp_path / "val" / path.parent.name / "camera.png"
+    Image.new("L", (6000, 4000), 128).save(big, compress_level=1)
+    ds = load_datasets(
+        DataConfig(kind="image-folder", path=str(tmp_path), calibration=10, preprocess=pre), SHAPE
+    )
+    photo = next(i for i, (p, _) in enumerate(ds.eval.files) if p.name == "camera.png")  # type: ignore[attr-defined]
+    assert ds.eval[photo][0].shape == (1, 28, 28)
+    from edgesmith.runtime.imagefolder import read_image
+
+    with pytest.raises(DataError, match="too large"):
+        read_image(big, "L")
 
 
 def test_factory_datasets_and_shape_mismatch(tmp_path: Path) -> None:
