@@ -28,22 +28,36 @@ GOLDEN_SAMPLES = 8
 HOLDS_ACROSS = ["x86_64", "aarch64"]
 
 
-def golden_tolerance(precision: str, expected: np.ndarray) -> dict[str, Any]:
-    """The manifest's ``golden`` tolerances for outputs ``expected`` of a ``precision`` artifact."""
+def golden_tolerance(precision: str, expected: np.ndarray, kind: str = "logits") -> dict[str, Any]:
+    """The manifest's ``golden`` tolerances for outputs ``expected`` of a ``precision`` artifact.
+
+    Every kind gets ``atol``/``rtol``; logits also the same top-1 class (``top1``), embeddings and
+    features also a cosine floor (``min_cosine``: 0.9999 for fp32, 0.99 otherwise).
+    """
     scale = float(np.abs(expected).max()) if expected.size else 1.0
     if precision == "fp32":
-        return {"atol": 1e-4 + 1e-4 * scale, "rtol": 1e-3, "top1": True}
-    return {"atol": 0.05 * scale + 1e-3, "rtol": 0.05, "top1": True}
+        rule: dict[str, Any] = {"atol": 1e-4 + 1e-4 * scale, "rtol": 1e-3}
+    else:
+        rule = {"atol": 0.05 * scale + 1e-3, "rtol": 0.05}
+    rule["top1"] = kind == "logits"
+    if kind != "logits":
+        rule["kind"] = kind
+    if kind in ("embedding", "features"):
+        rule["min_cosine"] = 0.9999 if precision == "fp32" else 0.99
+    return rule
 
 
-def pick_golden(outputs: np.ndarray, atol: float, n: int = GOLDEN_SAMPLES) -> np.ndarray:
+def pick_golden(
+    outputs: np.ndarray, atol: float, n: int = GOLDEN_SAMPLES, logits: bool = True
+) -> np.ndarray:
     """Indices of ``n`` samples, in order, whose top-1 output leads the runner-up by > ``2 * atol``.
 
-    Outputs that are not per-sample class scores (one value per sample) keep the first ``n``; when
-    fewer than ``n`` samples have such a lead, the ones with the largest leads fill the rest.
+    Outputs that are not per-sample class scores (one value per sample, or ``logits=False``) keep
+    the first ``n``; when fewer than ``n`` samples have such a lead, the ones with the largest
+    leads fill the rest.
     """
     flat = outputs.reshape(len(outputs), -1) if outputs.ndim else outputs.reshape(1, 1)
-    if flat.shape[1] < 2:
+    if flat.shape[1] < 2 or not logits:
         return np.arange(min(n, len(flat)))
     top2 = np.sort(flat, axis=1)[:, -2:]
     lead = top2[:, 1] - top2[:, 0]
