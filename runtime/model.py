@@ -11,7 +11,13 @@ import numpy as np
 from edgesmith.errors import EdgesmithError, InputError, ModelLoadError
 from edgesmith.runtime.backends import Session, backend_for, get_backend
 from edgesmith.runtime.bundle import Manifest, read_bundle
-from edgesmith.runtime.specs import NanPolicy, TensorSpec, check_input, preprocess_images
+from edgesmith.runtime.specs import (
+    NanPolicy,
+    TensorSpec,
+    check_input,
+    fit_input,
+    preprocess_images,
+)
 
 __all__ = ["Model", "load"]
 
@@ -55,6 +61,16 @@ class Model:
         self.name: str = manifest.name if manifest else stem
         self.version: int | None = manifest.version if manifest else None
         self._pre = manifest.preprocess if manifest else None
+        # how inputs are fitted to the file (pad/cut a fixed sequence length, cast int64 ids):
+        # the manifest's input entries, or declare_inputs() for a bare file
+        self.input_rules: dict[str, dict[str, Any]] = {}
+        if manifest:
+            self.declare_inputs(manifest.inputs)
+        self.output_kinds: dict[str, str] = {
+            str(o.get("name")): str(o["kind"])
+            for o in (manifest.outputs if manifest else [])
+            if isinstance(o, dict) and "kind" in o
+        }
         self.info: dict[str, Any] = {
             **session.info,
             "precision": session.info.get("precision")
@@ -76,8 +92,20 @@ class Model:
         """True when every input has a symbolic batch dimension (requests can be stacked)."""
         return all(s.batched for s in self.inputs)
 
+    def declare_inputs(self, entries: list[dict[str, Any]]) -> None:
+        """Say how inputs fit this model (manifest input entries: ``pad``, ``dims``,
+        ``cast_from``; see :func:`~edgesmith.runtime.specs.fit_input`)."""
+        keys = ("pad", "dims", "cast_from")
+        for e in entries:
+            if isinstance(e, dict) and any(k in e for k in keys):
+                self.input_rules[str(e.get("name"))] = {k: e[k] for k in keys if k in e}
+
     def prepare(self, x: Any, spec: TensorSpec) -> np.ndarray:
-        """Check one input against ``spec`` (preprocessing uint8 images as the manifest says)."""
+        """Check one input against ``spec`` (preprocessing uint8 images as the manifest says,
+        padding/cutting and casting as its input entry allows)."""
+        rule = self.input_rules.get(spec.name)
+        if rule:
+            x = fit_input(x, spec, rule)
         if (
             self._pre
             and isinstance(x, np.ndarray)
@@ -123,7 +151,19 @@ class Model:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def predict(self, x: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k (label, probability) per sample, from softmax over the first output."""
+        """Top-k (label, probability) per sample, from softmax over the first output.
+
+        Raises:
+            InputError: the first output is not class logits (the manifest says its kind).
+        """
+        first = self.outputs[0].name if self.outputs else ""
+        kind = self.output_kinds.get(first, "logits")
+        if kind != "logits":
+            raise InputError(
+                f"output '{first}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not class "
+                "scores: there are no labels to predict",
+                hint="call the model (model(x) or model.run({...})) for its values",
+            )
         logits = np.asarray(
             self(x) if len(self.inputs) == 1 else self.run(x)[self.outputs[0].name],
             dtype=np.float64,

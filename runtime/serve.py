@@ -53,6 +53,7 @@ from edgesmith.runtime.batching import (
 from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.oip import ProtocolError, decode_request, encode_response, model_metadata
+from edgesmith.runtime.outputs import check_golden, golden_arrays
 
 try:
     from starlette.applications import Starlette
@@ -145,19 +146,22 @@ def _fingerprint(path: Path) -> tuple[Any, ...]:
 def _self_check(model: Model, root: Path) -> None:
     """Run a new model once before it serves: on the bundle's golden inputs when it has them."""
     golden = model.manifest.golden if model.manifest else None
-    if golden and golden.get("file") and root.is_dir() and len(model.inputs) == 1:
-        with np.load(root / golden["file"], allow_pickle=False) as data:
-            inputs, expected = data["inputs"], data["outputs"]
-        got = np.asarray(model.run_checked([inputs]))
-        ok = np.allclose(
-            got, expected, rtol=golden.get("rtol", 1e-3), atol=golden.get("atol", 1e-4)
-        )
-        if golden.get("top1") and got.ndim == 2:
-            ok = ok and bool((got.argmax(1) == expected.argmax(1)).all())
-        if not ok:
+    if golden and golden.get("file") and root.is_dir():
+        names = [s.name for s in model.outputs]
+        try:
+            with np.load(root / golden["file"], allow_pickle=False) as data:
+                inputs, expected = golden_arrays(data, [s.name for s in model.inputs], names)
+        except KeyError as exc:
+            raise CheckFailed(
+                f"{model.name} v{model.version}: golden data lacks {exc}",
+                hint="the bundle is incomplete; rebuild it",
+            ) from None
+        arrays = [model.prepare(x, s) for x, s in zip(inputs, model.inputs, strict=True)]
+        result = check_golden(model.run_checked(arrays), expected, golden, names)
+        if not result.ok:
             raise CheckFailed(
                 f"{model.name} v{model.version} does not reproduce its golden outputs "
-                f"(max abs diff {float(np.abs(got - expected).max()):.3g})",
+                f"({result.reason})",
                 hint="the bundle does not run correctly on this device; rebuild it",
             )
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -12,7 +13,7 @@ import numpy as np
 
 from edgesmith.errors import InputError
 
-__all__ = ["NanPolicy", "TensorSpec", "check_input", "preprocess_images"]
+__all__ = ["NanPolicy", "TensorSpec", "check_input", "fit_input", "preprocess_images"]
 
 NanPolicy = Literal["error", "allow"]
 
@@ -88,6 +89,44 @@ def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np
             f"input '{spec.name}' contains NaN or Inf",
             hint="clean the input, or load the model with nan_policy='allow'",
         )
+    return x
+
+
+def fit_input(x: Any, spec: TensorSpec, rule: Mapping[str, Any] | None) -> Any:
+    """Fit ``x`` to a model input as the bundle manifest's input entry (``rule``) allows.
+
+    ``cast_from``: integer dtypes converted to the input's dtype when every value fits (int64
+    token ids for a TFLite model that takes int32). ``dims``: ``{index: {name, example, max}}``
+    of dimensions the recipe declared symbolic; where the model file fixes one (TFLite is
+    exported at ``max``), shorter inputs are padded with ``pad`` and longer ones cut to it.
+    Anything else is left to :func:`check_input`.
+
+    Raises:
+        InputError: an integer value that does not fit the input's dtype.
+    """
+    if not rule or not isinstance(x, np.ndarray):
+        return x
+    casts = rule.get("cast_from") or ()
+    if x.dtype != spec.np_dtype and str(x.dtype) in casts and spec.np_dtype.kind in "iu":
+        info = np.iinfo(spec.np_dtype)
+        if x.size and (int(x.min()) < info.min or int(x.max()) > info.max):
+            raise InputError(
+                f"input '{spec.name}' holds values outside {spec.dtype} "
+                f"({int(x.min())}..{int(x.max())})",
+                hint=f"the model takes {spec.dtype}; give values in {info.min}..{info.max}",
+            )
+        x = x.astype(spec.np_dtype)
+    for key in rule.get("dims") or {}:
+        i = int(key)
+        if i >= x.ndim or i >= len(spec.shape) or not isinstance(spec.shape[i], int):
+            continue
+        want, have = int(spec.shape[i]), x.shape[i]
+        if have > want:
+            x = x[(slice(None),) * i + (slice(0, want),)]
+        elif have < want:
+            widths = [(0, 0)] * x.ndim
+            widths[i] = (0, want - have)
+            x = np.pad(x, widths, constant_values=np.asarray(rule.get("pad", 0)).astype(x.dtype))
     return x
 
 

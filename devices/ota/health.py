@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import EdgesmithError
+from edgesmith.runtime.outputs import check_golden, golden_arrays
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -103,13 +104,12 @@ def check_health(
         return HealthReport(False, f"the model does not load: {type(exc).__name__}: {exc}")
     manifest = model.manifest
     golden = manifest.golden if manifest else None
-    expected: np.ndarray | None = None
+    expected: list[np.ndarray] | None = None
+    out_names = [s.name for s in model.outputs]
     try:
         if golden and golden.get("file"):
             with np.load(root / str(golden["file"]), allow_pickle=False) as data:
-                inputs, expected = np.asarray(data["inputs"]), np.asarray(data["outputs"])
-            out = np.asarray(model(inputs))
-            sample = inputs[:1]
+                inputs, expected = golden_arrays(data, [s.name for s in model.inputs], out_names)
         else:
             if require_golden:
                 return HealthReport(
@@ -117,8 +117,10 @@ def check_health(
                 )
             if manifest is None:
                 return HealthReport(False, "not a bundle")
-            sample = _zeros_for(manifest.inputs[0])
-            out = np.asarray(model(sample))
+            inputs = [_zeros_for(spec) for spec in manifest.inputs]
+        got = model(*inputs)
+        outs = list(got) if isinstance(got, tuple) else [got]
+        sample = [x[:1] for x in inputs]
     except EdgesmithError as exc:
         return HealthReport(False, f"the model fails on its golden inputs: {exc.message}")
     except (KeyError, ValueError, OSError) as exc:
@@ -127,28 +129,11 @@ def check_health(
         return HealthReport(False, f"the model fails to run: {type(exc).__name__}: {exc}")
     report = HealthReport(True, golden=expected is not None)
     if expected is not None and golden is not None:
-        if out.shape != expected.shape:
-            return HealthReport(
-                False, f"golden output shape {list(out.shape)}, expected {list(expected.shape)}"
-            )
-        if not np.isfinite(out).all():
-            return HealthReport(False, "the model returns NaN or Inf on its golden inputs")
-        diff = np.abs(out.astype(np.float64) - expected.astype(np.float64))
-        report.max_abs_diff = float(diff.max()) if diff.size else 0.0
-        atol, rtol = float(golden.get("atol", 1e-4)), float(golden.get("rtol", 1e-3))
-        if out.ndim >= 2:
-            flat_o, flat_e = out.reshape(len(out), -1), expected.reshape(len(expected), -1)
-            report.top1_agreement = float((flat_o.argmax(1) == flat_e.argmax(1)).mean())
-        if not np.allclose(out, expected, atol=atol, rtol=rtol):
+        result = check_golden(outs, expected, golden, out_names)
+        report.max_abs_diff, report.top1_agreement = result.max_abs_diff, result.top1_agreement
+        if not result.ok:
             report.ok = False
-            report.reason = (
-                f"golden outputs differ by up to {report.max_abs_diff:.4g} "
-                f"(tolerance atol {atol:.3g}, rtol {rtol:.3g})"
-            )
-            return report
-        if golden.get("top1") and report.top1_agreement is not None and report.top1_agreement < 1:
-            report.ok = False
-            report.reason = f"golden top-1 agreement {report.top1_agreement:.3f} < 1"
+            report.reason = result.reason
             return report
     try:
         report.old_classes = check_old_classes(model, root, old_class_budget)
@@ -160,11 +145,11 @@ def check_health(
         return report
     if latency_budget_ms is not None:
         for _ in range(2):
-            model(sample)
+            model(*sample)
         times = []
         for _ in range(max(runs, 1)):
             t0 = time.perf_counter()
-            model(sample)
+            model(*sample)
             times.append((time.perf_counter() - t0) * 1000)
         report.latency_ms = float(np.median(times))
         if report.latency_ms > latency_budget_ms:
