@@ -27,6 +27,7 @@ __all__ = [
     "ARCH_MISSING_VARIANTS",
     "PRECISIONS",
     "QUANTIZERS",
+    "TRANSFORMER_QUANTIZERS",
     "VARIANTS",
     "Quantize",
     "QuantizeConfig",
@@ -39,6 +40,14 @@ QUANTIZERS: dict[str, str] = {
     "onnx": "edgesmith.compress.quantize.onnx:OnnxQuantizer",
     "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
     "tflite": "edgesmith.compress.quantize.tflite:TfliteQuantizer",
+}
+
+# the int8 quantizers of mode "transformer" (QuantizeConfig.mode): what each tool recommends for
+# transformers; OpenVINO's is NNCF's with ModelType.TRANSFORMER (SmoothQuant)
+TRANSFORMER_QUANTIZERS: dict[str, str] = {
+    "onnx": "edgesmith.compress.quantize.transformer:OnnxDynamicQuantizer",
+    "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
+    "tflite": "edgesmith.compress.quantize.transformer:TfliteDynamicQuantizer",
 }
 
 # (format, precision) -> "module:function(fp32_path, path) -> files"; a missing pair is skipped

@@ -47,6 +47,13 @@ class QuantizeConfig(StageConfig):
         max_float_layers: the most layers that may stay float (default: a quarter of the candidates).
         float_layers: layers (by name, as reported) to keep float from the start.
         refine: after the search, try to quantize each kept-float layer again (fewer float layers).
+        mode: the int8 recipe. ``static`` quantizes weights and activations with calibrated
+            ranges (CNNs). ``transformer`` uses what each format's tool recommends for
+            transformers, whose activations have outlier channels: ONNX Runtime dynamic int8
+            (per-channel weights, activations quantized at run time), NNCF with
+            ``ModelType.TRANSFORMER`` (SmoothQuant), TFLite dynamic-range int8 (its full-integer
+            int8 loses too much). ``auto``: ``transformer`` for models with attention and no
+            convolution (text and sequence encoders), else ``static``.
     """
 
     scheme: Literal["int8"] = "int8"
@@ -65,6 +72,7 @@ class QuantizeConfig(StageConfig):
     max_float_layers: int | None = Field(default=None, ge=0)
     float_layers: list[str] = Field(default_factory=list)
     refine: bool = True
+    mode: Literal["auto", "static", "transformer"] = "auto"
 
     @field_validator("max_accuracy_drop")
     @classmethod
@@ -103,6 +111,7 @@ class Scheme:
     activations_symmetric: bool = False  # False: asymmetric uint8 (U8S8 on x86/Arm CPUs)
     qdq: bool = True  # onnx only: QDQ (portable, fast on ORT) vs QOperator
     method: str = "minmax"
+    mode: str = "static"  # or "transformer" (QuantizeConfig.mode, "auto" resolved per model)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,7 +122,9 @@ class Scheme:
         }
 
 
-def resolve_scheme(profile: dict[str, Any] | None, config: QuantizeConfig) -> Scheme:
+def resolve_scheme(
+    profile: dict[str, Any] | None, config: QuantizeConfig, mode: str = "static"
+) -> Scheme:
     """The int8 scheme for a target: the profile's ``int8`` section, then the config's overrides.
 
     Profile fields are read defensively (a missing or partial ``int8`` section means the defaults:
@@ -130,4 +141,5 @@ def resolve_scheme(profile: dict[str, Any] | None, config: QuantizeConfig) -> Sc
         activations_symmetric=activations == "symmetric-int8",
         qdq=fmt.upper() != "QOPERATOR",
         method=config.calibration_method,
+        mode=mode,
     )

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from edgesmith.compress.quantize.base import Layer, Quantizer
-from edgesmith.export.parity import compare_outputs
 from edgesmith.progress import echo, track
 
 __all__ = ["Measurement", "Probe", "SearchResult", "search"]
@@ -40,11 +39,12 @@ class Measurement:
 
     accuracy: float
     base_accuracy: float
-    agreement: float
+    agreement: float  # top-1 agreement (logits), mean cosine (embeddings), 1 - relative L2
     noise: float  # ||q - f||^2 / ||f||^2 over the outputs
     samples: int
     parity_ok: bool
     parity_reason: str = ""
+    label: str = "top-1 agreement"  # what ``agreement`` is, for messages
 
     @property
     def drop(self) -> float:
@@ -55,62 +55,91 @@ class Probe:
     """Runs model files on fixed inputs and compares them with the float model's outputs.
 
     Args:
-        inputs / reference / targets: the samples, the float model's outputs on them, the labels.
+        inputs / reference / targets: the samples (one array, or ``edgesmith.feeds.Samples``), the
+            float model's outputs on them (one array, or a dict by output name), the targets.
         metric: the recipe's metric, ``metric(outputs, targets) -> float``.
-        tolerance: the int8 parity tolerance (``top1_agreement``, ``max_abs_diff``).
+        tolerance: the int8 parity tolerance: a ``ParityTolerance`` (one logits output), or one
+            mapping per output (``Evaluator.tolerances``), each judged by its kind.
         threads: runtime threads.
         head: applied to the model file's outputs (a trainable-head build quantizes the backbone;
             its outputs are compared as ``head(backbone(x))``).
+        evaluator: the build's ``Evaluator``: output names and kinds, how inputs are fed to a
+            file (names, TFLite's fixed length).
     """
 
     def __init__(
         self,
-        inputs: np.ndarray,
-        reference: np.ndarray,
-        targets: np.ndarray,
-        metric: Callable[[np.ndarray, np.ndarray], float],
+        inputs: Any,
+        reference: Any,
+        targets: Any,
+        metric: Callable[[Any, Any], float],
         tolerance: Any,
         threads: int | None,
         head: Callable[[np.ndarray], np.ndarray] | None = None,
+        evaluator: Any = None,
     ) -> None:
-        self.inputs, self.reference, self.targets = inputs, reference, targets
+        from edgesmith.feeds import Samples, output_list
+
+        self.inputs, self.reference, self.targets = Samples.of(inputs), reference, targets
         self.metric, self.tolerance, self.threads = metric, tolerance, threads
-        self.head = head
+        self.head, self.ev = head, evaluator
+        self.names = list(evaluator.info.names) if evaluator is not None else ["output"]
+        self.kinds = list(evaluator.info.kinds) if evaluator is not None else ["logits"]
+        self.tolerances = (
+            list(tolerance)
+            if isinstance(tolerance, list | tuple)
+            else [
+                {"top1_agreement": tolerance.top1_agreement, "max_abs_diff": tolerance.max_abs_diff}
+            ]
+            * len(self.kinds)
+        )
+        self._ref = output_list(reference, self.names if isinstance(reference, dict) else None)
         self.base_accuracy = float(metric(reference, targets))
-        ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
-        self._ref_energy = float((ref**2).sum()) or 1.0
+        self._ref_energy = (
+            sum(float((np.asarray(r, np.float64) ** 2).sum()) for r in self._ref) or 1.0
+        )
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def outputs(self, path: Path) -> np.ndarray:
+    def outputs(self, path: Path) -> list[np.ndarray]:
+        """The model file's outputs on the probe's inputs, one array per output."""
+        from edgesmith.export.evaluate import artifact_outputs
         from edgesmith.runtime import load
 
+        if self.ev is not None:
+            return self.ev.outputs(self.ev.load(path), self.inputs)
         model = load(path, threads=self.threads, device="cpu")
-        fixed = model.inputs[0].shape[0]
-        step = fixed if isinstance(fixed, int) else 256  # a model exported with a fixed batch
-        out = np.concatenate(
-            [np.asarray(model(self.inputs[i : i + step])) for i in range(0, len(self.inputs), step)]
-        )
-        return out if self.head is None else np.asarray(self.head(out))
+        return artifact_outputs(model, self.inputs, self.head)
 
     def __call__(self, path: Path) -> Measurement:
-        out = self.outputs(path)
-        parity = compare_outputs(
-            self.reference, out, self.tolerance.top1_agreement, self.tolerance.max_abs_diff
+        from edgesmith.export.parity import compare
+        from edgesmith.feeds import user_outputs
+
+        outs = self.outputs(path)
+        parity = compare(self._ref, outs, self.kinds, self.tolerances, self.names)
+        noise = sum(
+            float(((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2).sum())
+            for o, r in zip(outs, self._ref, strict=False)
         )
-        diff = np.asarray(out, np.float64).reshape(len(out), -1) - np.asarray(
-            self.reference, np.float64
-        ).reshape(len(out), -1)
         return Measurement(
-            float(self.metric(out, self.targets)),
+            float(self.metric(user_outputs(outs, self.names), self.targets)),
             self.base_accuracy,
-            parity.top1_agreement,
-            float((diff**2).sum()) / self._ref_energy,
-            len(out),
+            parity.agreement,
+            noise / self._ref_energy,
+            len(self.inputs),
             parity.passed,
             parity.reason,
+            _LABELS.get(self.kinds[0], "agreement"),
         )
+
+
+_LABELS = {
+    "logits": "top-1 agreement",
+    "embedding": "mean cosine",
+    "features": "mean cosine",
+    "regression": "1 - relative L2",
+}
 
 
 @dataclass
@@ -161,7 +190,7 @@ class _Trials:
                 "samples": m.samples,
                 "accuracy": round(m.accuracy, 6),
                 "drop": round(m.drop, 6),
-                "top1_agreement": round(m.agreement, 6),
+                "agreement": round(m.agreement, 6),
                 "noise": float(f"{m.noise:.4g}"),
             }
         )
@@ -219,7 +248,7 @@ def search(
         return SearchResult(start, True, first, trials=trials.log)
 
     echo(
-        f"{fmt} int8: drop {first.drop * 100:.2f} points, top-1 agreement {first.agreement:.4f}: "
+        f"{fmt} int8: drop {first.drop * 100:.2f} points, {first.label} {first.agreement:.4f}: "
         "measuring per-layer sensitivity"
     )
     candidates = [layer for layer in quantizer.layers if layer.id not in start]
@@ -273,7 +302,7 @@ def search(
     parity = f"int8 parity: {m.parity_reason}" if m.parity_reason else "int8 parity holds"
     reason = (
         f"best found keeps {len(layers)} layer(s) float (max_float_layers={max_float_layers}): "
-        f"drop {m.drop * 100:.2f} points (budget: {budget}), top-1 agreement {m.agreement:.4f}; "
+        f"drop {m.drop * 100:.2f} points (budget: {budget}), {m.label} {m.agreement:.4f}; "
         f"{parity} (on {m.samples} samples)"
     )
     return SearchResult(layers, False, m, sensitivity, costs, trials.log, reason)
