@@ -20,7 +20,14 @@ def _m(n: float) -> str:
 
 
 def _agreement(p: dict[str, Any]) -> str:
-    """The parity column: top-1 agreement (logits), else mean cosine or relative L2."""
+    """The parity column: the first output's top-1 agreement (logits), else its mean cosine
+    (embeddings) or relative L2 (regression)."""
+    outputs = p.get("outputs") or {}
+    first = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
+    if first.get("kind") in ("embedding", "features") and first.get("mean_cosine") is not None:
+        return f"cos {first['mean_cosine']:.4f}"
+    if first.get("kind") == "regression" and first.get("rel_l2") is not None:
+        return f"rel L2 {first['rel_l2']:.2g}"
     if p.get("top1_agreement") is not None:
         return f"{p['top1_agreement']:.4f}"
     if p.get("mean_cosine") is not None:

@@ -147,12 +147,15 @@ def install(
         f"{len(calibration)} calibration samples; scheme {scheme.to_json()}"
         + (f"; int8 recipe: {mode} ({TRANSFORMER_RECIPES_TEXT})" if mode == "transformer" else "")
     )
-    return hook, {
+    out: dict[str, Any] = {
         "scheme": scheme.to_json(),
         "precisions": list(config.precisions),
         "calibration_samples": len(calibration),
         "max_accuracy_drop": config.max_accuracy_drop,
     }
+    if mode == "transformer":  # (a static int8 report keeps its keys)
+        out["int8_recipe"] = {f: TRANSFORMER_RECIPES[f] for f in ctx.recipe.export}
+    return hook, out
 
 
 # what mode "transformer" does per format (shown to the user and written into the report)
@@ -353,11 +356,7 @@ def _int8(
                 "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance",
             )
         )
-    agreement = (
-        f"top-1 agreement {a.parity.top1_agreement:.4f}"
-        if a.parity.top1_agreement is not None
-        else f"agreement {a.parity.agreement:.4f}"
-    )
+    agreement = _agreement_text(a.parity)
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
         f"{agreement}, {len(result.float_layers)} of "
@@ -392,3 +391,13 @@ def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
+
+
+def _agreement_text(parity: Any) -> str:
+    """The first output's agreement, named by its kind (top-1 agreement only for logits)."""
+    first = parity.outputs[0] if parity.outputs else None
+    if first is None or first.kind == "logits":
+        return f"top-1 agreement {parity.agreement:.4f}"
+    if first.kind in ("embedding", "features"):
+        return f"mean cosine {first.measured.get('mean_cosine', 0.0):.4f}"
+    return f"relative L2 {first.measured.get('rel_l2', 0.0):.3g}"
