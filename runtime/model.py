@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from edgesmith.runtime.specs import (
     NanPolicy,
     TensorSpec,
     check_input,
+    check_shared_dims,
     fit_input,
     preprocess_images,
 )
@@ -115,6 +117,17 @@ class Model:
             x = preprocess_images(x, self._pre, spec)
         return check_input(x, spec, self.nan_policy)
 
+    def prepare_all(self, arrays: Sequence[Any]) -> list[np.ndarray]:
+        """:meth:`prepare` every input (in model order) and check that inputs sharing a
+        dimension (the batch, a sequence length) agree on its size.
+
+        Raises:
+            InputError: an input that does not fit, or shared dimensions of different sizes.
+        """
+        out = [self.prepare(a, s) for a, s in zip(arrays, self.inputs, strict=True)]
+        check_shared_dims(out, self.inputs, self.input_rules)
+        return out
+
     def run_checked(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Run inputs that already passed :meth:`prepare` (one per model input, in order)."""
         return self._session.run({s.name: a for s, a in zip(self.inputs, arrays, strict=True)})
@@ -127,7 +140,8 @@ class Model:
                 f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}",
                 hint="pass one array per model input, by name",
             )
-        arrays = {s.name: self.prepare(feeds[s.name], s) for s in self.inputs}
+        prepared = self.prepare_all([feeds[s.name] for s in self.inputs])
+        arrays = {s.name: a for s, a in zip(self.inputs, prepared, strict=True)}
         return dict(zip([o.name for o in self.outputs], self._session.run(arrays), strict=True))
 
     def __call__(self, *args: Any) -> Any:
@@ -145,9 +159,8 @@ class Model:
             spec = inputs[0]
             outs = self._session.run({spec.name: self.prepare(args[0], spec)})
         else:
-            outs = self._session.run(
-                {s.name: self.prepare(a, s) for s, a in zip(inputs, args, strict=True)}
-            )
+            prepared = self.prepare_all(args)
+            outs = self._session.run({s.name: a for s, a in zip(inputs, prepared, strict=True)})
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def predict(self, x: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:

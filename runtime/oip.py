@@ -16,7 +16,7 @@ import numpy as np
 
 from edgesmith.errors import InputError
 from edgesmith.runtime.model import Model
-from edgesmith.runtime.specs import TensorSpec
+from edgesmith.runtime.specs import TensorSpec, check_shared_dims
 
 __all__ = [
     "DATATYPES",
@@ -189,6 +189,10 @@ def decode_request(doc: Any, model: Model, max_batch: int) -> InferRequest:
             arrays.append(model.prepare(arr, spec))
         except InputError as exc:
             raise ProtocolError(422, exc.message) from None
+    try:
+        check_shared_dims(arrays, model.inputs, model.input_rules)
+    except InputError as exc:
+        raise ProtocolError(422, exc.message) from None
     n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
     if model.batchable and n > max_batch:
         raise ProtocolError(

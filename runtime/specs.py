@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -13,7 +13,14 @@ import numpy as np
 
 from edgesmith.errors import InputError
 
-__all__ = ["NanPolicy", "TensorSpec", "check_input", "fit_input", "preprocess_images"]
+__all__ = [
+    "NanPolicy",
+    "TensorSpec",
+    "check_input",
+    "check_shared_dims",
+    "fit_input",
+    "preprocess_images",
+]
 
 NanPolicy = Literal["error", "allow"]
 
@@ -128,6 +135,40 @@ def fit_input(x: Any, spec: TensorSpec, rule: Mapping[str, Any] | None) -> Any:
             widths[i] = (0, want - have)
             x = np.pad(x, widths, constant_values=np.asarray(rule.get("pad", 0)).astype(x.dtype))
     return x
+
+
+def check_shared_dims(
+    arrays: Sequence[np.ndarray], specs: Sequence[TensorSpec], rules: Mapping[str, Any]
+) -> None:
+    """Inputs that share a dimension agree on its size: the batch, and every symbolic dimension
+    the manifest names (``dims``: ``input_ids`` and ``attention_mask`` share ``sequence``).
+
+    Raises:
+        InputError: naming both inputs, the dimension and the sizes.
+    """
+    if len(arrays) < 2:
+        return
+    seen: dict[str, tuple[str, int]] = {}
+    for a, spec in zip(arrays, specs, strict=True):
+        named: dict[int, str] = {}
+        if spec.batched and a.ndim:
+            named[0] = "batch"
+        for key, dim in ((rules.get(spec.name) or {}).get("dims") or {}).items():
+            if isinstance(dim, Mapping) and dim.get("name"):
+                named[int(key)] = str(dim["name"])
+        for i, name in named.items():
+            if i >= a.ndim:
+                continue
+            size = int(a.shape[i])
+            first = seen.setdefault(name, (spec.name, size))
+            if first[1] != size:
+                raise InputError(
+                    f"inputs '{first[0]}' and '{spec.name}' share the dimension '{name}' but have "
+                    f"sizes {first[1]} and {size}",
+                    hint="give every input the same number of samples"
+                    if name == "batch"
+                    else f"give every input the same '{name}' size (pad the shorter ones)",
+                )
 
 
 # _all_finite's dot product may overflow (huge finite values: rechecked) or meet Inf (rejected);

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgesmith.cli import main
+from edgesmith.errors import InputError
 from tests.conftest import write_recipe
 
 MODEL = '''
@@ -186,6 +187,20 @@ def test_bundle_runs_any_length_and_passes_its_health_check(built: Path) -> None
         np.testing.assert_allclose(logits, want[1].numpy(), atol=1e-5)
     with pytest.raises(Exception, match="not class scores"):
         model.predict(_tokens(4, 0))  # the first output is an embedding: no labels
+    # bad inputs: one readable InputError naming the input (the CLI and server map it to exit 2
+    # and HTTP 422)
+    ids, mask = _tokens(5, 0)
+    bad = [
+        ({"input_ids": ids}, r"the model takes \['attention_mask', 'input_ids'\]"),
+        ({"input_ids": ids.astype(np.float32), "attention_mask": mask}, "'input_ids' has dtype"),
+        (
+            {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64)},
+            "share the dimension 'sequence' but have sizes 5 and 6",
+        ),
+    ]
+    for feeds, message in bad:
+        with pytest.raises(InputError, match=message):
+            model.run(feeds)
     health = check_health(bundle, require_golden=True)
     assert health.ok and health.golden, health.reason
 
@@ -224,6 +239,15 @@ def test_server_answers_requests_of_different_lengths_in_one_batch(built: Path) 
         assert {n: r.status_code for n, r in results.items()} == {6: 200, 21: 200, 11: 200}
         outs = {o["name"]: o for o in results[21].json()["outputs"]}
         assert outs["embedding"]["shape"] == [1, 32] and outs["logits"]["shape"] == [1, 3]
+        ids, mask = _tokens(5, 0)
+        body = {
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": "INT64", "data": a.ravel().tolist()}
+                for n, a in (("input_ids", ids), ("attention_mask", mask[:, :4]))
+            ]
+        }
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == 422 and "share the dimension 'sequence'" in r.text
     finally:
         server.stop()
 
