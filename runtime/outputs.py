@@ -28,7 +28,7 @@ __all__ = [
     "KINDS",
     "TOLERANCE_KEYS",
     "GoldenResult",
-    "check_golden",
+    "compare_golden_outputs",
     "failures",
     "golden_arrays",
     "measure",
@@ -176,7 +176,7 @@ def _rules(golden: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, An
     return [{**base, **per.get(n, {})} for n in names]
 
 
-def check_golden(
+def compare_golden_outputs(
     got: Sequence[Any], expected: Sequence[Any], golden: Mapping[str, Any], names: Sequence[str]
 ) -> GoldenResult:
     """Whether outputs ``got`` reproduce the golden ``expected`` ones (both in model order) within

@@ -53,7 +53,7 @@ from edgesmith.runtime.batching import (
 from edgesmith.runtime.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from edgesmith.runtime.model import Model, load
 from edgesmith.runtime.oip import ProtocolError, decode_request, encode_response, model_metadata
-from edgesmith.runtime.outputs import check_golden, golden_arrays
+from edgesmith.runtime.outputs import compare_golden_outputs, golden_arrays
 
 try:
     from starlette.applications import Starlette
@@ -157,7 +157,7 @@ def _self_check(model: Model, root: Path) -> None:
                 hint="the bundle is incomplete; rebuild it",
             ) from None
         arrays = [model.prepare(x, s) for x, s in zip(inputs, model.inputs, strict=True)]
-        result = check_golden(model.run_checked(arrays), expected, golden, names)
+        result = compare_golden_outputs(model.run_checked(arrays), expected, golden, names)
         if not result.ok:
             raise CheckFailed(
                 f"{model.name} v{model.version} does not reproduce its golden outputs "

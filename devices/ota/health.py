@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import EdgesmithError
-from edgesmith.runtime.outputs import check_golden, golden_arrays
+from edgesmith.runtime.outputs import compare_golden_outputs, golden_arrays
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -129,7 +129,7 @@ def check_health(
         return HealthReport(False, f"the model fails to run: {type(exc).__name__}: {exc}")
     report = HealthReport(True, golden=expected is not None)
     if expected is not None and golden is not None:
-        result = check_golden(outs, expected, golden, out_names)
+        result = compare_golden_outputs(outs, expected, golden, out_names)
         report.max_abs_diff, report.top1_agreement = result.max_abs_diff, result.top1_agreement
         if not result.ok:
             report.ok = False

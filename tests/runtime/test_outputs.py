@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgesmith.export.parity import compare
-from edgesmith.runtime.outputs import check_golden, failures, golden_arrays, measure
+from edgesmith.runtime.outputs import compare_golden_outputs, failures, golden_arrays, measure
 
 
 def _embeddings(n: int = 64, d: int = 384, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -76,15 +76,15 @@ def test_golden_check_per_output() -> None:
         "top1": False,
         "outputs": [{"name": "embedding", "kind": "embedding", "min_cosine": 0.9999}],
     }
-    assert check_golden([cand], [ref], golden, ["embedding"]).ok
+    assert compare_golden_outputs([cand], [ref], golden, ["embedding"]).ok
     flipped = cand.copy()
     flipped[0] = -flipped[0]
-    r = check_golden([flipped], [ref], golden, ["embedding"])
+    r = compare_golden_outputs([flipped], [ref], golden, ["embedding"])
     assert not r.ok and "differ by up to" in r.reason
     # a classifier's golden keeps the top-1 rule of old bundles
     logits = np.asarray([[0.0, 1.0], [1.0, 0.0]])
     old = {"atol": 1.0, "rtol": 0.0, "top1": True}
-    r = check_golden([logits[:, ::-1]], [logits], old, ["output"])
+    r = compare_golden_outputs([logits[:, ::-1]], [logits], old, ["output"])
     assert not r.ok and "top-1 agreement 0.000 < 1" in r.reason
 
 
