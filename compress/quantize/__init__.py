@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARCH_MISSING_VARIANTS",
+    "DYNAMIC_QUANTIZERS",
     "PRECISIONS",
     "QUANTIZERS",
     "TRANSFORMER_QUANTIZERS",
@@ -45,6 +46,14 @@ QUANTIZERS: dict[str, str] = {
 # the int8 quantizers of mode "transformer" (QuantizeConfig.mode): what each tool recommends for
 # transformers; OpenVINO's is NNCF's with ModelType.TRANSFORMER (SmoothQuant)
 TRANSFORMER_QUANTIZERS: dict[str, str] = {
+    "onnx": "edgesmith.compress.quantize.transformer:OnnxDynamicQuantizer",
+    "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
+    "tflite": "edgesmith.compress.quantize.transformer:TfliteDynamicQuantizer",
+}
+# mode "dynamic": int8 weights, activations quantized at run time where the format can (ONNX,
+# TFLite); OpenVINO, which cannot on CPU, keeps its static int8. For models whose float inputs or
+# activations have ranges one static int8 scale cannot hold (raw tabular features)
+DYNAMIC_QUANTIZERS: dict[str, str] = {
     "onnx": "edgesmith.compress.quantize.transformer:OnnxDynamicQuantizer",
     "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
     "tflite": "edgesmith.compress.quantize.transformer:TfliteDynamicQuantizer",

@@ -52,8 +52,11 @@ class QuantizeConfig(StageConfig):
             transformers, whose activations have outlier channels: ONNX Runtime dynamic int8
             (per-channel weights, activations quantized at run time), NNCF with
             ``ModelType.TRANSFORMER`` (SmoothQuant), TFLite dynamic-range int8 (its full-integer
-            int8 loses too much). ``auto``: ``transformer`` for models with attention and no
-            convolution (text and sequence encoders), else ``static``.
+            int8 loses too much). ``dynamic``: int8 weights with activations quantized at run
+            time for ONNX and TFLite, static int8 for OpenVINO (models whose float inputs have
+            ranges one int8 scale cannot hold, such as raw tabular features). ``auto``:
+            ``transformer`` for models with attention and no convolution (text and sequence
+            encoders), else ``static``.
     """
 
     scheme: Literal["int8"] = "int8"
@@ -72,7 +75,7 @@ class QuantizeConfig(StageConfig):
     max_float_layers: int | None = Field(default=None, ge=0)
     float_layers: list[str] = Field(default_factory=list)
     refine: bool = True
-    mode: Literal["auto", "static", "transformer"] = "auto"
+    mode: Literal["auto", "static", "transformer", "dynamic"] = "auto"
 
     @field_validator("max_accuracy_drop")
     @classmethod

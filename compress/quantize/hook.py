@@ -146,6 +146,11 @@ def install(
         f"{stage}: {', '.join(config.precisions)} for {', '.join(ctx.recipe.export)} after export; "
         f"{len(calibration)} calibration samples; scheme {scheme.to_json()}"
         + (f"; int8 recipe: {mode} ({TRANSFORMER_RECIPES_TEXT})" if mode == "transformer" else "")
+        + (
+            "; int8 recipe: dynamic (onnx, tflite: dynamic int8; openvino: static)"
+            if mode == "dynamic"
+            else ""
+        )
     )
     out: dict[str, Any] = {
         "scheme": scheme.to_json(),
@@ -153,8 +158,8 @@ def install(
         "calibration_samples": len(calibration),
         "max_accuracy_drop": config.max_accuracy_drop,
     }
-    if mode == "transformer":  # (a static int8 report keeps its keys)
-        out["int8_recipe"] = {f: TRANSFORMER_RECIPES[f] for f in ctx.recipe.export}
+    if mode in ("transformer", "dynamic"):  # (a static int8 report keeps its keys)
+        out["int8_recipe"] = {f: int8_recipe(mode, f) for f in ctx.recipe.export}
     return hook, out
 
 
@@ -168,6 +173,17 @@ TRANSFORMER_RECIPES = {
     ),
 }
 TRANSFORMER_RECIPES_TEXT = "onnx dynamic, openvino SmoothQuant, tflite dynamic-range"
+DYNAMIC_RECIPES = {
+    "onnx": TRANSFORMER_RECIPES["onnx"],
+    "openvino": "NNCF static int8 (OpenVINO has no run-time activation int8 on CPU)",
+    "tflite": "dynamic-range int8 (int8 weights, activations quantized at run time)",
+}
+
+
+def int8_recipe(mode: str, fmt: str) -> str:
+    """What ``mode`` does for ``fmt`` (empty for ``static``: the calibrated default)."""
+    table = {"transformer": TRANSFORMER_RECIPES, "dynamic": DYNAMIC_RECIPES}.get(mode, {})
+    return table.get(fmt, "")
 
 
 def detect_mode(model: Any) -> str:
@@ -227,20 +243,27 @@ def _initial_float(config: QuantizeConfig, layers: list[Any], fmt: str) -> list[
 def _int8(
     ctx: Context, art: Artifact, ev: Evaluator, hook: QuantizeHook
 ) -> tuple[Artifact, list[Check]]:
-    from edgesmith.compress.quantize import QUANTIZERS, TRANSFORMER_QUANTIZERS
+    from edgesmith.compress.quantize import (
+        DYNAMIC_QUANTIZERS,
+        QUANTIZERS,
+        TRANSFORMER_QUANTIZERS,
+    )
     from edgesmith.compress.quantize.mixed import Probe, search
     from edgesmith.feeds import take_targets
 
     config, calibration = hook.config, hook.calibration
     fmt = art.format
     t0 = time.perf_counter()
-    if hook.scheme.mode == "transformer":
-        echo(f"{fmt} int8 (transformer): {TRANSFORMER_RECIPES[fmt].split(':')[0]}")
+    recipe = int8_recipe(hook.scheme.mode, fmt)
+    if recipe:
+        echo(f"{fmt} int8 ({hook.scheme.mode}): {recipe.split(':')[0]}")
     else:
         echo(f"{fmt} int8: calibrating with {TOOLS[fmt]} on {len(calibration)} samples")
     work = ctx.work_dir / f"quantize-{fmt}"
     work.mkdir(parents=True, exist_ok=True)
-    registry = TRANSFORMER_QUANTIZERS if hook.scheme.mode == "transformer" else QUANTIZERS
+    registry = {"transformer": TRANSFORMER_QUANTIZERS, "dynamic": DYNAMIC_QUANTIZERS}.get(
+        hook.scheme.mode, QUANTIZERS
+    )
     quantizer = _load(registry[fmt])(art.path, calibration, hook.scheme, work, hook.names(ctx))
 
     tolerance = ev.tolerances("int8")
@@ -291,7 +314,7 @@ def _int8(
     gains = {layer.id: gain for layer, gain in result.sensitivity}
     info: dict[str, Any] = {
         "tool": TOOLS[fmt],
-        **({"int8_recipe": TRANSFORMER_RECIPES[fmt]} if hook.scheme.mode == "transformer" else {}),
+        **({"int8_recipe": recipe} if recipe else {}),
         "scheme": hook.scheme.to_json(),
         "calibration_samples": len(calibration),
         "max_accuracy_drop": config.max_accuracy_drop,
