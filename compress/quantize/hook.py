@@ -19,6 +19,13 @@ import numpy as np
 from edgesmith.checks import Check, accuracy_budget
 from edgesmith.compress.base import HookResult
 from edgesmith.compress.quantize.config import QuantizeConfig, Scheme, resolve_scheme
+from edgesmith.compress.quantize.modes import (
+    agreement_text,
+    detect_mode,
+    input_layouts,
+    int8_recipe,
+    mode_note,
+)
 from edgesmith.errors import EdgesmithError, RecipeError
 from edgesmith.progress import echo
 
@@ -137,20 +144,14 @@ def install(
         ctx.data.calibration,
         config.calibration_samples,
         config.min_calibration_samples,
-        _layouts(ctx),
+        input_layouts(ctx),
     )
     hook = QuantizeHook(config, scheme, calibration, stage)
     ctx.artifact_hooks[:] = [h for h in ctx.artifact_hooks if not isinstance(h, QuantizeHook)]
     ctx.artifact_hooks.append(hook)
     echo(
         f"{stage}: {', '.join(config.precisions)} for {', '.join(ctx.recipe.export)} after export; "
-        f"{len(calibration)} calibration samples; scheme {scheme.to_json()}"
-        + (f"; int8 recipe: {mode} ({TRANSFORMER_RECIPES_TEXT})" if mode == "transformer" else "")
-        + (
-            "; int8 recipe: dynamic (onnx, tflite: dynamic int8; openvino: static)"
-            if mode == "dynamic"
-            else ""
-        )
+        f"{len(calibration)} calibration samples; scheme {scheme.to_json()}" + mode_note(mode)
     )
     out: dict[str, Any] = {
         "scheme": scheme.to_json(),
@@ -161,65 +162,6 @@ def install(
     if mode in ("transformer", "dynamic"):  # (a static int8 report keeps its keys)
         out["int8_recipe"] = {f: int8_recipe(mode, f) for f in ctx.recipe.export}
     return hook, out
-
-
-# what mode "transformer" does per format (shown to the user and written into the report)
-TRANSFORMER_RECIPES = {
-    "onnx": "onnxruntime dynamic int8: per-channel int8 weights, activations quantized at run time",
-    "openvino": "NNCF static int8 with ModelType.TRANSFORMER (SmoothQuant)",
-    "tflite": (
-        "dynamic-range int8 (int8 weights, activations quantized at run time): full-integer int8 "
-        "of transformers loses too much (all-MiniLM-L6-v2: mean cosine 0.64)"
-    ),
-}
-TRANSFORMER_RECIPES_TEXT = "onnx dynamic, openvino SmoothQuant, tflite dynamic-range"
-DYNAMIC_RECIPES = {
-    "onnx": TRANSFORMER_RECIPES["onnx"],
-    "openvino": "NNCF static int8 (OpenVINO has no run-time activation int8 on CPU)",
-    "tflite": "dynamic-range int8 (int8 weights, activations quantized at run time)",
-}
-
-
-def int8_recipe(mode: str, fmt: str) -> str:
-    """What ``mode`` does for ``fmt`` (empty for ``static``: the calibrated default)."""
-    table = {"transformer": TRANSFORMER_RECIPES, "dynamic": DYNAMIC_RECIPES}.get(mode, {})
-    return table.get(fmt, "")
-
-
-def detect_mode(model: Any) -> str:
-    """``transformer`` for a model with attention and no convolution (a text or sequence encoder,
-    whose activations have the outlier channels static int8 cannot represent), else ``static``."""
-    from torch import nn
-
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    attention = conv = False
-    for mod in model.modules():
-        conv = conv or isinstance(mod, convs)
-        name = type(mod).__name__
-        attention = (
-            attention
-            or isinstance(mod, nn.MultiheadAttention)
-            or name.endswith(("Attention", "SelfAttention"))
-        )
-    return "transformer" if attention and not conv else "static"
-
-
-def _layouts(ctx: Context) -> list[Any]:
-    """The model's inputs; a context made without them (third-party callers) has one input of
-    the example's shape."""
-    if ctx.layouts:
-        return list(ctx.layouts)
-    from edgesmith.feeds import InputLayout
-
-    args = ctx.example_args
-    return [
-        InputLayout(
-            "input" if len(args) == 1 else f"input_{i}",
-            str(x.dtype).removeprefix("torch."),
-            ("batch", *x.shape[1:]),
-        )
-        for i, x in enumerate(args)
-    ]
 
 
 def _dest(ctx: Context, art: Artifact, precision: str) -> Path:
@@ -379,7 +321,7 @@ def _int8(
                 "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance",
             )
         )
-    agreement = _agreement_text(a.parity)
+    agreement = agreement_text(a.parity)
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
         f"{agreement}, {len(result.float_layers)} of "
@@ -414,13 +356,3 @@ def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
-
-
-def _agreement_text(parity: Any) -> str:
-    """The first output's agreement, named by its kind (top-1 agreement only for logits)."""
-    first = parity.outputs[0] if parity.outputs else None
-    if first is None or first.kind == "logits":
-        return f"top-1 agreement {parity.agreement:.4f}"
-    if first.kind in ("embedding", "features"):
-        return f"mean cosine {first.measured.get('mean_cosine', 0.0):.4f}"
-    return f"relative L2 {first.measured.get('rel_l2', 0.0):.3g}"
