@@ -53,7 +53,6 @@ TRANSPARENT_OPS = (
     "RELU6", "RELU_N1_TO_1", "CONCATENATION", "DELEGATE",
 )  # fmt: skip
 _METHODS = {"minmax": "min_max_uniform_quantize", "mse": "MSE"}
-INPUTS_ID = "<inputs>"  # the layer id that stands for the model's float inputs
 
 
 def _ops(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, str]:
@@ -152,11 +151,6 @@ class TfliteQuantizer:
         self.scheme = scheme
         ops, tensors, self.signature, _ = _ops(fp32_path)
         self.layers = list_layers(ops, tensors, names or ModuleNames())
-        # full-integer int8 quantizes the model's float inputs with one scale each: fine for
-        # images, ruinous for raw features of different ranges (ages next to blood values), so
-        # the inputs are a layer the search may keep float too
-        if any(np.dtype(t[2]) == np.float32 for t in signature_inputs(fp32_path, self.signature)):
-            self.layers.insert(0, Layer(INPUTS_ID, "inputs", "INPUT", 0))
         self._config = qtyping.OpQuantizationConfig(
             activation_tensor_config=qtyping.TensorQuantizationConfig(
                 num_bits=8, symmetric=scheme.activations_symmetric
@@ -199,11 +193,6 @@ class TfliteQuantizer:
             algorithm_key=_METHODS[self.scheme.method],
         )
         for layer in sorted(float_layers):
-            if layer == INPUTS_ID:  # float model inputs (quantized inside the graph if at all)
-                qt.update_quantization_recipe(
-                    regex=".*", operation_name="INPUT", algorithm_key=AlgorithmName.NO_QUANTIZE
-                )
-                continue
             qt.update_quantization_recipe(
                 regex=f"^{re.escape(layer)};$",
                 operation_name="*",
