@@ -228,9 +228,14 @@ class Evaluator:
         from edgesmith.runtime import load
 
         model = load(path, threads=self.threads, device="cpu")
+        self.declare(model)
+        return model
+
+    def declare(self, model: Any) -> None:
+        """Tell a loaded model how the recipe's inputs fit it (names, TFLite's fixed length and
+        int32 ids); nothing for a recipe without declared inputs."""
         if self.layouts:
             model.declare_inputs(inputs_manifest(model, self.layouts))
-        return model
 
     def names(self, model: Any) -> list[str] | None:
         """The loaded model's input names in the recipe's order (None: positional)."""

@@ -23,6 +23,8 @@ __all__ = [
     "input_layouts",
     "int8_recipe",
     "mode_note",
+    "ptq_array",
+    "ptq_skip_reason",
 ]
 
 # what mode "transformer" does per format (shown to the user and written into the report)
@@ -100,4 +102,28 @@ def mode_note(mode: str) -> str:
         return f"; int8 recipe: transformer ({TRANSFORMER_RECIPES_TEXT})"
     if mode == "dynamic":
         return "; int8 recipe: dynamic (onnx, tflite: dynamic int8; openvino: static)"
+    return ""
+
+
+def ptq_array(calibration: Any) -> Any:
+    """The calibration inputs as the one float array PyTorch-side int8 preparation (bias
+    correction) takes: a one-input model of fixed size (``calibration``: ``Samples`` or an array)."""
+    from edgesmith.feeds import Samples
+
+    samples = Samples.of(calibration)
+    return samples.columns[0]
+
+
+def ptq_skip_reason(mode: str, calibration: Any) -> str:
+    """Why PyTorch-side int8 preparation (bias correction) does not apply, or "" when it does:
+    only static int8 calibrates activations, and it takes one float input of fixed size."""
+    from edgesmith.feeds import Samples
+
+    if mode != "static":
+        return f"int8 mode '{mode}': weights are quantized by the format's own recipe"
+    samples = Samples.of(calibration)
+    if len(samples.columns) != 1 or samples.ragged:
+        return "the model has several inputs or inputs of varying size"
+    if samples.columns[0].dtype.kind != "f":
+        return f"the model's input is {samples.columns[0].dtype}, not float"
     return ""

@@ -42,6 +42,8 @@ class OnnxDynamicQuantizer:
         scheme: per-channel or per-tensor weights (per-channel: 0.993 vs 0.960 mean cosine).
         work_dir: a private folder for the pre-processed model.
         names: maps exporter scopes to PyTorch module names (for the report).
+        original: unused (the quantizers' common signature: where static int8's float layers
+            take their uncorrected weights from).
     """
 
     format = "onnx"
@@ -53,6 +55,7 @@ class OnnxDynamicQuantizer:
         scheme: Scheme,
         work_dir: Path,
         names: ModuleNames | None = None,
+        original: Any = None,
     ) -> None:
         import onnx
 
@@ -127,6 +130,7 @@ class TfliteDynamicQuantizer:
         scheme: Scheme,
         work_dir: Path,
         names: ModuleNames | None = None,
+        original: Any = None,
     ) -> None:
         from ai_edge_quantizer import qtyping
 
