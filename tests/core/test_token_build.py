@@ -260,3 +260,22 @@ def test_openvino_and_tflite_int8_of_the_token_model(tmp_path: Path) -> None:
     manifest = json.loads((out / arts[("tflite", "int8")]["bundle"] / "manifest.json").read_text())
     ids = next(i for i in manifest["inputs"] if "input_ids" in i["name"])
     assert ids["shape"] == ["batch", 16] and ids["cast_from"] == ["int64"]
+
+
+def test_run_command_takes_named_inputs_and_prints_outputs(
+    built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = built / "bundles" / "tokens-onnx-fp32"
+    ids, mask = _tokens(5, 0)
+    np.savez(tmp_path / "good.npz", input_ids=ids, attention_mask=mask)
+    np.savez(tmp_path / "bad.npz", input_ids=ids)
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(bundle), str(tmp_path / "good.npz")])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "embedding [1, 32]" in out and "logits [1, 3]" in out  # values, not labels
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(bundle), str(tmp_path / "bad.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the model takes ['attention_mask', 'input_ids']" in err
+    assert "Traceback" not in err
