@@ -86,7 +86,7 @@ class OnnxDynamicQuantizer:
         """Write the dynamic int8 model with ``float_layers`` (node names) left in float."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from edgesmith.compress.quantize.onnx import _ort_quiet, _strip_debug_info
+        from edgesmith.compress.quantize.onnx import _ort_quiet
 
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -101,7 +101,7 @@ class OnnxDynamicQuantizer:
                     nodes_to_exclude=sorted(float_layers),
                     extra_options={"MatMulConstBOnly": True},
                 )
-            _strip_debug_info(tmp)
+            _strip_metadata(tmp)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -177,3 +177,15 @@ class TfliteDynamicQuantizer:
             result = qt.quantize(enable_progress_report=False)
         _write(result, path)
         return [path]
+
+
+def _strip_metadata(path: Path) -> None:
+    """Drop the exporter's per-node metadata (module scopes, stack traces) from a quantized
+    model; the report has already taken the layer names."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
