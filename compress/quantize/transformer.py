@@ -2,7 +2,7 @@
 
 Transformer activations have outlier channels that one static int8 range per tensor cannot hold
 (all-MiniLM-L6-v2, mean cosine to fp32 on held-out sentences: ONNX static QDQ 0.81-0.93, TFLite
-full-integer 0.64). Each format's tool has its own answer, measured in docs/benchmarks.md:
+full-integer 0.65). Each format's tool has its own answer, measured in docs/benchmarks.md:
 
 - ONNX Runtime: dynamic int8 (``quantize_dynamic``): per-channel int8 weights of every MatMul
   with a constant weight (and int8 embedding tables), activations quantized per call from their
