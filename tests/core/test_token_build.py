@@ -201,6 +201,11 @@ def test_bundle_runs_any_length_and_passes_its_health_check(built: Path) -> None
     for feeds, message in bad:
         with pytest.raises(InputError, match=message):
             model.run(feeds)
+    # bench feeds the manifest's example sequence length (8), all-ones masks, ids in range
+    from edgesmith.runtime.bench import _inputs
+
+    ids, mask = _inputs(model, 4)
+    assert ids.shape == mask.shape == (4, 8) and (mask == 1).all() and ids.dtype == np.int64
     health = check_health(bundle, require_golden=True)
     assert health.ok and health.golden, health.reason
 
