@@ -97,7 +97,8 @@ class BenchConfig(BaseModel):
 def _inputs(model: Any, batch: int, seed: int = 0) -> list[np.ndarray]:
     """Random inputs of ``batch`` samples: a symbolic dimension the manifest sizes (``dims``:
     a sequence length) at its ``example`` size, other symbolic dimensions at ``batch``; masks
-    (bool, or an integer input named ``*mask*``) all ones, integer ids in 100..999."""
+    (bool, or an integer input named ``*mask*``) all ones, other integers (ids) in 0..9: any
+    vocabulary holds them."""
     rng = np.random.default_rng(seed)
     rules = getattr(model, "input_rules", {}) or {}
     feeds = []
@@ -117,7 +118,7 @@ def _inputs(model: Any, batch: int, seed: int = 0) -> list[np.ndarray]:
         elif dt == np.bool_ or "mask" in s.name.lower():
             feeds.append(np.ones(shape, dt))
         else:
-            feeds.append(rng.integers(100, 1000, shape).astype(dt))
+            feeds.append(rng.integers(0, 10, shape).astype(dt))
     return feeds
 
 
