@@ -230,7 +230,9 @@ def resolve_outputs(
     """Names and kinds of the model's outputs, from the recipe or inferred from one forward pass.
 
     Undeclared outputs are ``logits`` under a top-1/top-5 metric; under a custom metric, one
-    value per sample is ``regression`` and anything wider ``features`` (never argmax-judged).
+    value per sample is ``regression``, a single wider output ``logits`` (as before outputs
+    could be declared: a classifier's recipe keeps its checks) and several wider outputs
+    ``features`` (never argmax-judged). The note says so and how to declare them.
 
     Returns:
         ``(names, kinds, note)``; ``note`` says what was inferred (empty when declared).
@@ -257,9 +259,14 @@ def resolve_outputs(
         if metric in ("top1", "top5"):
             kinds = ("logits",) * len(outs)
         else:
+            # one value per sample: a regression; one wider output: class scores, as before
+            # multi-output models (a recipe written for a classifier keeps its parity check);
+            # several wider outputs: features (never argmax-judged)
             kinds = tuple(
                 "regression"
                 if int(getattr(o, "numel", lambda: 0)()) <= max(1, len(o))
+                else "logits"
+                if len(outs) == 1
                 else "features"
                 for o in outs
             )

@@ -209,3 +209,20 @@ def test_bad_model_io_is_one_line_exit_2_nothing_written(
     assert message in err and hint in err, err
     assert "Traceback" not in err
     assert _nothing_written(diabetes_dir)
+
+
+def test_undeclared_outputs_keep_a_classifier_recipe_as_it_was() -> None:
+    import torch
+
+    from edgesmith.models import resolve_outputs
+
+    scores, values = torch.zeros(4, 10), torch.zeros(4, 1)
+    # top-1 metric or one wide output under a custom metric: class logits, as before
+    assert resolve_outputs(None, scores, "top1")[:2] == (("output",), ("logits",))
+    _, kinds, note = resolve_outputs(None, scores, "m.py:f1")
+    assert kinds == ("logits",) and "declare model.outputs" in note
+    # one value per sample is never argmax-judged; several wide outputs are features
+    assert resolve_outputs(None, values, "m.py:r2")[1] == ("regression",)
+    assert resolve_outputs(None, (scores, scores), "m.py:f")[1] == ("features", "features")
+    with pytest.raises(RecipeError, match="metric 'top1' scores one output"):
+        resolve_outputs(None, (scores, values), "top1")
