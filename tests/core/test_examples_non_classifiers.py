@@ -39,14 +39,17 @@ def test_minilm_int8_within_one_point_of_cosine_in_every_format(tmp_path: Path) 
         assert base - int8["accuracy"] <= 0.01, (fmt, int8["accuracy"])
         assert int8["parity"]["outputs"]["embedding"]["mean_cosine"] >= 0.98
         assert "top1_agreement" not in int8["parity"]["outputs"]["embedding"]
-    # a bundle embeds real sentences of any length as PyTorch did
-    import sys
+    # a bundle embeds real sentences of any length as PyTorch did (data.py loaded by path: no
+    # module named "data" left behind for other tests)
+    import importlib.util
 
-    sys.path.insert(0, str(ROOT / "examples" / "minilm"))
-    try:
-        from data import encode, sentences  # type: ignore[import-not-found]
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location(
+        "minilm_example_data", ROOT / "examples" / "minilm" / "data.py"
+    )
+    assert spec is not None and spec.loader is not None
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+    encode, sentences = data.encode, data.sentences
     pairs = encode(sentences()[:2])
     for fmt in ("onnx", "tflite"):
         model = load(tmp_path / "out" / arts[(fmt, "int8")]["bundle"], device="cpu")

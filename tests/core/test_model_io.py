@@ -141,7 +141,12 @@ def test_a_sample_that_does_not_fit_names_the_input() -> None:
 # --------------------------------------------------------------------------- bad input, end to end
 
 FACTORY_TWO_INPUTS = """
-from data import Patients, load
+import importlib.util
+from pathlib import Path
+_spec = importlib.util.spec_from_file_location("diabetes_test_data", Path(__file__).with_name("data.py"))
+_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_data)
+Patients, load = _data.Patients, _data.load
 class Twice(Patients):
     def __getitem__(self, i):
         x, y = super().__getitem__(i)

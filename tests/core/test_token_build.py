@@ -40,10 +40,22 @@ class TinyEncoder(nn.Module):
 '''
 
 DATA = """
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from model import TinyEncoder
+
+def _encoder():
+    # loaded by path under its own name: a plain "import model" would leave a module named
+    # "model" in sys.modules for every later test
+    spec = importlib.util.spec_from_file_location(
+        "tokens_test_model", Path(__file__).with_name("model.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.TinyEncoder
 
 
 class Tokens:
@@ -53,7 +65,7 @@ class Tokens:
         for _ in range(n):
             k = int(rng.integers(3, 13))
             self.x.append((rng.integers(1, 64, k).astype(np.int64), np.ones(k, np.int64)))
-        net = TinyEncoder().eval()
+        net = _encoder()().eval()
         with torch.no_grad():
             self.y = [net(torch.from_numpy(i)[None], torch.from_numpy(m)[None])[0][0].numpy()
                       for i, m in self.x]
@@ -170,14 +182,13 @@ def test_bundle_runs_any_length_and_passes_its_health_check(built: Path) -> None
 
     bundle = built / "bundles" / "tokens-onnx-fp32"
     model = load(bundle, device="cpu")
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, str(built.parent))
-    try:
-        from model import TinyEncoder  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(built.parent))
-    net = TinyEncoder().eval()
+    spec = importlib.util.spec_from_file_location("tokens_test_model", built.parent / "model.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.TinyEncoder().eval()
     for length in (3, 14):
         ids, mask = _tokens(length, length)
         emb, logits = model.run({"input_ids": ids, "attention_mask": mask}).values()
