@@ -142,6 +142,8 @@ def inputs_manifest(model: Any, layouts: Sequence[Any]) -> list[dict[str, Any]]:
         entry = TensorSpec(spec.name, tuple(shape), spec.dtype).to_json()
         if lay is not None:
             entry.update(lay.manifest())
+            if lay.name != spec.name and len(layouts) > 1:
+                entry["alias"] = lay.name  # the recipe's name, which load() also takes
             if lay.dtype != spec.dtype and np.dtype(lay.dtype).kind in "iub":
                 entry["cast_from"] = [lay.dtype]
         out.append(entry)

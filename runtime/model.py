@@ -66,6 +66,8 @@ class Model:
         # how inputs are fitted to the file (pad/cut a fixed sequence length, cast int64 ids):
         # the manifest's input entries, or declare_inputs() for a bare file
         self.input_rules: dict[str, dict[str, Any]] = {}
+        # the recipe's input names where the file's differ (TFLite: serving_default_args_0)
+        self.input_aliases: dict[str, str] = {}
         if manifest:
             self.declare_inputs(manifest.inputs)
         self.output_kinds: dict[str, str] = {
@@ -101,6 +103,8 @@ class Model:
         for e in entries:
             if isinstance(e, dict) and any(k in e for k in keys):
                 self.input_rules[str(e.get("name"))] = {k: e[k] for k in keys if k in e}
+            if isinstance(e, dict) and isinstance(e.get("alias"), str):
+                self.input_aliases[e["alias"]] = str(e.get("name"))
 
     def prepare(self, x: Any, spec: TensorSpec) -> np.ndarray:
         """Check one input against ``spec`` (preprocessing uint8 images as the manifest says,
@@ -133,11 +137,16 @@ class Model:
         return self._session.run({s.name: a for s, a in zip(self.inputs, arrays, strict=True)})
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Run with named inputs; returns named outputs."""
+        """Run with named inputs (the file's names, or the recipe's where the manifest gives
+        them as ``alias``); returns named outputs."""
         names = {s.name for s in self.inputs}
+        if self.input_aliases and set(feeds) != names:
+            feeds = {self.input_aliases.get(k, k): v for k, v in feeds.items()}
         if set(feeds) != names:
+            also = sorted(self.input_aliases)
             raise InputError(
-                f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}",
+                f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}"
+                + (f" (or by the recipe's names {also})" if also else ""),
                 hint="pass one array per model input, by name",
             )
         prepared = self.prepare_all([feeds[s.name] for s in self.inputs])

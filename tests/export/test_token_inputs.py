@@ -97,6 +97,10 @@ def test_tflite_at_the_longest_size_padded_by_the_runtime(tmp_path: Path) -> Non
     got = model(*([ids, mask] if "ids" in names[0] or "0" in names[0] else [mask, ids]))
     # padded with masked positions to 16 tokens: the same embedding as the 5-token input
     np.testing.assert_allclose(got[0], _expected(net, ids, mask)[0], atol=1e-5)
+    # the file names its inputs its own way; the recipe's names work too (manifest "alias")
+    assert {e["alias"] for e in entries} == {"input_ids", "attention_mask"}
+    by_recipe = model.run({"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(next(iter(by_recipe.values())), got[0], atol=1e-6)
     long = np.ones((1, 40), np.int64)
     assert model(long, long)[0].shape == (1, 8)  # cut to the 16 the file takes
     with pytest.raises(Exception, match="outside int32"):
