@@ -90,8 +90,8 @@ def attach_memory(bundle: Path, out: Path) -> Path:
     from edgesmith.exemplars import prepare_memory, write_memory
     from edgesmith.recipe import HeadMemoryConfig
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import read_bundle, write_bundle
-    from edgesmith.runtime.memory import MEMORY_FILE
+    from edgesmith.runtime.bundle import derived_manifest, read_bundle, write_bundle
+    from edgesmith.runtime.finetune.memory import MEMORY_FILE
     from edgesmith.runtime.specs import preprocess_images
 
     model = load(bundle)
@@ -116,10 +116,7 @@ def attach_memory(bundle: Path, out: Path) -> Path:
             return model.features(x)
 
     mem = write_memory(pm, Backbone(), model.head, work / MEMORY_FILE)
-    doc = m.to_json()
-    for k in ("schema", "files", "created"):
-        doc.pop(k)
-    doc["trainable_head"]["memory"] = mem
+    doc = derived_manifest(m, trainable_head={**(m.trainable_head or {}), "memory": mem})
     files = {rel: bundle / rel for rel in m.files}
     files[MEMORY_FILE] = work / MEMORY_FILE
     write_bundle(out, doc, files)
@@ -187,7 +184,7 @@ def accuracies(
     f_new: np.ndarray,
     n_new: np.ndarray,
 ) -> dict[str, float]:
-    from edgesmith.runtime.memory import label_accuracy
+    from edgesmith.runtime.finetune.memory import label_accuracy
 
     old_names = np.asarray([labels[i] for i in y_old])
     old = label_accuracy(head, labels, f_old, old_names)
@@ -206,7 +203,7 @@ class Setup:
         from edgesmith.data import read_fashion_mnist
         from edgesmith.runtime import load
         from edgesmith.runtime.finetune import FeatureCache
-        from edgesmith.runtime.memory import load_memory
+        from edgesmith.runtime.finetune.memory import load_memory
 
         self.model = load(bundle)
         assert self.model.manifest is not None
@@ -247,7 +244,7 @@ def learn(
 ) -> tuple[Any, list[str]]:
     """One device run: ``fit_head`` as ``finetune_model`` calls it (or the joint reference)."""
     from edgesmith.runtime.finetune import encode_labels, fit_head
-    from edgesmith.runtime.training import FinetuneConfig
+    from edgesmith.runtime.finetune.training import FinetuneConfig
 
     y, labels = encode_labels(names, labels, add_classes=True)
     yv, labels = encode_labels(nv, labels, add_classes=True)
@@ -298,7 +295,7 @@ def at_once(s: Setup, scenario: str, seeds: int, epochs: int) -> dict[str, Any]:
 
 
 def incremental(s: Setup, seeds: int, epochs: int, per_class: int = 200) -> dict[str, Any]:
-    from edgesmith.runtime.incremental import ReplayBuffer
+    from edgesmith.runtime.finetune.incremental import ReplayBuffer
 
     out: dict[str, Any] = {m: [] for m in METHODS}
     for seed in range(seeds):

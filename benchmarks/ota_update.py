@@ -48,13 +48,11 @@ def reference_bundle(work: Path) -> Path:
 
 
 def derive(src: Path, out: Path, version: int, key: Path) -> Path:
-    from edgesmith.runtime.bundle import read_bundle, write_bundle
+    from edgesmith.runtime.bundle import derived_manifest, read_bundle, write_bundle
 
-    m = read_bundle(src).to_json()
-    files = {rel: src / rel for rel in m["files"]}
-    for k in ("schema", "files", "created"):
-        m.pop(k)
-    write_bundle(out, {**m, "version": version}, files, sign_key=key)
+    m = read_bundle(src)
+    files = {rel: src / rel for rel in m.files}
+    write_bundle(out, derived_manifest(m, version=version), files, sign_key=key)
     return out
 
 

@@ -116,6 +116,13 @@ def _describe_mismatch(want: dict[str, list[int]], got: dict[str, list[int]]) ->
     return "; ".join(parts)
 
 
+# what fit() reads from a checkpoint
+_CHECKPOINT_KEYS = frozenset(
+    {"fingerprint", "model", "optimizer", "epoch", "best_metric", "best_epoch", "wait"}
+    | {"best_model", "history", "world_size"}
+)
+
+
 def load_checkpoint(path: Path, module: nn.Module) -> dict[str, Any]:
     """Read a training checkpoint and check it belongs to ``module`` (nothing is changed).
 
@@ -134,8 +141,22 @@ def load_checkpoint(path: Path, module: nn.Module) -> dict[str, Any]:
             f"{path} is not an edgesmith training checkpoint",
             hint="point the checkpoint directory elsewhere",
         )
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt))
+    if missing:
+        raise CompressionError(
+            f"checkpoint {path} is incomplete (no {', '.join(missing)})",
+            hint="delete it or point the checkpoint directory elsewhere",
+        )
     want = _fingerprint(module)
-    got = json.loads(ckpt["fingerprint"])
+    try:
+        got = json.loads(ckpt["fingerprint"])
+        json.loads(ckpt["history"])
+        int(ckpt["epoch"]), int(ckpt["wait"]), int(ckpt["world_size"])
+    except (TypeError, ValueError):
+        raise CompressionError(
+            f"checkpoint {path} is damaged (a field of the wrong type)",
+            hint="delete it or point the checkpoint directory elsewhere",
+        ) from None
     if got != want:
         raise CompressionError(
             f"checkpoint {path} was written for another model ({_describe_mismatch(want, got)})",

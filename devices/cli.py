@@ -7,31 +7,19 @@ backends) happen inside the command that needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
+from edgesmith.devices.cliutil import echo_json, key_option
+from edgesmith.errors import BundleError, CheckFailed, EdgesmithError, InputError
+from edgesmith.text import printable
 
 __all__ = ["bundle_group", "devices_group", "keygen_cmd"]
 
 log = logging.getLogger(__name__)
-
-_key_option = click.option(
-    "--key",
-    "keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Trusted public key file (NAME.pub) or folder of *.pub; repeatable.",
-)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
 
 # --------------------------------------------------------------------------- devices
 
@@ -45,11 +33,11 @@ def devices_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def devices_list(as_json: bool) -> None:
     """List the built-in device profiles."""
-    from edgesmith.devices.profiles import list_profiles, load_profile
+    from edgesmith.runtime.profiles import list_profiles, load_profile
 
     profiles = [load_profile(n) for n in list_profiles()]
     if as_json:
-        _echo_json([p.model_dump() for p in profiles])
+        echo_json([p.model_dump() for p in profiles])
         return
     click.echo(f"{'name':18} {'arch':8} {'backend':12} {'formats':22} {'precision':9} description")
     for p in profiles:
@@ -65,11 +53,11 @@ def devices_show(name: str, as_json: bool) -> None:
     """Show every field of profile NAME (a built-in name or a YAML file)."""
     import yaml
 
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     data = load_profile(name).model_dump()
     if as_json:
-        _echo_json(data)
+        echo_json(data)
     else:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
@@ -89,7 +77,7 @@ def devices_detect(root: Path, as_json: bool) -> None:
 
     d = detect(root)
     if as_json:
-        _echo_json(d.to_json())
+        echo_json(d.to_json())
     else:
         click.echo(f"arch:         {d.arch or 'unknown'} ({d.cores} cores)")
         click.echo(f"cpu:          {d.cpu or 'unknown'}{f' ({d.vendor})' if d.vendor else ''}")
@@ -136,6 +124,12 @@ def keygen_cmd(prefix: Path, force: bool) -> None:
     """
     from edgesmith.runtime.signing import generate_keypair
 
+    if prefix.is_dir():
+        raise InputError(
+            f"-o {prefix} is a folder; -o takes a file prefix "
+            f"(it would write {prefix}.key beside the folder)",
+            hint=f"name the pair inside it: -o {prefix / 'release'}",
+        )
     priv, pub, kid = generate_keypair(prefix, force=force)
     click.echo(f"private key: {priv} (mode 0600; keep it secret)")
     click.echo(f"public key:  {pub} (install on devices)")
@@ -148,9 +142,6 @@ def keygen_cmd(prefix: Path, force: bool) -> None:
 @click.group("bundle")
 def bundle_group() -> None:
     """Create, inspect, verify and sign deploy bundles."""
-
-
-_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".xml": "openvino"}
 
 
 @bundle_group.command("create")
@@ -217,43 +208,47 @@ def bundle_create(
     import numpy as np
 
     from edgesmith.devices.ota.channel import iso_utc, parse_duration, utc_now
-    from edgesmith.devices.profiles import load_profile
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import pack_bundle, write_bundle
+    from edgesmith.runtime.bundle import new_manifest, pack_bundle, write_bundle
+    from edgesmith.runtime.bundle.files import model_references
+    from edgesmith.runtime.formats import FORMATS, format_of_file
+    from edgesmith.runtime.profiles import load_profile
 
-    fmt = _FORMATS.get(model_file.suffix.lower())
+    fmt = format_of_file(model_file)
     if fmt is None:
         raise BundleError(
             f"cannot tell the format of {model_file.name}",
-            hint=f"give one of: {', '.join(_FORMATS)}",
+            hint=f"give one of: {', '.join(f.suffix for f in FORMATS.values())}",
         )
     load_profile(target)  # an unknown target is an error with a suggestion
+    model = load(model_file, device="cpu")  # screens the file (ONNX external data paths) first
     files = {model_file.name: model_file}
-    for side in (
-        model_file.with_suffix(".bin"),
-        Path(str(model_file) + ".data"),
-        model_file.with_suffix(".onnx.data"),
-    ):
-        if side.is_file() and side != model_file:
-            files[side.name] = side
-    model = load(model_file, device="cpu")
-    manifest: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "target": target,
-        "format": fmt,
-        "precision": precision,
-        "model": model_file.name,
-        "inputs": [s.to_json() for s in model.inputs],
-        "outputs": [s.to_json() for s in model.outputs],
-        "build": {"edgesmith": __import__("edgesmith").__version__, "tool": "bundle create"},
-    }
-    if expires:
-        manifest["expires"] = iso_utc(utc_now() + parse_duration(expires))
-    if labels:
-        manifest["labels"] = [
-            ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()
-        ]
+    # every file the model opens goes into the bundle, listed and hashed: ONNX external data
+    # (wherever its locations point inside the model's folder), OpenVINO weights
+    for rel in model_references(model_file.parent, model_file.name):
+        side = model_file.parent / rel
+        if not side.is_file():
+            raise BundleError(
+                f"{printable(model_file.name)} uses '{printable(rel)}', which is not in "
+                f"{printable(model_file.parent)}",
+                hint="put the model's external data (or .bin weights) next to it, as exported",
+            )
+        files[rel] = side
+    manifest = new_manifest(
+        name,
+        version,
+        target,
+        fmt.name,
+        precision,
+        model_file.name,
+        [s.to_json() for s in model.inputs],
+        [s.to_json() for s in model.outputs],
+        build={"tool": "bundle create"},
+        expires=iso_utc(utc_now() + parse_duration(expires)) if expires else None,
+        labels=[ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if labels
+        else None,
+    )
     with tempfile.TemporaryDirectory(prefix=".bundle-") as tmp:
         if golden:
             try:
@@ -289,31 +284,33 @@ def bundle_create(
 
 def _describe(check: Any, as_json: bool) -> None:
     m = check.manifest
-    if as_json:
-        _echo_json(
-            {"manifest": m.to_json(), "signed_by": check.signed_by, "signers": check.signers}
-        )
+    if as_json:  # JSON escapes control characters itself
+        echo_json({"manifest": m.to_json(), "signed_by": check.signed_by, "signers": check.signers})
         return
-    click.echo(f"{m.name} version {m.version}: {m.format} {m.precision} for {m.target}")
-    click.echo(f"created {m.created}" + (f", expires {m.expires}" if m.expires else ""))
+    p = printable  # every string below comes from the bundle: escape control characters
+    click.echo(f"{m.name} version {m.version}: {m.format} {p(m.precision)} for {p(m.target)}")
+    click.echo(f"created {p(m.created)}" + (f", expires {p(m.expires)}" if m.expires else ""))
     for spec in m.inputs:
-        click.echo(f"input  {spec['name']}: {spec['dtype']} {spec['shape']}")
+        click.echo(f"input  {p(spec['name'])}: {p(spec['dtype'])} {p(spec['shape'])}")
     for spec in m.outputs:
-        click.echo(f"output {spec['name']}: {spec['dtype']} {spec['shape']}")
+        click.echo(f"output {p(spec['name'])}: {p(spec['dtype'])} {p(spec['shape'])}")
     for rel, entry in sorted(m.files.items()):
-        click.echo(f"file   {rel}: {entry.size} bytes, sha256 {entry.sha256[:16]}…")
+        click.echo(f"file   {p(rel)}: {entry.size} bytes, sha256 {entry.sha256[:16]}…")
     if m.golden:
         click.echo(
-            f"golden {m.golden.get('file')} (atol {m.golden.get('atol')}, rtol {m.golden.get('rtol')})"
+            f"golden {p(m.golden.get('file'))} (atol {p(m.golden.get('atol'))}, "
+            f"rtol {p(m.golden.get('rtol'))})"
         )
     if m.metrics:
         shown = {k: v for k, v in m.metrics.items() if isinstance(v, int | float | str)}
-        click.echo("metrics " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        click.echo("metrics " + ", ".join(f"{p(k)} {p(v)}" for k, v in shown.items()))
     if check.signed_by:
         click.echo(f"signature: verified, key {check.signed_by[:16]}")
     elif check.signers:
         click.echo(
-            f"signature: by key(s) {', '.join(s[:16] for s in check.signers)} (not checked: no --key)"
+            "signature: by key(s) "
+            + ", ".join(p(s[:16]) for s in check.signers)
+            + " (not checked: no --key)"
         )
     else:
         click.echo("signature: none (unsigned development bundle)")
@@ -321,7 +318,7 @@ def _describe(check: Any, as_json: bool) -> None:
 
 @bundle_group.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_key_option
+@key_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def bundle_inspect(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Show a bundle's manifest and signature (files are not re-hashed; see `verify`)."""
@@ -332,7 +329,7 @@ def bundle_inspect(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
 
 @bundle_group.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_key_option
+@key_option
 @click.option(
     "--require-signature", is_flag=True, help="Fail on unsigned bundles (a device's policy)."
 )
@@ -360,13 +357,14 @@ def bundle_verify(
     m = check.manifest
     if check.signers and not check.signed_by:
         raise EdgesmithError(
-            f"{bundle} is signed by key {check.signers[0][:16]}, but no trusted public key was given",
+            f"{bundle} is signed by key {printable(check.signers[0][:16])}, but no trusted public "
+            "key was given",
             hint="pass the publisher's public key: --key NAME.pub",
         )
     if m.expired():
         raise CheckFailed(f"{bundle} expired at {m.expires}", hint="rebuild and republish it")
     if target:
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         prof = load_profile(target)
         if not prof.runs_bundles_for(m.target):
@@ -432,7 +430,7 @@ def bundle_pack(bundle: Path, out: Path) -> None:
     required=True,
     help="New folder to extract into.",
 )
-@_key_option
+@key_option
 @click.option("--require-signature", is_flag=True, help="Refuse unsigned bundles.")
 def bundle_unpack(bundle: Path, out: Path, keys: tuple[Path, ...], require_signature: bool) -> None:
     """Verify and safely extract a .tar bundle (no links, special files or paths outside OUT)."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgesmith.devices.profiles import Profile, list_profiles, load_profile
+from edgesmith.runtime.profiles import Profile, list_profiles, load_profile
 
 __all__ = ["Detection", "backend_devices", "detect", "parse_cpuinfo"]
 

@@ -21,6 +21,7 @@ import click
 from edgesmith import __version__
 from edgesmith.errors import EdgesmithError
 from edgesmith.progress import echo, set_quiet
+from edgesmith.text import printable
 
 __all__ = ["COMMANDS", "cli", "describe_os_error", "main"]
 
@@ -36,7 +37,7 @@ COMMANDS: dict[str, str] = {
     "keygen": "edgesmith.devices.cli:keygen_cmd",
     "ota": "edgesmith.devices.ota.cli:ota_group",
     "serve": "edgesmith.runtime.cli:serve_cmd",
-    "finetune": "edgesmith.runtime.finetune_cli:finetune_cmd",
+    "finetune": "edgesmith.devices.finetune_cli:finetune_cmd",
     "prune": "edgesmith.commands.prune:prune_cmd",
     "distill": "edgesmith.commands.distill:distill_cmd",
     "quantize": "edgesmith.commands.quantize:quantize_cmd",
@@ -129,6 +130,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     help="Ed25519 private key (from `edgesmith keygen`) that signs every bundle [env: EDGESMITH_SIGN_KEY].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option(
+    "--keep-going",
+    is_flag=True,
+    help="When some formats fail their checks, still write the formats that passed "
+    "(report.json 'partial'; exit 1).",
+)
 def build_cmd(
     recipe: Path,
     out: Path,
@@ -137,11 +144,14 @@ def build_cmd(
     bundle_version: int | None,
     sign_key: Path | None,
     as_json: bool,
+    keep_going: bool,
 ) -> None:
     """Run RECIPE end to end: stages, export, parity and accuracy checks, bundles, report.
 
     Writes OUT/report.json, OUT/report.md, OUT/report.png, the artifacts and OUT/bundles/*,
     all at once when every check passed (exit 0), or nothing (exit 1 on a failed check).
+    With --keep-going a multi-format build whose stages passed writes the formats that met their
+    checks, leaves the others out and still exits 1.
     """
     from edgesmith.pipeline import build
     from edgesmith.recipe import load_recipe, parse_recipe
@@ -160,6 +170,7 @@ def build_cmd(
         bundle_version=bundle_version,
         on_failure=_print_summary,
         sign_key=sign_key,
+        keep_going=keep_going,
     )
     if report is None:  # a torchrun rank other than 0: rank 0 writes and prints
         return
@@ -353,6 +364,11 @@ def describe_os_error(exc: OSError) -> tuple[str, str] | None:
     return message, template.format(path=path, folder=folder)
 
 
+def _safe(text: object) -> str:
+    """An error text for the terminal: each line escaped (names in messages come from files)."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to exit codes and one-line messages."""
     args = sys.argv[1:] if argv is None else argv
@@ -362,9 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     except EdgesmithError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(f"error: {_safe(exc.message)}", err=True)
         if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
+            click.echo(f"hint: {_safe(exc.hint)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
@@ -373,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__.startswith("NoArgsIsHelp"):  # bare `edgesmith recipe`: show help
             click.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))  # type: ignore[attr-defined]
             sys.exit(0)
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {_safe(exc.format_message())}", err=True)
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
             click.echo(f"hint: see '{ctx.command_path} --help'", err=True)
@@ -386,10 +402,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         described = describe_os_error(exc) if isinstance(exc, OSError) else None
         if described is not None:
-            click.echo(f"error: {described[0]}", err=True)
-            click.echo(f"hint: {described[1]}", err=True)
+            click.echo(f"error: {_safe(described[0])}", err=True)
+            click.echo(f"hint: {_safe(described[1])}", err=True)
             sys.exit(2)
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"error: internal error: {type(exc).__name__}: {_safe(exc)}", err=True)
         click.echo("hint: rerun with --debug for the traceback and report it as a bug", err=True)
         sys.exit(70)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -61,7 +61,6 @@ _FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _FMNIST_HINT = "install it with `sudo apt-get install dataset-fashion-mnist`, or set data.path to a folder with the four *-ubyte.gz files"
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -157,38 +156,24 @@ class _ImageFolder:
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:
         import torch
-        from PIL import Image, UnidentifiedImageError
+
+        from edgesmith.runtime.imagefolder import read_image
 
         path, label = self.files[i]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L" if self.pre.get("channels") == "GRAY" else "RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(
-                f"cannot read image {path}: {exc}", hint="remove or replace the corrupt file"
-            ) from None
+        mode = "L" if self.pre.get("channels") == "GRAY" else "RGB"
+        arr = read_image(path, mode, convert=True)  # the build converts (see runtime.imagefolder)
         x = preprocess_images(arr, self.pre, self.spec)[0]
         return torch.from_numpy(x), torch.tensor(label, dtype=torch.int64)
 
 
 def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"{root} has no class sub-folders", hint="lay images out as <split>/<class>/<image>.png"
-        )
-    files = [
-        (f, i)
-        for i, c in enumerate(classes)
-        for f in sorted((root / c).rglob("*"))
-        if f.suffix.lower() in _IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(
-            f"{root} contains no images ({', '.join(sorted(_IMAGE_SUFFIXES))})",
-            hint="check the folder",
-        )
-    return files, classes
+    from edgesmith.runtime.imagefolder import list_image_folder
+
+    files, names, classes = list_image_folder(
+        root, hint="lay images out as <split>/<class>/<image>.png"
+    )
+    index = {c: i for i, c in enumerate(classes)}
+    return [(f, index[n]) for f, n in zip(files, names, strict=True)], classes
 
 
 def _split_train(

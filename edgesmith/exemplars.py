@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.runtime.head import flatten_features
-from edgesmith.runtime.memory import (
+from edgesmith.runtime.finetune.head import flatten_features
+from edgesmith.runtime.finetune.memory import (
     MEMORY_FILE,
     MemorySpec,
     decode_samples,

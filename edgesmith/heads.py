@@ -2,7 +2,7 @@
 
 Used by ``build`` when the recipe has ``trainable_head``: the exported model is the backbone (the
 head submodule replaced by ``nn.Identity``), so every artifact variant (fp32, int8...) is a backbone;
-the head's weights become a :class:`edgesmith.runtime.head.Head` that the device runs and trains in
+the head's weights become a :class:`edgesmith.runtime.finetune.head.Head` that the device runs and trains in
 numpy.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgesmith.errors import RecipeError
-from edgesmith.runtime.head import Head, LayerSpec
+from edgesmith.runtime.finetune.head import Head, LayerSpec
 
 if TYPE_CHECKING:
     import torch

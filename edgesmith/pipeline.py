@@ -41,7 +41,7 @@ __all__ = ["Artifact", "Evaluator", "build", "prepare"]
 
 log = logging.getLogger(__name__)
 
-GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (edgesmith.golden)
+GOLDEN_CANDIDATES = 64  # evaluation inputs the golden samples are picked from (runtime/golden.py)
 _eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 
@@ -84,9 +84,9 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.devices.profiles import resolve_target
     from edgesmith.feeds import layouts_of, read_split
     from edgesmith.models import build_model, check_signature, resolve_outputs
+    from edgesmith.runtime.profiles import resolve_target
 
     profile = resolve_target(recipe.target)
     threads = profile.threads or os.cpu_count() or 1
@@ -200,9 +200,9 @@ def _write_bundle(
     memory: Any = None,
 ) -> str:
     from edgesmith.feeds import Samples
-    from edgesmith.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
     from edgesmith.runtime import load
-    from edgesmith.runtime.bundle import write_bundle
+    from edgesmith.runtime.bundle import new_manifest, write_bundle
+    from edgesmith.runtime.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
 
     model = load(art.path, device="cpu", threads=p.threads)
     ins_manifest = inputs_manifest(model, p.layouts)
@@ -237,36 +237,34 @@ def _write_bundle(
     if len(kinds) > 1 or kinds[0] != "logits":
         for spec, kind in zip(out_specs, kinds, strict=True):
             spec["kind"] = kind
-    manifest = {
-        "name": p.recipe.name,
-        "version": version,
-        "target": p.profile.name,
-        "format": art.format,
-        "precision": art.precision,
-        "model": art.path.name,
-        "inputs": ins_manifest,
-        "outputs": out_specs,
-        "preprocess": p.data.preprocess,
-        "labels": p.data.labels,
-        "golden": golden,
-        "metrics": {
+    manifest = new_manifest(
+        p.recipe.name,
+        version,
+        p.profile.name,
+        art.format,
+        art.precision,
+        art.path.name,
+        ins_manifest,
+        out_specs,
+        build={"recipe": p.recipe.name},
+        preprocess=p.data.preprocess,
+        labels=p.data.labels,
+        golden=golden,
+        metrics={
             "metric": p.recipe.metric,
             "accuracy": art.accuracy,
             "latency_ms": art.latency_ms,
             "size_bytes": art.size_bytes,
             "parity": art.parity.to_json(),
         },
-        "build": {"edgesmith": __import__("edgesmith").__version__, "recipe": p.recipe.name},
-    }
+    )
     if head is not None:
         _add_head(manifest, files, head, model.outputs[0].name, p, out)
         if memory is not None:  # the build classes' exemplars and held-out samples
             from edgesmith.exemplars import add_memory
 
             add_memory(manifest, files, memory, model, head, out / ".work", art)
-    write_bundle(
-        out / rel, {k: v for k, v in manifest.items() if v is not None}, files, sign_key=sign_key
-    )
+    write_bundle(out / rel, manifest, files, sign_key=sign_key)
     return rel
 
 
@@ -279,7 +277,7 @@ def _add_head(
     out: Path,
 ) -> None:
     """A trainable-head bundle: the head's arrays, its manifest entry, and logits as the output."""
-    from edgesmith.runtime.head import HEAD_FILE
+    from edgesmith.runtime.finetune.head import HEAD_FILE
 
     cfg = p.recipe.trainable_head
     assert cfg is not None
@@ -364,10 +362,14 @@ def build(
     bundle_version: int | None = None,
     on_failure: Callable[[dict[str, Any]], None] | None = None,
     sign_key: Any = None,
+    keep_going: bool = False,
 ) -> dict[str, Any] | None:
     """Run a recipe end to end and write ``out`` atomically.
 
     ``sign_key`` (an Ed25519 private key object or key file) signs every bundle before it appears.
+    ``keep_going``: when some formats fail their checks and the others (and every stage) pass,
+    write the formats that passed, mark the report ``partial`` and raise ``CheckFailed`` after
+    writing; by default a build writes everything or nothing.
 
     Returns:
         The report (as written to ``report.json``); None on torchrun ranks other than 0, which
@@ -464,6 +466,8 @@ def build(
             timing=[x.numpy() for x in p.examples],
         )
         artifacts: list[Artifact] = []
+        stage_checks = list(checks)
+        by_format: dict[str, list[Check]] = {}
         for fmt in recipe.export:
             spec_fmt = EXPORTERS[fmt]
             path = tmp / f"{recipe.name}-{fmt}-fp32{spec_fmt.suffix}"
@@ -475,9 +479,22 @@ def build(
                 derived = hook(ctx, art, ev)
                 artifacts += derived.artifacts
                 checks += derived.checks
-        golden_inputs = inputs[:GOLDEN_CANDIDATES]
+                by_format.setdefault(fmt, []).extend(derived.checks)
         for art in artifacts:
             checks.append(art.parity_check())
+            by_format.setdefault(art.format, []).append(checks[-1])
+        dropped = _dropped_formats(stage_checks, by_format) if keep_going else {}
+        if dropped:
+            for art in [a for a in artifacts if a.format in dropped]:
+                for f in art.files:
+                    f.unlink(missing_ok=True)
+            artifacts = [a for a in artifacts if a.format not in dropped]
+            report["partial"] = {
+                "formats": sorted({a.format for a in artifacts}),
+                "dropped": dropped,
+            }
+        golden_inputs = inputs[:GOLDEN_CANDIDATES]
+        for art in artifacts:
             art.bundle = _write_bundle(tmp, art, p, version, golden_inputs, sign_key, head, memory)
         report["failures"] = [str(c) for c in failed(checks)]
         report["artifacts"] = [a.to_json(tmp) for a in artifacts]
@@ -487,11 +504,33 @@ def build(
 
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         write_report(tmp, report)
-        if report["failures"]:
+        if report["failures"] and not dropped:
             if on_failure:
                 on_failure(report)
             raise CheckFailed(
                 f"{len(report['failures'])} check(s) failed: " + "; ".join(report["failures"]),
                 hint="nothing was written; " + failure_hint(checks),
             )
+    if dropped:  # --keep-going: the formats that passed are written; the build still failed
+        if on_failure:
+            on_failure(report)
+        raise CheckFailed(
+            f"partial build: {', '.join(sorted(dropped))} failed its checks and was left out: "
+            + "; ".join(report["failures"]),
+            hint=f"wrote {out} with {', '.join(report['partial']['formats'])} only "
+            "(report.json 'partial'); " + failure_hint(checks),
+        )
     return report
+
+
+def _dropped_formats(
+    stage_checks: list[Check], by_format: dict[str, list[Check]]
+) -> dict[str, list[str]]:
+    """The formats to leave out of a ``keep_going`` build (format -> its failed checks), or {}
+    when the stages failed (nothing can be kept) or no format passed."""
+    if failed(stage_checks):
+        return {}
+    bad = {fmt: [str(c) for c in failed(cs)] for fmt, cs in by_format.items() if failed(cs)}
+    if not bad or len(bad) == len(by_format):
+        return {}
+    return bad

@@ -202,15 +202,15 @@ def _check_calibration(
 
 def _check_names(data: dict[str, Any], lines: dict[Loc, int]) -> list[Problem]:
     """Target profile and export formats must be known names; checked on the raw mapping."""
-    from edgesmith.devices.profiles import list_profiles
     from edgesmith.export import EXPORTERS
+    from edgesmith.runtime.profiles import list_profiles
 
     problems: list[Problem] = []
     target = data.get("target")
     profiles = list_profiles()
     if isinstance(target, dict):
-        from edgesmith.devices.profiles import resolve_target
         from edgesmith.errors import EdgesmithError
+        from edgesmith.runtime.profiles import resolve_target
 
         try:
             resolve_target(target)

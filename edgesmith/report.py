@@ -69,6 +69,16 @@ def render_markdown(report: dict[str, Any], plot: str | None = "report.png") -> 
             f"{_mb(a['size_bytes'])} | {lat.get('p50', a['latency_ms']):.3f} / {lat.get('p90', float('nan')):.3f} ms | {speed:.2f}x | "
             f"{_agreement(p)} | {p['max_abs_diff']:.2g} | `{a.get('bundle')}` |"
         )
+    lines += _int8_lines(report["artifacts"])
+    partial = report.get("partial")
+    if partial:
+        lines += [
+            "",
+            "## Partial build",
+            "",
+            f"Written: {', '.join(partial['formats'])}; left out (failed their checks): "
+            f"{', '.join(sorted(partial['dropped']))}.",
+        ]
     if report.get("failures"):
         lines += ["", "## Failed checks", ""] + [f"- {f}" for f in report["failures"]]
     if plot:
@@ -129,6 +139,46 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _int8_lines(artifacts: list[dict[str, Any]]) -> list[str]:
+    """Per int8 artifact: which check decided, the layers kept float and their cost, the speed."""
+    out: list[str] = []
+    for a in artifacts:
+        q = a.get("quantization")
+        if not q or "accuracy_contract" not in q:
+            continue
+        c, speed = q["accuracy_contract"], q.get("speed", {})
+        par = c["parity"]
+        out += [
+            "",
+            f"### `{a['path']}`",
+            "",
+            f"- accuracy gate: {c['gate']} (max_accuracy_drop {c['max_accuracy_drop']}); int8 "
+            f"parity: top-1 agreement >= {par['top1_agreement']} ({par['source']}); decided by: "
+            f"{c['decided_by']}",
+            f"- layers kept float: {len(q['float_layers'])} of {q['layers']}"
+            + "".join(_fallback(f) for f in q["float_layers"]),
+        ]
+        if speed:
+            out.append(
+                f"- speed: {speed['ratio']:.2f}x the time of {speed['baseline']} "
+                f"({speed['int8_ms']:.3f} ms, {speed.get('threads')} threads, interleaved); "
+                + (speed.get("recommendation") or "faster than every float option")
+                + f"; {speed['note']}"
+            )
+    return out
+
+
+def _fallback(f: dict[str, Any]) -> str:
+    if f.get("given"):
+        return f"; `{f['layer']}` (given in float_layers)"
+    ms = f.get("latency_cost_ms")
+    cost = "latency not measured" if ms is None else f"{ms:+.3f} ms"
+    return (
+        f"; `{f['layer']}` (+{f.get('accuracy_gain', 0) * 100:.2f} points, {cost}, "
+        f"+{f['extra_bytes'] / 1e3:.0f} kB)"
+    )
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ A problem is ``(line, what is wrong, how to fix it)``. ``problems_from_error`` t
 a ``ValidationError`` into one (unknown keys get the nearest known key, unions are merged into
 "expected A or B", the received value is named), ``raise_problems`` reports them all at once as
 ``file:line key: problem`` plus the suggestions, and ``validate`` does both for one model.
-Used for recipes, device profiles and the compression commands' options.
+Used for recipes, device profiles, ``agent.yaml``, the compression commands' options and the
+runtime's (serve, fine-tune).
 
 Example:
     >>> validate(Profile, data, source="board.yaml", lines=lines)  # doctest: +SKIP
@@ -27,6 +28,7 @@ from edgesmith.yamlutil import Loc
 __all__ = [
     "Problem",
     "dotted",
+    "flag",
     "line_of",
     "problems_from_error",
     "quoted",
@@ -91,6 +93,11 @@ def dotted(loc: Loc) -> str:
 def quoted(loc: Loc) -> str:
     """How a key is named in a message about a file: ``'model.weights'``."""
     return f"'{dotted(loc)}'"
+
+
+def flag(loc: Loc) -> str:
+    """How a key is named in a message about command-line options: ``--max-batch``."""
+    return "--" + str(loc[0]).replace("_", "-") if loc else "options"
 
 
 def _is_type_tag(part: str | int) -> bool:

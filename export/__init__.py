@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgesmith.runtime.formats import FORMATS
+
 __all__ = ["EXPORTERS", "Format", "get_exporter"]
 
 
@@ -33,10 +35,10 @@ class Format:
         return [path, *(path.with_suffix(s) for s in self.side_suffixes)]
 
 
+# one exporter module per format of the format table (edgesmith.runtime.formats): export/<name>.py
 EXPORTERS: dict[str, Format] = {
-    "onnx": Format("onnx", ".onnx", "edgesmith.export.onnx", "onnxruntime"),
-    "tflite": Format("tflite", ".tflite", "edgesmith.export.tflite", "litert"),
-    "openvino": Format("openvino", ".xml", "edgesmith.export.openvino", "openvino", (".bin",)),
+    name: Format(name, f.suffix, f"edgesmith.export.{name}", f.backends[0], f.side_suffixes)
+    for name, f in FORMATS.items()
 }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edgesmith.errors import ExportError, UnsupportedOpError
+from edgesmith.runtime.formats import FORMATS
 
 __all__ = ["diagnose", "locate_op"]
 
@@ -26,7 +27,7 @@ _OP_PATTERNS = [
     re.compile(r"(?P<op>aten\.[\w]+(?:\.[\w]+)?)"),
 ]
 
-_FORMATS = ("onnx", "openvino", "tflite")
+_FORMATS = tuple(sorted(FORMATS))  # the format table, in a stable order for messages
 _SPECIFIC = {
     "onnx": ["try another opset (export.opset)"],
     "openvino": ["export to onnx and let OpenVINO read the .onnx file"],

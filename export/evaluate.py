@@ -54,9 +54,11 @@ class Artifact:
     latency: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     bundle: str | None = None
+    parity_source: str = ""  # which tolerance applied and where it came from, when not the recipe's
 
     def parity_check(self) -> Check:
         """The parity tolerance of the recipe, checked on the whole evaluation set."""
+        source = f" ({self.parity_source})" if self.parity_source else ""
         return Check(
             "export",
             "parity",
@@ -64,7 +66,7 @@ class Artifact:
             None,
             self.parity.passed,
             PARITY_HINT,
-            f"{self.path.name}: parity failed: {self.parity.reason}",
+            f"{self.path.name}: parity failed: {self.parity.reason}{source}",
         )
 
     def to_json(self, root: Path) -> dict[str, Any]:
@@ -258,11 +260,14 @@ class Evaluator:
         ref = self.reference if idx is None else take_targets(self.reference, idx)
         return output_list(ref, list(self.info.names) if isinstance(ref, dict) else None)
 
-    def tolerances(self, precision: str) -> list[dict[str, Any]]:
-        """The parity tolerance of each output for a ``precision`` artifact."""
+    def tolerances(self, precision: str, override: Any = None) -> list[dict[str, Any]]:
+        """The parity tolerance of each output for a ``precision`` artifact (``override``: a
+        ``ParityTolerance`` in place of the recipe's, such as the int8 contract's; fields of
+        other kinds than logits it leaves out take their kind's defaults)."""
         from edgesmith.schema import parity_tolerance
 
-        return [parity_tolerance(self.recipe.parity, precision, k) for k in self.info.kinds]
+        parity = self.recipe.parity if override is None else {precision: override}
+        return [parity_tolerance(parity, precision, k) for k in self.info.kinds]
 
     def user_form(self, outs: list[np.ndarray]) -> Any:
         """Outputs as the metric takes them: one array, or a dict by output name."""
@@ -299,15 +304,21 @@ class Evaluator:
         precision: str,
         files: list[Path] | None = None,
         extra: dict[str, Any] | None = None,
+        tolerance: Any = None,
+        parity_source: str = "",
     ) -> Artifact:
-        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference."""
+        """Load ``path`` with the runtime, run the evaluation set, and compare with the reference.
+
+        ``tolerance`` replaces the recipe's parity tolerance for ``precision`` (the int8 contract,
+        ``compress/quantize/contract.py``); ``parity_source`` names it in a failure message.
+        """
         model = self.load(path)
         outs = self.outputs(model, label=f"evaluate {path.name}")
         parity = compare(
             self.reference_list(),
             outs,
             self.info.kinds,
-            self.tolerances(precision),
+            self.tolerances(precision, tolerance),
             self.info.names,
         )
         accuracy = self.metric(self.user_form(outs), self.targets)
@@ -327,4 +338,5 @@ class Evaluator:
             parity,
             latency={k: lat[k] for k in ("p50", "p90", "p99")},
             extra=dict(extra or {}),
+            parity_source=parity_source,
         )

@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import EdgesmithError
+from edgesmith.text import printable
 
 __all__ = [
     "BenchConfig",
@@ -297,7 +298,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         s, o, r = single["single_stream"], offline["offline"], m["vs_first"]
         cold = f"{m['cold_start_ms']:.0f} ms" if m.get("cold_start_ms") is not None else "-"
         lines.append(
-            f"| `{Path(m['model']).name}` | {m['backend']} / {m['provider']} | {m['precision']} "
+            f"| `{printable(Path(m['model']).name)}` | {m['backend']} / {m['provider']} | "
+            f"{printable(m['precision'])} "
             f"| {m['size_bytes'] / 1e6:.2f} MB | {cold} | {m['peak_rss_mb']:.0f} MB "
             f"| {s['p50']:.3f} / {s['p90']:.3f} / {s['p99']:.3f} | {s['qps']:.0f} | {o['samples_per_s']:.0f} "
             f"| {r['single_stream_speedup']:.2f}x | {r['offline_throughput_ratio']:.2f}x |"

@@ -10,6 +10,8 @@ import click
 import numpy as np
 
 from edgesmith.errors import InputError
+from edgesmith.options import field_option
+from edgesmith.text import printable
 
 __all__ = ["bench_cmd", "run_cmd", "serve_cmd"]
 
@@ -160,9 +162,10 @@ def run_cmd(
     if as_json:
         click.echo(json.dumps({"model": model.info, "results": results}, indent=2))
         return
-    for r in results:
+    for r in results:  # labels come from the bundle: control characters are escaped
         click.echo(
-            f"{r['file']}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in r["top"])
+            f"{printable(r['file'])}: "
+            + ", ".join(f"{printable(t['label'])} ({t['probability']:.3f})" for t in r["top"])
         )
 
 
@@ -302,105 +305,64 @@ def bench_cmd(
     click.echo(json.dumps(report, indent=2) if as_json else text)
 
 
+def _serve_option(name: str, *decls: str, help: str, **attrs: Any) -> Any:
+    """A ``serve`` option made from the ``ServeConfig`` field ``name`` (type, bounds, default)."""
+    from edgesmith.runtime.serve.server import ServeConfig
+
+    flag = ServeConfig.model_fields[name].annotation is bool
+    return field_option(ServeConfig, name, *decls, help=help, show_default=not flag, **attrs)
+
+
 @click.command("serve")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told)."
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    help="Port (0: any free one).",
-)
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Most samples per batch; 1 disables micro-batching.",
-)
-@click.option(
-    "--max-wait-ms",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="How long a batch waits to fill.",
-)
-@click.option(
-    "--max-queue",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Requests waiting before 503.",
-)
-@click.option(
-    "--timeout-ms",
-    type=click.FloatRange(min=1),
-    default=10_000,
-    show_default=True,
+@_serve_option("host", help="Address to bind (loopback unless told).")
+@_serve_option("port", help="Port (0: any free one).")
+@_serve_option("max_batch", help="Most samples per batch; 1 disables micro-batching.")
+@_serve_option("max_wait_ms", help="How long a batch waits to fill.")
+@_serve_option("max_queue", help="Requests waiting before 503.")
+@_serve_option(
+    "timeout_ms",
     help="Default per-request deadline (504); a request's 'timeout' parameter (µs) overrides it.",
 )
-@click.option(
-    "--max-body-mb",
-    type=click.FloatRange(min=0.01),
-    default=8.0,
-    show_default=True,
-    help="Request body limit (413).",
+@_serve_option("max_body_bytes", "--max-body-mb", scale=1 << 20, help="Request body limit (413).")
+@_serve_option(
+    "body_timeout_s",
+    "--body-timeout",
+    help="Seconds a client may take to send a request body (408).",
 )
-@click.option(
-    "--max-connections",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Concurrent connections before 503.",
-)
+@_serve_option("max_connections", help="Concurrent connections before 503.")
 @click.option(
     "--token-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     help="Require 'Authorization: Bearer <token>' with the token in this file (or in $EDGESMITH_TOKEN).",
 )
-@click.option(
-    "--nan-policy",
-    type=click.Choice(["error", "allow"]),
-    default="error",
-    show_default=True,
-    help="Reject (422) or pass NaN/Inf inputs.",
+@_serve_option("nan_policy", help="Reject (422) or pass NaN/Inf inputs.")
+@_serve_option(
+    "watch", help="Re-resolve MODEL (e.g. an OTA 'current' link) and hot-swap when it changes."
 )
-@click.option(
-    "--watch",
-    is_flag=True,
-    help="Re-resolve MODEL (e.g. an OTA 'current' link) and hot-swap when it changes.",
+@_serve_option("watch_interval_s", "--watch-interval", help="Seconds between --watch checks.")
+@_serve_option("device", help="auto, cpu, cuda, tensorrt, gpu, npu, ...")
+@_serve_option("threads", help="Intra-op threads of the model.")
+@_serve_option("backend", help="Force a backend (onnxruntime, openvino, litert).")
+@_serve_option(
+    "drain_timeout_s", "--drain-timeout", help="Seconds SIGTERM waits for requests in flight."
 )
-@click.option(
-    "--watch-interval",
-    type=click.FloatRange(min=0.05),
-    default=1.0,
-    show_default=True,
-    help="Seconds between --watch checks.",
-)
-@click.option(
-    "--device", default="auto", show_default=True, help="auto, cpu, cuda, tensorrt, gpu, npu, ..."
-)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of the model."
-)
-@click.option("--backend", default=None, help="Force a backend (onnxruntime, openvino, litert).")
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds SIGTERM waits for requests in flight.",
-)
-@click.option(
-    "--inference-nice",
-    type=click.IntRange(0, 19),
-    default=10,
-    show_default=True,
+@_serve_option(
+    "inference_nice",
     help="Nice value of the inference thread (Linux): reading requests and shedding load go first when the CPU is short; 0 treats them alike.",
+)
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Trusted public key (NAME.pub) or folder of *.pub: a signed bundle must verify "
+    "against one, at start and on every hot swap; repeatable.",
+)
+@_serve_option(
+    "require_signature",
+    help="Serve signed bundles only (needs --key); unsigned bundles and bare model files are refused.",
 )
 @click.option(
     "--ready-file",
@@ -410,24 +372,10 @@ def bench_cmd(
 )
 def serve_cmd(
     model_path: Path,
-    host: str,
-    port: int,
-    max_batch: int,
-    max_wait_ms: float,
-    max_queue: int,
-    timeout_ms: float,
-    max_body_mb: float,
-    max_connections: int,
     token_file: Path | None,
-    nan_policy: str,
-    watch: bool,
-    watch_interval: float,
-    device: str,
-    threads: int | None,
-    backend: str | None,
-    drain_timeout: float,
-    inference_nice: int,
+    keys: tuple[Path, ...],
     ready_file: Path | None,
+    **options: Any,
 ) -> None:
     """Serve MODEL (a bundle, a model file, or a link to one) over the Open Inference Protocol v2.
 
@@ -437,6 +385,7 @@ def serve_cmd(
     Example:
       edgesmith serve out/bundles/fmnist-cnn-onnx-fp32 --port 8000
       curl localhost:8000/v2/models/fmnist-cnn
+      edgesmith serve /var/lib/edgesmith/current --watch --key release.pub --require-signature
     """
     import logging
     import os
@@ -453,25 +402,13 @@ def serve_cmd(
             ) from None
         if not token:
             raise InputError(f"token file {token_file} is empty", hint="write the token into it")
+    if options.get("require_signature") and not keys:
+        raise InputError(
+            "--require-signature needs the publisher's public key to check signatures with",
+            hint="add --key NAME.pub (the file `edgesmith keygen` wrote next to NAME.key)",
+        )
     if logging.getLogger().getEffectiveLevel() <= logging.WARNING:  # not -q: show swaps
         logging.getLogger("edgesmith.runtime.serve").setLevel(logging.INFO)
-    config = dict(
-        host=host,
-        port=port,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
-        timeout_ms=timeout_ms,
-        max_body_bytes=int(max_body_mb * (1 << 20)),
-        max_connections=max_connections,
-        token=token,
-        nan_policy=nan_policy,
-        watch=watch,
-        watch_interval_s=watch_interval,
-        device=device,
-        threads=threads,
-        backend=backend,
-        drain_timeout_s=drain_timeout,
-        inference_nice=inference_nice,
-    )
+    config = {k: v for k, v in options.items() if v is not None}
+    config.update(token=token, trusted_keys=[str(k) for k in keys])
     Server(model_path, **config).run(ready_file=ready_file)

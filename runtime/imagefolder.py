@@ -1,11 +1,17 @@
-"""Labelled image folders for on-device fine-tuning (Pillow, no torch).
+"""Labelled image folders (Pillow, no torch): the one reader for the build's ``image-folder``
+data (:mod:`edgesmith.data`) and on-device fine-tuning.
 
-Layout: ``DIR/<class>/*.png`` (a held-out split is drawn from it), or ``DIR/train/<class>/...``
-plus ``DIR/val/<class>/...`` (or ``test/``, ``holdout/``) for an explicit held-out split. Images
-must already look like what the model sees: the bundle's image size (``preprocess.resize``, else
-the input's size) and channel count (gray for ``channels: GRAY``, RGB otherwise). Other sizes
-are refused unless ``resize=True``; other modes (alpha, palette, 16-bit, CMYK) are always refused,
-so that wrong data cannot silently train the head.
+One rule for what a sample is (:func:`list_image_folder`): ``<split>/<class>/**/<image>`` with a
+known image suffix; hidden files and folders are skipped; classes are the sorted folder names.
+One decoder (:func:`read_image`): at most ``MAX_PIXELS`` pixels, a readable image, the model's
+channel count (gray for ``channels: GRAY``, RGB otherwise). The build converts other modes to
+that (``convert=True``: training data from any source); the device refuses them (alpha, palette,
+16-bit, CMYK), so that wrong data cannot silently train the head.
+
+On the device, layout: ``DIR/<class>/*.png`` (a held-out split is drawn from it), or
+``DIR/train/<class>/...`` plus ``DIR/val/<class>/...`` (or ``test/``, ``holdout/``) for an explicit
+held-out split. Images must already have the bundle's image size (``preprocess.resize``, else the
+input's size); other sizes are refused unless ``resize=True``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ import numpy as np
 
 from edgesmith.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageSet", "expected_image", "read_image_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "ImageSet",
+    "expected_image",
+    "list_image_folder",
+    "read_image",
+    "read_image_folder",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 HOLDOUT_DIRS = ("val", "holdout", "test")
@@ -53,50 +67,16 @@ def expected_image(
     return h, w, "L" if gray else "RGB"
 
 
-def _read_one(
-    path: Path, size: tuple[int | None, int | None], mode: str, resize: bool
-) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def list_image_folder(root: Path, hint: str) -> tuple[list[Path], list[str], list[str]]:
+    """The images under ``root/<class>/`` (sorted by class, then path), each one's class, and
+    the class folders (sorted; one may hold no image).
 
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise DataError(
-                    f"{path}: {im.width}x{im.height} is too large for an image of this model",
-                    hint="resize the images first",
-                )
-            if im.mode != mode:
-                what = {"L": "gray (1 channel)", "RGB": "RGB (3 channels)"}[mode]
-                raise DataError(
-                    f"{path}: image mode {im.mode} ({len(im.getbands())} channel(s)); the model "
-                    f"takes {what} images",
-                    hint=f"convert the images (PIL: img.convert('{mode}')), e.g. drop the alpha channel",
-                )
-            h, w = size
-            if h is not None and w is not None and (im.height, im.width) != (h, w):
-                if not resize:
-                    raise DataError(
-                        f"{path}: image is {im.width}x{im.height}; the model takes {w}x{h}",
-                        hint="give images of the model's size, or pass --resize to resize them",
-                    )
-                return np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"cannot read image {path}: {exc}", hint="remove or replace the corrupt file"
-        ) from None
-
-
-def _read_split(
-    root: Path, size: tuple[int | None, int | None], mode: str, resize: bool
-) -> ImageSet:
+    Raises:
+        DataError: no class folders, or no images in them (``hint`` says how to lay them out).
+    """
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(
-            f"{root} has no class folders", hint="lay images out as DIR/<class>/<image>.png"
-        )
+        raise DataError(f"{root} has no class folders", hint=hint)
     files: list[Path] = []
     names: list[str] = []
     for c in classes:
@@ -106,12 +86,77 @@ def _read_split(
                 names.append(c)
     if not files:
         raise DataError(
-            f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
-            hint="put the labelled images in DIR/<class>/",
+            f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})", hint=hint
         )
+    return files, names, classes
+
+
+def read_image(
+    path: Path,
+    mode: str,
+    size: tuple[int | None, int | None] = (None, None),
+    resize: bool = False,
+    convert: bool = False,
+) -> np.ndarray:
+    """One image as uint8 (H, W) for ``mode`` ``L`` or (H, W, 3) for ``RGB``.
+
+    Args:
+        mode: the model's PIL mode (:func:`expected_image`).
+        size: (height, width) the image must have (None: any).
+        resize: resize an image of another size instead of refusing it.
+        convert: convert an image of another mode instead of refusing it.
+
+    Raises:
+        DataError: unreadable, too large, or (unless allowed) of another mode or size.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(
+                    f"{path}: {im.width}x{im.height} is too large for an image of this model",
+                    hint="resize the images first",
+                )
+            if im.mode != mode and convert:
+                return _sized(im.convert(mode), size, resize, path)
+            if im.mode != mode:
+                what = {"L": "gray (1 channel)", "RGB": "RGB (3 channels)"}[mode]
+                raise DataError(
+                    f"{path}: image mode {im.mode} ({len(im.getbands())} channel(s)); the model "
+                    f"takes {what} images",
+                    hint=f"convert the images (PIL: img.convert('{mode}')), e.g. drop the alpha channel",
+                )
+            return _sized(im, size, resize, path)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"cannot read image {path}: {exc}", hint="remove or replace the corrupt file"
+        ) from None
+
+
+def _sized(im: Any, size: tuple[int | None, int | None], resize: bool, path: Path) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size
+    if h is not None and w is not None and (im.height, im.width) != (h, w):
+        if not resize:
+            raise DataError(
+                f"{path}: image is {im.width}x{im.height}; the model takes {w}x{h}",
+                hint="give images of the model's size, or pass --resize to resize them",
+            )
+        return np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _read_split(
+    root: Path, size: tuple[int | None, int | None], mode: str, resize: bool
+) -> ImageSet:
+    files, names, _ = list_image_folder(root, hint="lay images out as DIR/<class>/<image>.png")
     from edgesmith.progress import track
 
-    images = [_read_one(f, size, mode, resize) for f in track(files, f"reading {root.name}")]
+    images = [read_image(f, mode, size, resize) for f in track(files, f"reading {root.name}")]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataError(

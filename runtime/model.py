@@ -9,9 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import EdgesmithError, InputError, ModelLoadError
+from edgesmith.errors import BundleError, EdgesmithError, InputError, ModelLoadError
 from edgesmith.runtime.backends import Session, backend_for, get_backend
-from edgesmith.runtime.bundle import Manifest, read_bundle
+from edgesmith.runtime.bundle import KeySource, Manifest, read_bundle
+from edgesmith.runtime.bundle.files import (
+    check_model_references,
+    model_references,
+    model_references_from,
+)
 from edgesmith.runtime.specs import (
     NanPolicy,
     TensorSpec,
@@ -20,6 +25,7 @@ from edgesmith.runtime.specs import (
     fit_input,
     preprocess_images,
 )
+from edgesmith.text import printable
 
 __all__ = ["Model", "load"]
 
@@ -205,7 +211,7 @@ class Model:
 
     @property
     def head(self) -> Any:
-        """The numpy :class:`~edgesmith.runtime.head.Head` of a trainable-head bundle, else None."""
+        """The numpy :class:`~edgesmith.runtime.finetune.head.Head` of a trainable-head bundle, else None."""
         return getattr(self._session, "head", None)
 
     def features(self, x: Any) -> np.ndarray:
@@ -238,11 +244,11 @@ class Model:
 
 def _profile(target: str) -> Any:
     try:
-        from edgesmith.devices.profiles import load_profile
+        from edgesmith.runtime.profiles import load_profile
 
         return load_profile(target)
     except EdgesmithError:
-        log.warning("bundle target '%s' is not a known profile; using defaults", target)
+        log.warning("bundle target '%s' is not a known profile; using defaults", printable(target))
         return None
 
 
@@ -268,6 +274,9 @@ def load(
     nan_policy: NanPolicy = "error",
     verify: bool = True,
     options: dict[str, Any] | None = None,
+    *,
+    trusted_keys: KeySource | None = None,
+    require_signature: bool = False,
 ) -> Model:
     """Load a bundle folder or a bare model file (``.onnx``, ``.tflite``, OpenVINO ``.xml``).
 
@@ -283,28 +292,50 @@ def load(
         options: backend options: ``precision`` (OpenVINO inference precision, default ``f32``;
             ``fp16`` for TensorRT), ``delegate`` (LiteRT delegate library path), ``providers``
             (onnxruntime provider order), ``provider_options``, ``session_config``.
+        trusted_keys: public key files (``NAME.pub``), folders of them, or ``{key id: raw key}``:
+            a bundle's signature must verify against one of them (checked before anything else
+            in the bundle is read). An unsigned bundle still loads, with a warning, unless
+            ``require_signature``.
+        require_signature: refuse unsigned bundles and bare model files (a device's policy);
+            needs ``trusted_keys``.
 
     Returns:
         A :class:`Model`; ``model.info`` says which backend, provider and precision run.
 
     Raises:
         ModelLoadError: missing, empty, truncated or unsafe model file (e.g. ONNX external data
-            outside the model's folder). BundleError: a bundle that fails verification.
+            outside the model's folder). BundleError: a bundle that fails verification (bad or
+            untrusted signature, an unsigned bundle under ``require_signature``, a file the
+            model uses that its manifest does not list).
 
     Example:
         >>> model = load("out/bundles/fmnist-cnn-onnx-fp32")      # doctest: +SKIP
         >>> model.predict(image_uint8, top_k=3)                    # doctest: +SKIP
+        >>> load("current", trusted_keys=["/etc/edgesmith/release.pub"], require_signature=True)  # doctest: +SKIP
     """
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(
-            f"model not found: {p}", hint="give a bundle folder or a .onnx, .tflite or .xml file"
+            f"model not found: {printable(p)}",
+            hint="give a bundle folder or a .onnx, .tflite or .xml file",
+        )
+    if require_signature and not trusted_keys:
+        raise BundleError(
+            "require_signature needs the trusted public keys to check signatures with",
+            hint="pass trusted_keys=[NAME.pub] (edgesmith serve: --key NAME.pub)",
         )
     opts = dict(options or {})
     manifest = None
     profile = None
+    if require_signature and not p.is_dir():
+        raise BundleError(
+            f"{printable(p)} is a bare model file, and only signed bundles are accepted here",
+            hint="bundle and sign it: edgesmith bundle create MODEL -o OUT --sign-key NAME.key ...",
+        )
     if p.is_dir():
-        manifest = read_bundle(p, verify=verify)
+        manifest = read_bundle(
+            p, verify=verify, trusted_keys=trusted_keys, require_signature=require_signature
+        )
         model_file = p / manifest.model
         profile = _profile(manifest.target)
         if threads is None and profile is not None:
@@ -324,16 +355,24 @@ def load(
             f"{model_file} is empty", hint="the file is truncated; export or download it again"
         )
     weights = None
+    refs: list[str] = []
     if model_file.suffix.lower() == ".onnx":
         from edgesmith.runtime.onnxfile import scan_onnx
 
-        weights = scan_onnx(model_file).precision
+        scan = scan_onnx(model_file)
+        weights = scan.precision
+        if manifest is not None:
+            refs = model_references_from(manifest.model, scan.external)
+    elif manifest is not None:
+        refs = model_references(p, manifest.model)
+    if manifest is not None:
+        check_model_references(p, manifest, refs)
     device, profile_opts = _profile_options(profile, name, device)
     session = get_backend(name).open_session(
         model_file, device=device, threads=threads, options={**profile_opts, **opts}
     )
     if manifest is not None and manifest.trainable_head:  # backbone here, head in numpy
-        from edgesmith.runtime.head import HeadSession, load_head
+        from edgesmith.runtime.finetune.head import HeadSession, load_head
 
         head = load_head(p, manifest.trainable_head)
         session = HeadSession(session, head, manifest.trainable_head)

@@ -140,7 +140,7 @@ def _tensor(buf: memoryview, start: int, end: int, out: OnnxScan, name_hint: str
                     key, val = (text, val) if n2 == 1 else (key, text)
             if key == "location":
                 location = val
-            elif key == "length" and val.isdigit():
+            elif key == "length" and val.isascii() and val.isdigit() and len(val) < 20:
                 nbytes += int(val)
     if location is not None:
         out.external.append(location)
@@ -173,6 +173,12 @@ def _walk(buf: memoryview, start: int, end: int, kind: str, out: OnnxScan, depth
 
 def _check_location(loc: str, root: Path, model: Path) -> None:
     hint = "external data files must sit in the model's folder (or below it); re-export the model"
+    if not loc.isprintable():  # a NUL byte would reach the OS; control characters a terminal
+        shown = loc.encode("unicode_escape").decode("ascii")[:200]
+        raise ModelLoadError(
+            f"{model.name} names an external data file with control characters: '{shown}'",
+            hint=hint,
+        )
     p = Path(loc)
     if p.is_absolute() or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
         raise ModelLoadError(

@@ -106,11 +106,19 @@ def generate_keypair(prefix: str | Path, force: bool = False) -> tuple[Path, Pat
     pub_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(priv_path, priv_pem)
-    tmp = pub_path.with_name(f".{pub_path.name}.tmp")
-    tmp.write_bytes(pub_pem)
-    os.replace(tmp, pub_path)
+    wrote_private = False
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(priv_path, priv_pem)
+        wrote_private = True
+        tmp = pub_path.with_name(f".{pub_path.name}.tmp")
+        tmp.write_bytes(pub_pem)
+        os.replace(tmp, pub_path)
+    except OSError:  # the CLI reports it (path, reason, hint); exit 2
+        if wrote_private:  # never leave a new private key without its public half
+            with contextlib.suppress(OSError):
+                priv_path.unlink()
+        raise
     return priv_path, pub_path, key_id(_raw_public(key.public_key()))
 
 
@@ -135,9 +143,15 @@ def _read_key_file(path: str | Path, what: str) -> bytes:
             f"{what} file not found: {p}",
             hint="create a key pair with `edgesmith keygen -o NAME` (NAME.key is private, NAME.pub public)",
         )
-    if p.stat().st_size > MAX_SIGNATURE_BYTES:
-        raise EdgesmithError(f"{p} is too large to be a key file", hint="give a PEM key file")
-    return p.read_bytes()
+    try:
+        if p.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise EdgesmithError(f"{p} is too large to be a key file", hint="give a PEM key file")
+        return p.read_bytes()
+    except OSError as exc:
+        raise EdgesmithError(
+            f"cannot read {what} file {p}: {exc.strerror or exc}",
+            hint="check the file's permissions",
+        ) from None
 
 
 def load_private_key(path: str | Path) -> Any:

@@ -14,12 +14,15 @@ import numpy as np
 from edgesmith.errors import InputError
 
 __all__ = [
+    "MAX_IMAGE_SIDE",
     "NanPolicy",
     "TensorSpec",
     "check_input",
     "check_shared_dims",
     "fit_input",
     "preprocess_images",
+    "preprocessed_shape",
+    "validate_preprocess",
 ]
 
 NanPolicy = Literal["error", "allow"]
@@ -187,6 +190,67 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
+MAX_IMAGE_SIDE = 1 << 14
+_LAYOUTS = ("NCHW", "NHWC")
+_CHANNELS = ("RGB", "BGR", "GRAY")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_preprocess(pre: dict[str, Any]) -> None:
+    """Check a manifest's ``preprocess`` mapping (the keys ``build`` writes; others are ignored).
+
+    Raises:
+        ValueError: with the first problem (the manifest parser turns it into a BundleError).
+    """
+    resize = pre.get("resize")
+    if resize is not None and not (
+        isinstance(resize, list)
+        and len(resize) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in resize)
+        and all(1 <= d <= MAX_IMAGE_SIDE for d in resize)
+    ):
+        raise ValueError(f"'resize' must be [height, width] of 1 to {MAX_IMAGE_SIDE} pixels")
+    if "scale" in pre and not _number(pre["scale"]):
+        raise ValueError("'scale' must be a finite number")
+    sizes = (1,) if pre.get("channels") == "GRAY" else (1, 3)
+    for key in ("mean", "std"):
+        v = pre.get(key, [1.0])
+        if not (isinstance(v, list) and len(v) in sizes and all(_number(x) for x in v)):
+            raise ValueError(
+                f"'{key}' must be a list of {' or '.join(map(str, sizes))} finite number(s), "
+                "one per channel"
+            )
+    if any(x == 0 for x in pre.get("std", [1.0])):
+        raise ValueError("'std' values must be non-zero")
+    if pre.get("layout", "NCHW") not in _LAYOUTS:
+        raise ValueError(f"'layout' must be one of {', '.join(_LAYOUTS)}")
+    if pre.get("channels", "RGB") not in _CHANNELS:
+        raise ValueError(f"'channels' must be one of {', '.join(_CHANNELS)}")
+
+
+def preprocessed_shape(
+    shape: tuple[int, ...] | list[int], pre: dict[str, Any]
+) -> tuple[int, int, int, int] | None:
+    """(N, C, H, W) that :func:`preprocess_images` makes of uint8 images of ``shape``, or None
+    when it would refuse that shape. Computed from the shape alone, before any pixel is read."""
+    gray = pre.get("channels", "RGB") == "GRAY"
+    dims = list(shape)
+    if len(dims) == 2 or (len(dims) == 3 and gray and dims[-1] not in (1, 3)):
+        dims.append(1)
+    if len(dims) == 3:
+        dims.insert(0, 1)
+    if len(dims) != 4 or dims[-1] not in (1, 3):
+        return None
+    n, h, w, _ = dims
+    resize = pre.get("resize")
+    if resize is not None:
+        h, w = int(resize[0]), int(resize[1])
+    return n, 1 if gray else 3, h, w
+
+
 def preprocess_images(images: np.ndarray, pre: dict[str, Any], spec: TensorSpec) -> np.ndarray:
     """Turn uint8 images (HWC, NHWC, HW or NHW) into the model's float input as the manifest says.
 
@@ -230,10 +294,19 @@ def preprocess_images(images: np.ndarray, pre: dict[str, Any], spec: TensorSpec)
         x = _resize(x, int(resize[0]), int(resize[1]))
     if pre.get("channels") == "BGR":
         x = x[..., ::-1]
-    out = x.astype(np.float32) * np.float32(pre.get("scale", 1.0 / 255.0))
-    mean = np.asarray(pre.get("mean", [0.0]), np.float32)
-    std = np.asarray(pre.get("std", [1.0]), np.float32)
-    out = (out - mean) / std
+    # one float copy, normalised in place (a full batch of big images is large)
+    mean = np.asarray(pre.get("mean", [0.0]), np.float32).reshape(-1)
+    std = np.asarray(pre.get("std", [1.0]), np.float32).reshape(-1)
+    if mean.size not in (1, x.shape[-1]) or std.size not in (1, x.shape[-1]):
+        raise InputError(
+            f"the manifest's mean/std have {mean.size}/{std.size} values for "
+            f"{x.shape[-1]}-channel images",
+            hint="rebuild the bundle with one mean and std value per channel",
+        )
+    out = x.astype(np.float32)
+    out *= np.float32(pre.get("scale", 1.0 / 255.0))
+    out -= mean
+    out /= std
     if pre.get("layout", "NCHW") == "NCHW":
         out = out.transpose(0, 3, 1, 2)
     out = np.ascontiguousarray(out, dtype=np.dtype(spec.dtype))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.runtime.bundle import read_bundle, write_bundle
-from edgesmith.runtime.head import load_head
+from edgesmith.runtime.finetune.head import load_head
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -43,7 +43,7 @@ def test_wheel_file_list(wheel: Path, repo_root: Path) -> None:
         "edgesmith/compress/__init__.py",
         "edgesmith/export/onnx.py",
         "edgesmith/runtime/backends/onnxruntime.py",
-        "edgesmith/devices/profiles/rpi5.yaml",
+        "edgesmith/runtime/profiles/rpi5.yaml",
         "edgesmith/templates/recipe.yaml",
         "edgesmith/py.typed",
     ):

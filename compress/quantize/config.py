@@ -9,7 +9,14 @@ from pydantic import Field, field_validator, model_validator
 
 from edgesmith.compress.base import StageConfig
 
-__all__ = ["CALIBRATION_SUPPORT", "PRECISIONS", "QuantizeConfig", "Scheme", "resolve_scheme"]
+__all__ = [
+    "CALIBRATION_SUPPORT",
+    "PRECISIONS",
+    "QuantizeConfig",
+    "Scheme",
+    "has_vnni",
+    "resolve_scheme",
+]
 
 # What a quantize stage can derive from each fp32 artifact: static int8 (weights and activations),
 # weight-only int8 (``w8``: int8 weights, float compute), and half-precision variants.
@@ -57,6 +64,13 @@ class QuantizeConfig(StageConfig):
             ranges one int8 scale cannot hold, such as raw tabular features). ``auto``:
             ``transformer`` for models with attention and no convolution (text and sequence
             encoders), else ``static``.
+        bias_correction: before export, fold batch norms, round weights to the int8 grid and
+            correct biases layer by layer in PyTorch (``quantize/ptq.py``), so that every format's
+            tool quantizes the same corrected weights; False quantizes the model as exported.
+        bias_correction_samples: calibration samples the bias correction uses (all in one batch).
+        require_speedup: fail the build when an int8 artifact is not faster than the best
+            non-int8 option of its backend on this machine (fp32, or bf16/fp16 where the CPU runs
+            them natively); without it such an artifact is reported with that option recommended.
     """
 
     scheme: Literal["int8"] = "int8"
@@ -76,6 +90,9 @@ class QuantizeConfig(StageConfig):
     float_layers: list[str] = Field(default_factory=list)
     refine: bool = True
     mode: Literal["auto", "static", "transformer", "dynamic"] = "auto"
+    bias_correction: bool = True
+    bias_correction_samples: int = Field(default=64, ge=1, le=1024)
+    require_speedup: bool = False
 
     @field_validator("max_accuracy_drop")
     @classmethod
@@ -115,6 +132,12 @@ class Scheme:
     qdq: bool = True  # onnx only: QDQ (portable, fast on ORT) vs QOperator
     method: str = "minmax"
     mode: str = "static"  # or "transformer" (QuantizeConfig.mode, "auto" resolved per model)
+    # the target's CPUs all have VNNI (avx512_vnni, avx_vnni or AMX): 8-bit weights cannot overflow
+    # the int16 sums of AVX2's u8 x s8 instructions, so NNCF needs no 7-bit first layer there
+    vnni: bool = False
+    # OpenVINO: NNCF's preset; "performance" (symmetric activations, its default and fastest)
+    # unless the stage asks for asymmetric activations
+    openvino_preset: str = "performance"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +145,7 @@ class Scheme:
             "activations": "symmetric-int8" if self.activations_symmetric else "asymmetric-uint8",
             "format": "QDQ" if self.qdq else "QOperator",
             "calibration_method": self.method,
+            "target_vnni": self.vnni,
         }
 
 
@@ -145,4 +169,20 @@ def resolve_scheme(
         qdq=fmt.upper() != "QOPERATOR",
         method=config.calibration_method,
         mode=mode,
+        vnni=has_vnni(profile),
+        openvino_preset="mixed" if config.activations == "asymmetric-uint8" else "performance",
+    )
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_vnni(profile: dict[str, Any] | None) -> bool:
+    """Whether every CPU the profile describes has an int8 dot-product instruction (VNNI or AMX):
+    a flag in ``isa`` (all required), or only such flags in ``isa_any`` (one of them required)."""
+    p = profile or {}
+    isa = [str(f) for f in p.get("isa") or []]
+    any_of = [str(f) for f in p.get("isa_any") or []]
+    return str(p.get("arch", "x86_64")) in ("x86_64", "amd64") and (
+        any(f in VNNI_FLAGS for f in isa) or (bool(any_of) and all(f in VNNI_FLAGS for f in any_of))
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +26,15 @@ from edgesmith.compress.quantize.modes import (
     input_layouts,
     int8_recipe,
     mode_note,
+    ptq_array,
+    ptq_skip_reason,
 )
 from edgesmith.errors import EdgesmithError, RecipeError
-from edgesmith.progress import echo
+from edgesmith.progress import echo, track
 
 if TYPE_CHECKING:
     from edgesmith.compress.base import Context
+    from edgesmith.compress.quantize.mixed import Probe
     from edgesmith.export.evaluate import Artifact, Evaluator
 
 __all__ = ["QuantizeHook", "check_formats", "install"]
@@ -84,6 +88,8 @@ class QuantizeHook:
     stage: str = "quantize"
     reference_accuracy: float | None = None
     _names: Any = None  # torch module names of the exported graph's layers, made once
+    _ptq: Any = None  # the bias-corrected model (quantize/ptq.py), made once for every format
+    ptq_note: Any = None  # why there is none, when there is none
 
     def __call__(self, ctx: Context, art: Artifact, ev: Evaluator) -> HookResult:
         from edgesmith.compress.quantize import ARCH_MISSING_VARIANTS, MISSING_VARIANTS, VARIANTS
@@ -112,6 +118,43 @@ class QuantizeHook:
             files = _load(VARIANTS[key])(art.path, dest)
             out.artifacts.append(ev.evaluate(dest, art.format, precision, files=files))
         return out
+
+    def ptq(self, ctx: Context) -> Any:
+        """The bias-corrected model of ``ctx.model`` (made once, shared by every format), or None
+        when ``bias_correction`` is off or the model cannot be traced (``ptq_note`` says why)."""
+        if self._ptq is not None or self.ptq_note is not None:
+            return self._ptq
+        if not self.config.bias_correction:
+            self.ptq_note = {"method": "none", "reason": "bias_correction: false"}
+            return None
+        skip = ptq_skip_reason(self.scheme.mode, self.calibration)
+        if skip:
+            self.ptq_note = {"method": "none", "reason": skip}
+            return None
+        from edgesmith.compress.quantize.ptq import PtqSkipped, apply
+
+        n = min(self.config.bias_correction_samples, len(self.calibration))
+        echo(
+            f"{self.stage}: folding batch norms, rounding weights, correcting biases ({n} samples)"
+        )
+        try:
+            self._ptq = apply(
+                ctx.model,
+                ptq_array(self.calibration),
+                samples=n,
+                per_channel=self.scheme.per_channel,
+                activations="int8" if self.scheme.activations_symmetric else "uint8",
+                progress=lambda nodes: track(nodes, "bias correction"),
+            )
+        except PtqSkipped as exc:
+            echo(f"{self.stage}: bias correction skipped: {exc}")
+            self.ptq_note = {"method": "none", "reason": str(exc)}
+            return None
+        echo(
+            f"{self.stage}: {len(self._ptq.layers)} layers rounded and corrected, "
+            f"{self._ptq.folded} batch norms folded in {self._ptq.seconds:.0f} s"
+        )
+        return self._ptq
 
     def names(self, ctx: Context) -> Any:
         """The module names of ``ctx.model``'s layers (traced once, shared by every format)."""
@@ -190,25 +233,30 @@ def _int8(
         QUANTIZERS,
         TRANSFORMER_QUANTIZERS,
     )
-    from edgesmith.compress.quantize.mixed import Probe, search
-    from edgesmith.feeds import take_targets
+    from edgesmith.compress.quantize.contract import int8_contract
+    from edgesmith.compress.quantize.mixed import search
+    from edgesmith.compress.quantize.speed import make_timer
 
     config, calibration = hook.config, hook.calibration
     fmt = art.format
     t0 = time.perf_counter()
+    work = ctx.work_dir / f"quantize-{fmt}"
+    work.mkdir(parents=True, exist_ok=True)
+    ptq = hook.ptq(ctx)
+    source, original = _sources(ctx, art, ptq, work)
     recipe = int8_recipe(hook.scheme.mode, fmt)
     if recipe:
         echo(f"{fmt} int8 ({hook.scheme.mode}): {recipe.split(':')[0]}")
     else:
         echo(f"{fmt} int8: calibrating with {TOOLS[fmt]} on {len(calibration)} samples")
-    work = ctx.work_dir / f"quantize-{fmt}"
-    work.mkdir(parents=True, exist_ok=True)
     registry = {"transformer": TRANSFORMER_QUANTIZERS, "dynamic": DYNAMIC_QUANTIZERS}.get(
         hook.scheme.mode, QUANTIZERS
     )
-    quantizer = _load(registry[fmt])(art.path, calibration, hook.scheme, work, hook.names(ctx))
+    quantizer = _load(registry[fmt])(
+        source, calibration, hook.scheme, work, hook.names(ctx), original=original
+    )
+    contract = int8_contract(ctx.recipe.parity, config.max_accuracy_drop)
 
-    tolerance = ev.tolerances("int8")
     order = np.random.default_rng(ctx.recipe.seed).permutation(len(ev.inputs))
     pick = np.sort(order[: config.search_samples])
     sens = np.sort(order[: min(config.sensitivity_samples, len(pick))])
@@ -217,20 +265,7 @@ def _int8(
     float_accuracy = float(ev.metric(ev.reference, ev.targets))
     base = float_accuracy if hook.reference_accuracy is None else hook.reference_accuracy
     shift = base - float_accuracy
-
-    def probe(idx: np.ndarray) -> Probe:
-        p = Probe(
-            ev.inputs[idx],
-            take_targets(ev.reference, idx),
-            take_targets(ev.targets, idx),
-            ev.metric,
-            tolerance,
-            ev.threads,
-            head=ev.head,
-            evaluator=ev,
-        )
-        p.base_accuracy += shift
-        return p
+    probe = _probes(ev, contract.tolerance, shift)
 
     initial = _initial_float(config, quantizer.layers, fmt)
     max_float = (
@@ -238,10 +273,12 @@ def _int8(
         if config.max_float_layers is not None
         else max(1, len(quantizer.layers) // 4)
     )
+    ranking, shares = _ranking(
+        ptq, quantizer.layers, overflow_fix=fmt == "openvino" and not hook.scheme.vnni
+    )
     result = search(
         quantizer,
         probe(pick),
-        sensitivity_probe=probe(sens),
         verify=probe(np.arange(len(ev.inputs))) if len(pick) < len(ev.inputs) else None,
         max_accuracy_drop=config.max_accuracy_drop,
         max_float_layers=max_float,
@@ -249,47 +286,30 @@ def _int8(
         refine=config.refine,
         work_dir=work,
         suffix=art.path.suffix,
+        sensitivity_probe=probe(sens),
+        ranking=ranking,
+        cost_share=shares,
+        timer=make_timer(ev.threads, ev.timing, prepare=ev.declare),
     )
     dest = _dest(ctx, art, "int8")
     files = quantizer.quantize(dest, result.float_layers)
     by_id = {layer.id: layer for layer in quantizer.layers}
-    gains = {layer.id: gain for layer, gain in result.sensitivity}
-    info: dict[str, Any] = {
-        "tool": TOOLS[fmt],
-        **({"int8_recipe": recipe} if recipe else {}),
-        "scheme": hook.scheme.to_json(),
-        "calibration_samples": len(calibration),
-        "max_accuracy_drop": config.max_accuracy_drop,
-        "layers": len(quantizer.layers),
-        "int8_layers": len(quantizer.layers) - len(result.float_layers),
-        "float_layers": [
-            {
-                **by_id[lid].to_json(),
-                "extra_bytes": by_id[lid].params * 3,  # float32 instead of int8 weights
-                "accuracy_cost": round(result.costs[lid], 6) if lid in result.costs else None,
-                "noise_alone": float(f"{gains[lid]:.4g}") if lid in gains else None,
-            }
-            for lid in result.float_layers
-        ],
-        "search": {
-            "samples": result.measurement.samples,
-            "sensitivity_samples": len(sens),
-            "candidates": len(result.trials),
-            "accepted": result.accepted,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
-    }
-    if result.float_layers:
-        # what the float layers cost in speed: the all-int8 model timed the same way
-        probe_path = work / f"all-int8{art.path.suffix}"
-        quantizer.quantize(probe_path, [])
-        m = ev.load(probe_path)
-        info["latency_ms_all_int8"] = round(ev.latency(m, max_seconds=10.0)["p50"], 4)
-    if result.sensitivity:
+    info = _info(hook, quantizer, result, ptq, contract, len(sens), time.perf_counter() - t0)
+    if recipe:
+        info["int8_recipe"] = recipe
+    if result.sensitivity and result.float_layers:
         info["sensitivity_plot"] = _plot_sensitivity(
             result, by_id, art.path.parent, ctx.recipe.name, fmt
         )
-    a = ev.evaluate(dest, fmt, "int8", files=files, extra={"quantization": info})
+    a = ev.evaluate(
+        dest,
+        fmt,
+        "int8",
+        files=files,
+        extra={"quantization": info},
+        tolerance=contract.tolerance,
+        parity_source=contract.describe(),
+    )
     drop = base - a.accuracy
     info["accuracy_drop"] = round(drop, 6)
     kept = ", ".join(by_id[lid].name for lid in result.float_layers) or "none"
@@ -308,7 +328,8 @@ def _int8(
                 "try the qat stage, more calibration samples, max_float_layers, or a larger budget",
             )
         )
-    if not result.accepted and all(c.passed for c in checks):
+    budget_ok = all(c.passed for c in checks)
+    if not result.accepted and budget_ok:
         checks.append(
             Check(
                 hook.stage,
@@ -317,17 +338,179 @@ def _int8(
                 None,
                 False,
                 SEARCH_HINT,
-                f"{dest.name}: no int8 model met the checks; {result.reason}; try the qat stage, more "
-                "calibration samples, max_float_layers, or relaxing the int8 'parity:' tolerance",
+                f"{dest.name}: no int8 model met the checks; {result.reason}; the parity check "
+                f"was {contract.describe()}",
             )
         )
-    agreement = agreement_text(a.parity)
+    failed_parity = not a.parity.passed or (not result.accepted and budget_ok)
+    info["accuracy_contract"] = contract.to_json(
+        "parity" if failed_parity and budget_ok else contract.gate
+    )
+    speed = _speed(a, art, ev, config.require_speedup, hook.stage)
+    info["speed"], checks = speed[0], checks + speed[1]
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
-        f"{agreement}, {len(result.float_layers)} of "
-        f"{len(quantizer.layers)} layers float ({kept})"
+        f"{agreement_text(a.parity)}, {len(result.float_layers)} of "
+        f"{len(quantizer.layers)} layers float ({kept}); {info['speed']['ratio']:.2f}x the time "
+        f"of {info['speed']['baseline']}"
     )
     return a, checks
+
+
+def _sources(
+    ctx: Context, art: Artifact, ptq: Any, work: Path
+) -> tuple[Path, Callable[[], Path] | None]:
+    """The float file the format's tool quantizes (the bias-corrected model exported, or the fp32
+    artifact), and a function exporting the uncorrected folded model on first need (for layers
+    kept in float), or None."""
+    if ptq is None:
+        return art.path, None
+    from edgesmith.export import get_exporter
+
+    exporter = get_exporter(art.format)
+    source = work / f"corrected{art.path.suffix}"
+    echo(f"exporting the bias-corrected model to {art.format}")
+    exporter(ptq.model.eval(), (ctx.example_input,), source)
+    cache: list[Path] = []
+
+    def original() -> Path:
+        if not cache:
+            path = work / f"original{art.path.suffix}"
+            echo(f"exporting the uncorrected model to {art.format} (for the layers kept float)")
+            exporter(ptq.original.eval(), (ctx.example_input,), path)
+            cache.append(path)
+        return cache[0]
+
+    return source, original
+
+
+def _probes(ev: Evaluator, tolerance: Any, shift: float) -> Callable[[np.ndarray], Probe]:
+    from edgesmith.compress.quantize.mixed import Probe
+    from edgesmith.metrics import top1, top5
+
+    per_sample = {top1: _hit(1), top5: _hit(5)}.get(ev.metric)  # type: ignore[call-overload]
+
+    from edgesmith.feeds import take_targets
+
+    per_output = ev.tolerances("int8", tolerance)
+
+    def probe(idx: np.ndarray) -> Probe:
+        p = Probe(
+            ev.inputs[idx],
+            take_targets(ev.reference, idx),
+            take_targets(ev.targets, idx),
+            ev.metric,
+            per_output,
+            ev.threads,
+            head=ev.head,
+            per_sample=per_sample,
+            evaluator=ev,
+        )
+        p.base_accuracy += shift
+        return p
+
+    return probe
+
+
+def _hit(k: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def hit(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        out = np.asarray(outputs).reshape(len(targets), -1)
+        top = np.argsort(-out, axis=1)[:, :k]
+        return (top == np.asarray(targets)[:, None]).any(axis=1)
+
+    return hit
+
+
+def _ranking(
+    ptq: Any, layers: list[Any], overflow_fix: bool
+) -> tuple[Callable[[list[Any]], dict[str, float]] | None, dict[str, float]]:
+    """The float-layer search's ranking from the bias-correction walk: the error each layer adds
+    (what keeping it float removes, measured on the calibration samples at no extra cost), and
+    each layer's share of the MACs; (None, {}) without a bias-corrected model.
+
+    ``overflow_fix``: NNCF stores the first convolutions' weights in 7 bits (a twice coarser step:
+    four times the rounding error), so their estimate is four times larger.
+    """
+    if ptq is None:
+        return None, {}
+    macs = ptq.macs
+    added = {s.name: s.added * (4.0 if overflow_fix and s.first else 1.0) for s in ptq.layers}
+    total = float(sum(macs.values())) or 1.0
+    shares = {layer.id: macs.get(layer.name, 0) / total for layer in layers}
+
+    def rank(pool: list[Any]) -> dict[str, float]:
+        return {layer.id: added[layer.name] for layer in pool if layer.name in added}
+
+    return rank, shares
+
+
+def _speed(
+    a: Artifact, fp32: Artifact, ev: Evaluator, require: bool, stage: str
+) -> tuple[dict[str, Any], list[Check]]:
+    from edgesmith.compress.quantize.speed import speed_verdict
+
+    verdict = speed_verdict(a.path, fp32.path, a.format, ev.threads, ev.timing, prepare=ev.declare)
+    if verdict["faster"]:
+        return verdict, []
+    echo(f"warning: {a.path.name}: {verdict['recommendation']}")
+    if not require:
+        return verdict, []
+    return verdict, [
+        Check(
+            stage,
+            "require_speedup",
+            1.0,
+            verdict["ratio"],
+            False,
+            "ship the faster float artifact, or drop require_speedup",
+            f"{a.path.name}: require_speedup: {verdict['recommendation']} ({verdict['note']})",
+        )
+    ]
+
+
+def _info(
+    hook: QuantizeHook,
+    quantizer: Any,
+    result: Any,
+    ptq: Any,
+    contract: Any,
+    sensitivity_samples: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The artifact's ``quantization`` report entry (accuracy, contract and speed added later)."""
+    by_id = {layer.id: layer for layer in quantizer.layers}
+    costs = {fb.id: fb for fb in result.fallbacks}
+    info: dict[str, Any] = {
+        "tool": TOOLS[quantizer.format],
+        "scheme": hook.scheme.to_json(),
+        "calibration_samples": len(hook.calibration),
+        "max_accuracy_drop": hook.config.max_accuracy_drop,
+        "bias_correction": ptq.to_json() if ptq is not None else hook.ptq_note,
+        "layers": len(quantizer.layers),
+        "int8_layers": len(quantizer.layers) - len(result.float_layers),
+        "float_layers": [
+            {
+                **by_id[lid].to_json(),
+                "extra_bytes": by_id[lid].params * 3,  # float32 instead of int8 weights
+                **(costs[lid].to_json() if lid in costs else {"given": True}),
+            }
+            for lid in result.float_layers
+        ],
+        "search": {
+            "samples": result.measurement.samples,
+            "sensitivity_samples": sensitivity_samples,
+            "candidates": len(result.trials),
+            "accepted": result.accepted,
+            "all_int8": {
+                "accuracy": round(result.first.accuracy, 6),
+                "top1_agreement": round(result.first.agreement, 6),
+            },
+            "seconds": round(seconds, 1),
+        },
+    }
+    if result.latency_ms:
+        info["search"]["latency_ms"] = result.latency_ms
+    return info
 
 
 def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, fmt: str) -> str:
@@ -346,9 +529,11 @@ def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, 
         color=["tab:orange" if layer.id in kept else "tab:blue" for layer, _ in top][::-1],
     )
     ax.set_xscale("log")
-    ax.set_xlabel("output noise with only this layer in int8 (||q - f||² / ||f||², log)")
+    ax.set_xlabel(
+        "output noise removed by keeping only this layer float (||q - f||² / ||f||², log)"
+    )
     ax.set_title(
-        f"{fmt} int8 sensitivity: orange = kept float ({len(kept)} of {len(by_id)} layers)"
+        f"{fmt} int8 float-layer candidates: orange = kept float ({len(kept)} of {len(by_id)} layers)"
     )
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()

@@ -1,15 +1,24 @@
-"""Accuracy-aware mixed precision, for any format: keep the fewest layers float within the budget.
+"""Accuracy-aware mixed precision, for any format: float layers only as a last resort, chosen by
+accuracy gained per latency lost, greedily on the measured effect on the whole model.
 
-1. Quantize everything; if the metric drop and the int8 parity tolerance hold, stop.
-2. Sensitivity: quantize one layer at a time (the rest float) and measure the output noise it
-   causes (energy of the difference to the float outputs over the energy of the float outputs);
-   rank layers by that. Measured alone, a layer's error is not masked by a worse layer's.
-3. Walk down the ranking, keeping 1, 2, 3, ... layers float, until the budget holds on the search
-   samples (and on the whole evaluation set, when that is larger).
-4. Refine: try quantizing each kept layer again, least sensitive first; what still holds stays int8.
-   The drop measured with a layer quantized again is that layer's accuracy cost.
-5. If no candidate held on the search samples, the best one is measured on the whole evaluation
-   set, where the budget is defined; it is accepted if it holds there.
+1. Quantize everything (weights already bias-corrected, ``ptq.py``); if the budget and the int8
+   parity tolerance hold, stop: no layer is kept float.
+2. Rank the candidates by estimated accuracy gained per latency lost: the gain from ``ranking``
+   (the PyTorch simulation of the int8 model with that one layer float, cheap), or, without one,
+   from the real model with that one layer float on the sensitivity samples; the latency from the
+   layer's share of the model's multiply-accumulates.
+3. Greedy on the measured joint effect: at each step the best-ranked candidates are each added to
+   the layers already float, the whole model is quantized and measured on the search samples
+   (stopping early once a candidate cannot beat the current model) and timed on the target
+   backend; a step is kept only if it improves the model, choosing the candidate that meets the
+   budget at the least latency, else the most accuracy gained per latency lost. When no single
+   layer improves it (errors that compound, or flips that move around), blocks of the best-ranked
+   layers go float together: 2, 4, 8... up to every layer still allowed. A step that does not
+   help is never kept, so the search moves monotonically towards the float model, and a budget
+   the float model meets is reached when ``max_float_layers`` allows every layer.
+4. Refine: try quantizing each kept layer again; what still holds stays int8 (1-minimal).
+5. If nothing held on the search samples, the best model is measured on the whole evaluation
+   set, where the budget is defined; the reason names the layers tried and what was measured.
 
 A format only has to provide ``Quantizer.layers`` and ``Quantizer.quantize(path, float_layers)``.
 """
@@ -28,22 +37,30 @@ import numpy as np
 from edgesmith.compress.quantize.base import Layer, Quantizer
 from edgesmith.progress import echo, track
 
-__all__ = ["Measurement", "Probe", "SearchResult", "search"]
+__all__ = ["Fallback", "Measurement", "Probe", "SearchResult", "search"]
 
 log = logging.getLogger(__name__)
+
+# a candidate's latency cost is at least this fraction of the model's (timing noise)
+MIN_COST = 0.01
 
 
 @dataclass
 class Measurement:
-    """A candidate model measured on a sample of the evaluation set."""
+    """A candidate model measured on a sample of the evaluation set.
+
+    ``complete`` is False when the measurement stopped early because the candidate could no longer
+    reach the score it had to beat; its numbers then cover the samples seen so far.
+    """
 
     accuracy: float
     base_accuracy: float
-    agreement: float  # top-1 agreement (logits), mean cosine (embeddings), 1 - relative L2
+    agreement: float
     noise: float  # ||q - f||^2 / ||f||^2 over the outputs
     samples: int
     parity_ok: bool
     parity_reason: str = ""
+    complete: bool = True
     label: str = "top-1 agreement"  # what ``agreement`` is, for messages
 
     @property
@@ -55,14 +72,16 @@ class Probe:
     """Runs model files on fixed inputs and compares them with the float model's outputs.
 
     Args:
-        inputs / reference / targets: the samples (one array, or ``edgesmith.feeds.Samples``), the
-            float model's outputs on them (one array, or a dict by output name), the targets.
+        inputs / reference / targets: the samples, the float model's outputs on them, the labels.
         metric: the recipe's metric, ``metric(outputs, targets) -> float``.
         tolerance: the int8 parity tolerance: a ``ParityTolerance`` (one logits output), or one
             mapping per output (``Evaluator.tolerances``), each judged by its kind.
         threads: runtime threads.
         head: applied to the model file's outputs (a trainable-head build quantizes the backbone;
             its outputs are compared as ``head(backbone(x))``).
+        per_sample: ``per_sample(outputs, targets) -> bool array`` when the metric is the mean of
+            a per-sample hit (top-1, top-5): then a measurement can stop early, once the candidate
+            cannot reach the score it has to beat.
         evaluator: the build's ``Evaluator``: output names and kinds, how inputs are fed to a
             file (names, TFLite's fixed length).
     """
@@ -76,13 +95,14 @@ class Probe:
         tolerance: Any,
         threads: int | None,
         head: Callable[[np.ndarray], np.ndarray] | None = None,
+        per_sample: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
         evaluator: Any = None,
     ) -> None:
         from edgesmith.feeds import Samples, output_list
 
         self.inputs, self.reference, self.targets = Samples.of(inputs), reference, targets
         self.metric, self.tolerance, self.threads = metric, tolerance, threads
-        self.head, self.ev = head, evaluator
+        self.head, self.per_sample, self.ev = head, per_sample, evaluator
         self.names = list(evaluator.info.names) if evaluator is not None else ["output"]
         self.kinds = list(evaluator.info.kinds) if evaluator is not None else ["logits"]
         self.tolerances = (
@@ -95,41 +115,100 @@ class Probe:
         )
         self._ref = output_list(reference, self.names if isinstance(reference, dict) else None)
         self.base_accuracy = float(metric(reference, targets))
-        self._ref_energy = (
-            sum(float((np.asarray(r, np.float64) ** 2).sum()) for r in self._ref) or 1.0
+        first = self._ref[0].reshape(len(self._ref[0]), -1) if self._ref else None
+        self._ref_top1 = (
+            first.argmax(1)
+            if first is not None and self.kinds[0] == "logits" and first.shape[1] > 1
+            else None
         )
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def outputs(self, path: Path) -> list[np.ndarray]:
-        """The model file's outputs on the probe's inputs, one array per output."""
-        from edgesmith.export.evaluate import artifact_outputs
+    def _load(self, path: Path) -> Any:
+        if self.ev is not None:
+            return self.ev.load(path)
         from edgesmith.runtime import load
 
+        return load(path, threads=self.threads, device="cpu")
+
+    def _chunks(self, model: Any) -> list[tuple[int, int]]:
+        fixed = model.inputs[0].shape[0]
+        step = fixed if isinstance(fixed, int) else 64  # a model exported with a fixed batch
+        n = len(self.inputs)
+        chunk = max(step, (n // 8 // step) * step)
+        return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+    def _run(self, model: Any, lo: int, hi: int) -> list[np.ndarray]:
+        """The outputs of samples ``lo:hi``, one array per output."""
+        from edgesmith.export.evaluate import artifact_outputs
+
+        part = self.inputs[lo:hi]
         if self.ev is not None:
-            return self.ev.outputs(self.ev.load(path), self.inputs)
-        model = load(path, threads=self.threads, device="cpu")
-        return artifact_outputs(model, self.inputs, self.head)
+            return self.ev.outputs(model, part)
+        return artifact_outputs(model, part, self.head)
 
-    def __call__(self, path: Path) -> Measurement:
+    def outputs(self, path: Path) -> list[np.ndarray]:
+        """The model file's outputs on the probe's inputs, one array per output."""
+        return self._run(self._load(path), 0, len(self.inputs))
+
+    def __call__(
+        self, path: Path, floor: float | None = None, by_agreement: bool = False
+    ) -> Measurement:
+        """Measure ``path``; with ``floor``, stop as soon as its score (the metric, or the top-1
+        agreement with ``by_agreement``) can no longer reach ``floor``."""
+        from edgesmith.feeds import take_targets
+
+        model = self._load(path)
+        n = len(self.inputs)
+        can_stop = floor is not None and (
+            (by_agreement and self._ref_top1 is not None)
+            or (not by_agreement and self.per_sample is not None)
+        )
+        parts: list[list[np.ndarray]] = []
+        hits = 0
+        for lo, hi in self._chunks(model) if can_stop else [(0, n)]:
+            outs = self._run(model, lo, hi)
+            parts.append(outs)
+            if not can_stop or hi == n:
+                continue
+            out = outs[0]
+            if by_agreement:
+                assert self._ref_top1 is not None
+                hits += int((out.reshape(len(out), -1).argmax(1) == self._ref_top1[lo:hi]).sum())
+            else:
+                assert self.per_sample is not None
+                part = take_targets(self.targets, slice(lo, hi))
+                hits += int(np.asarray(self.per_sample(out, part)).sum())
+            assert floor is not None
+            if (hits + n - hi) / n < floor - 1e-12:  # even all the rest right cannot reach it
+                return self._measure(_join(parts), complete=False)
+        return self._measure(_join(parts), complete=True)
+
+    def _measure(self, outs: list[np.ndarray], complete: bool) -> Measurement:
         from edgesmith.export.parity import compare
-        from edgesmith.feeds import user_outputs
+        from edgesmith.feeds import take_targets, user_outputs
 
-        outs = self.outputs(path)
-        parity = compare(self._ref, outs, self.kinds, self.tolerances, self.names)
+        k = len(outs[0]) if outs else 0
+        ref = [r[:k] for r in self._ref]
+        targets = take_targets(self.targets, slice(0, k))
+        parity = compare(ref, outs, self.kinds, self.tolerances, self.names)
         noise = sum(
             float(((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2).sum())
-            for o, r in zip(outs, self._ref, strict=False)
+            for o, r in zip(outs, ref, strict=False)
         )
+        energy = sum(float((np.asarray(r, np.float64) ** 2).sum()) for r in ref) or 1.0
         return Measurement(
-            float(self.metric(user_outputs(outs, self.names), self.targets)),
-            self.base_accuracy,
+            float(self.metric(user_outputs(outs, self.names), targets)),
+            float(self.metric(user_outputs(ref, self.names), targets))
+            if k < len(self)
+            else self.base_accuracy,
             parity.agreement,
-            noise / self._ref_energy,
-            len(self.inputs),
+            noise / energy,
+            k,
             parity.passed,
             parity.reason,
+            complete,
             _LABELS.get(self.kinds[0], "agreement"),
         )
 
@@ -142,6 +221,42 @@ _LABELS = {
 }
 
 
+def _join(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-chunk output lists joined along the samples, one array per output."""
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))] if parts else []
+
+
+@dataclass
+class Fallback:
+    """One layer the search kept in float, and what it cost.
+
+    Attributes:
+        id: the layer's id in the format.
+        accuracy_gain / agreement_gain: how much the metric and the top-1 agreement rose when it
+            went float (search samples, joint with the layers already float).
+        latency_ms: how much slower the model got (interleaved timing on the target backend).
+        estimate: its rank score (estimated gain per latency share).
+        block: how many layers went float together in its step (their gain and cost are the
+            block's: no single one of them improved the model alone).
+    """
+
+    id: str
+    accuracy_gain: float
+    latency_ms: float | None
+    estimate: float
+    block: int = 1
+    agreement_gain: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy_gain": round(self.accuracy_gain, 6),
+            "agreement_gain": round(self.agreement_gain, 6),
+            "latency_cost_ms": None if self.latency_ms is None else round(self.latency_ms, 4),
+            "rank_score": float(f"{self.estimate:.4g}"),
+            **({"block": self.block} if self.block > 1 else {}),
+        }
+
+
 @dataclass
 class SearchResult:
     """What the search found.
@@ -150,58 +265,79 @@ class SearchResult:
         float_layers: ids of the layers kept float in the chosen model (empty: all int8).
         accepted: whether the chosen model met the budget and the parity tolerance.
         measurement: the chosen model on the search samples.
-        sensitivity: ``(layer, output noise with only that layer in int8)``, most sensitive first.
-        costs: layer id -> metric drop measured with that layer quantized too (refine step).
+        first: the all-int8 model on the search samples.
+        sensitivity: ``(layer, estimated accuracy gain if float)``, most promising first.
+        fallbacks: the kept-float layers in the order they were chosen, with their cost.
         trials: every candidate tried, for the report.
         reason: why the budget could not be met (empty when accepted).
+        latency_ms: the all-int8 and the chosen model's latency on the target backend (when timed).
     """
 
     float_layers: list[str]
     accepted: bool
     measurement: Measurement
+    first: Measurement | None = None
     sensitivity: list[tuple[Layer, float]] = field(default_factory=list)
-    costs: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
+    latency_ms: dict[str, float] = field(default_factory=dict)
 
 
 class _Trials:
-    """Quantizes candidates into a work folder and measures them, remembering the best one."""
+    """Quantizes candidates into a work folder and measures them."""
 
     def __init__(self, quantizer: Quantizer, work_dir: Path, suffix: str) -> None:
         self.q, self.work_dir, self.suffix = quantizer, work_dir, suffix
         self.n = 0
         self.log: list[dict[str, Any]] = []
 
-    def run(self, float_layers: Sequence[str], probe: Probe, note: str) -> Measurement:
+    def write(self, float_layers: Sequence[str]) -> tuple[Path, list[Path]]:
         self.n += 1
         path = self.work_dir / f"candidate-{self.n}{self.suffix}"
-        files = self.q.quantize(path, float_layers)
+        return path, self.q.quantize(path, float_layers)
+
+    def run(
+        self,
+        float_layers: Sequence[str],
+        probe: Probe,
+        note: str,
+        floor: float | None = None,
+        by_agreement: bool = False,
+        keep: bool = False,
+    ) -> tuple[Measurement, list[Path]]:
+        """Quantize and measure; the files are deleted unless ``keep`` (then returned)."""
+        path, files = self.write(float_layers)
         try:
-            m = probe(path)
+            m = probe(path, floor, by_agreement)
         finally:
-            for f in files:
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
+            if not keep:
+                _remove(files)
         self.log.append(
             {
                 "step": note,
                 "float_layers": len(float_layers),
                 "samples": m.samples,
+                "complete": m.complete,
                 "accuracy": round(m.accuracy, 6),
                 "drop": round(m.drop, 6),
-                "agreement": round(m.agreement, 6),
+                "top1_agreement": round(m.agreement, 6),
                 "noise": float(f"{m.noise:.4g}"),
             }
         )
-        return m
+        return m, files if keep else []
+
+
+def _remove(files: Sequence[Path]) -> None:
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
 
 
 def search(
     quantizer: Quantizer,
     probe: Probe,
     *,
-    sensitivity_probe: Probe,
     verify: Probe | None,
     max_accuracy_drop: float | None,
     max_float_layers: int,
@@ -209,13 +345,17 @@ def search(
     refine: bool = True,
     work_dir: Path,
     suffix: str,
+    sensitivity_probe: Probe | None = None,
+    ranking: Callable[[list[Layer]], dict[str, float]] | None = None,
+    cost_share: dict[str, float] | None = None,
+    timer: Callable[[list[Path]], list[float]] | None = None,
+    candidates: int = 3,
 ) -> SearchResult:
-    """Find the fewest float layers for which the budget and the int8 parity tolerance hold.
+    """Find few float layers, cheap in latency, for which the budget and the parity tolerance hold.
 
     Args:
         quantizer: a calibrated format quantizer.
         probe: measures candidates on the search samples.
-        sensitivity_probe: measures candidates on the (smaller) sensitivity samples.
         verify: measures an accepted candidate on the whole evaluation set (None: the search
             samples are the whole set).
         max_accuracy_drop: the budget (None: only the parity tolerance must hold).
@@ -224,85 +364,290 @@ def search(
         refine: try to quantize kept layers again after the walk.
         work_dir: where candidates are written (and deleted).
         suffix: the model file suffix of the format.
+        sensitivity_probe: measures single-layer candidates when there is no ``ranking``.
+        ranking: ``ranking(layers) -> {id: estimated gain}`` (e.g. the PyTorch simulation).
+        cost_share: ``{id: share of the model's MACs}``, the latency estimate of the ranking.
+        timer: ``timer(paths) -> ms`` on the target backend, timed interleaved.
+        candidates: candidates measured per greedy step.
     """
     trials = _Trials(quantizer, work_dir, suffix)
     fmt = quantizer.format
+    by_agreement = max_accuracy_drop is None  # without a budget, parity is the gate
 
     def ok(m: Measurement) -> bool:
         within = max_accuracy_drop is None or m.drop <= max_accuracy_drop + 1e-12
-        return within and m.parity_ok
+        return m.complete and within and m.parity_ok
+
+    def score(m: Measurement) -> tuple[float, float, float]:
+        main, other = (m.agreement, m.accuracy) if by_agreement else (m.accuracy, m.agreement)
+        return (main, other, -m.noise)
 
     def accept(layers: list[str], m: Measurement, note: str) -> bool:
         if not ok(m):
             return False
         if verify is None:
             return True
-        return ok(trials.run(layers, verify, f"{note} (whole evaluation set)"))
+        return ok(trials.run(layers, verify, f"{note} (whole evaluation set)")[0])
 
     start = list(initial_float)
-    first = trials.run(
-        start, probe, "all int8" if not start else "int8 with the given float layers"
+    first, cur_files = trials.run(
+        start,
+        probe,
+        "all int8" if not start else "int8 with the given float layers",
+        keep=timer is not None,
     )
-    best = (start, first)
-    if accept(start, first, "all int8"):
-        return SearchResult(start, True, first, trials=trials.log)
+    result = SearchResult(start, False, first, first, trials=trials.log)
+    try:
+        if accept(start, first, "all int8"):
+            result.accepted = True
+            return result
+        pool = [layer for layer in quantizer.layers if layer.id not in start]
+        if max_float_layers <= 0 or not pool:
+            return _give_up(
+                result, start, first, verify, ok, trials, max_accuracy_drop, max_float_layers
+            )
+        echo(
+            f"{fmt} int8: drop {first.drop * 100:.2f} points, {first.label} {first.agreement:.4f}: "
+            f"ranking {len(pool)} layers by accuracy gained per latency lost"
+        )
+        gains = (
+            ranking(pool)
+            if ranking
+            else _sensitivity(pool, start, trials, sensitivity_probe or probe, first)
+        )
+        shares = cost_share or {}
+        priority = {
+            layer.id: gains.get(layer.id, 0.0) / (shares.get(layer.id, 0.0) + MIN_COST)
+            for layer in pool
+        }
+        result.sensitivity = sorted(
+            ((layer, gains.get(layer.id, 0.0)) for layer in pool), key=lambda t: -t[1]
+        )
+        order = [layer.id for layer in sorted(pool, key=lambda layer: -priority[layer.id])]
+        names = {layer.id: layer.name for layer in quantizer.layers}
 
-    echo(
-        f"{fmt} int8: drop {first.drop * 100:.2f} points, {first.label} {first.agreement:.4f}: "
-        "measuring per-layer sensitivity"
-    )
-    candidates = [layer for layer in quantizer.layers if layer.id not in start]
-    everything = [layer.id for layer in quantizer.layers]
-    sensitivity: list[tuple[Layer, float]] = []
-    for layer in track(candidates, f"sensitivity {fmt}"):
-        # the layer alone in int8: its own error, not masked by the other layers' errors
-        alone = [x for x in everything if x != layer.id]
-        m = trials.run(alone, sensitivity_probe, f"sensitivity {layer.name}")
-        sensitivity.append((layer, m.noise))
-    sensitivity.sort(key=lambda t: -t[1])
-    order = [layer.id for layer, _ in sensitivity]
-
-    chosen: list[str] | None = None
-    limit = min(max_float_layers, len(order))
-    for k in track(range(1, limit + 1), f"mixed precision {fmt}"):
-        layers = start + order[:k]
-        m = trials.run(layers, probe, f"keep {k} float")
-        if (m.drop, -m.agreement) < (best[1].drop, -best[1].agreement):
-            best = (layers, m)
-        if accept(layers, m, f"keep {k} float"):
-            chosen, best = layers, (layers, m)
-            break
-
-    costs: dict[str, float] = {}
-    if chosen is not None and refine:
-        # passes until none of the kept layers can be quantized again: the result is 1-minimal,
-        # and the last pass measures what each kept layer is worth
-        current, changed = best[1], True
-        while changed:
-            changed, costs = False, {}
-            for lid in reversed(chosen[len(start) :]):
-                layers = [x for x in chosen if x != lid]
-                m = trials.run(layers, probe, "refine")
-                if accept(layers, m, "refine"):
-                    chosen, current, changed = layers, m, True
+        current, cur_m, chosen = list(start), first, None
+        current_ms: float | None = None
+        rejected: set[str] = set()
+        status: dict[str, object] = {"best": _describe(first, 0)}
+        step = 0
+        while len(current) - len(start) < max_float_layers:
+            step += 1
+            tries = [lid for lid in order if lid not in current and lid not in rejected][
+                :candidates
+            ]
+            if not tries:
+                break
+            measured: list[tuple[str, Measurement, float | None, list[Path]]] = []
+            floor = score(cur_m)[0]
+            for lid in track(tries, f"{fmt} int8 search, float layer {step}", status=status):
+                m, files = trials.run(
+                    [*current, lid],
+                    probe,
+                    f"step {step}: + {names[lid]}",
+                    floor,
+                    by_agreement,
+                    keep=True,
+                )
+                if not (m.complete and score(m) > score(cur_m)):
+                    rejected.add(lid)  # it does not help on top of the layers already float
+                    _remove(files)
+                    continue
+                cost = None
+                if timer and cur_files:
+                    cur_t, cand_t = timer([cur_files[0], files[0]])
+                    current_ms = cur_t if current_ms is None else current_ms
+                    cost = cand_t - cur_t
+                measured.append((lid, m, cost, files))
+                status["best"] = _describe(
+                    max([cur_m, *(t[1] for t in measured)], key=score),
+                    len(current) + 1 - len(start),
+                )
+            if measured:
+                lid, m, cost, files = _choose(measured, cur_m, current_ms, ok, score)
+                for other in measured:
+                    if other[0] != lid:
+                        _remove(other[3])
+                added = [lid]
+            else:
+                # no single layer helps (errors that compound, or flips that move around): add
+                # blocks of the best-ranked layers, 2, 4, 8... up to the limit, whose last is
+                # every allowed layer at once
+                block = _block(
+                    order,
+                    current,
+                    start,
+                    max_float_layers,
+                    probe,
+                    trials,
+                    names,
+                    step,
+                    score,
+                    cur_m,
+                )
+                if block is None:
                     break
-                costs[lid] = m.drop - current.drop
-        best = (chosen, current)
+                added, m, files = block
+                cost = None
+                if timer and cur_files:
+                    cur_t, cand_t = timer([cur_files[0], files[0]])
+                    current_ms = cur_t if current_ms is None else current_ms
+                    cost = cand_t - cur_t
+            for lid in added:
+                result.fallbacks.append(
+                    Fallback(
+                        lid,
+                        m.accuracy - cur_m.accuracy,
+                        cost,
+                        priority[lid],
+                        len(added),
+                        m.agreement - cur_m.agreement,
+                    )
+                )
+            _remove(cur_files)
+            current, cur_m, cur_files = [*current, *added], m, files
+            if current_ms is not None and cost is not None:
+                current_ms += cost
+            if accept(current, m, f"step {step}"):
+                chosen = current
+                break
+    finally:
+        _remove(cur_files)
 
-    layers, m = best
+    if chosen is not None and refine:
+        # passes until none of the kept layers can be quantized again: the result is 1-minimal
+        changed = True
+        while changed:
+            changed = False
+            for fb in reversed([f for f in result.fallbacks if f.id in chosen]):
+                layers = [x for x in chosen if x != fb.id]
+                floor = (
+                    None if max_accuracy_drop is None else cur_m.base_accuracy - max_accuracy_drop
+                )
+                m, _ = trials.run(layers, probe, f"refine: - {names[fb.id]}", floor)
+                if accept(layers, m, "refine"):
+                    chosen, cur_m, changed = layers, m, True
+                    result.fallbacks = [f for f in result.fallbacks if f.id != fb.id]
+                    break
+
+    if current_ms is not None:
+        result.latency_ms = {
+            "all_int8": round(current_ms - sum(f.latency_ms or 0.0 for f in result.fallbacks), 4),
+            "chosen": round(current_ms, 4),
+        }
     if chosen is not None:
-        return SearchResult(layers, True, m, sensitivity, costs, trials.log)
+        result.float_layers, result.accepted, result.measurement = chosen, True, cur_m
+        return result
+    result.float_layers, result.measurement = current, cur_m
+    return _give_up(result, current, cur_m, verify, ok, trials, max_accuracy_drop, max_float_layers)
+
+
+def _block(
+    order: list[str],
+    current: list[str],
+    start: list[str],
+    max_float_layers: int,
+    probe: Probe,
+    trials: _Trials,
+    names: dict[str, str],
+    step: int,
+    score: Callable[[Measurement], tuple[float, float, float]] | None = None,
+    cur: Measurement | None = None,
+) -> tuple[list[str], Measurement, list[Path]] | None:
+    """The first block of the best-ranked remaining layers (2, 4, 8... of them, the last one every
+    layer still allowed) whose joint effect improves the model, or None."""
+    rest = [lid for lid in order if lid not in current]
+    room = min(max_float_layers - (len(current) - len(start)), len(rest))
+    sizes, k = [], 2
+    while k < room:
+        sizes.append(k)
+        k *= 2
+    if room >= 2:
+        sizes.append(room)
+    for k in sizes:
+        layers = rest[:k]
+        m, files = trials.run(
+            [*current, *layers],
+            probe,
+            f"step {step}: + block of {k} ({names[layers[0]]}...)",
+            keep=True,
+        )
+        assert score is not None and cur is not None
+        if m.complete and score(m) > score(cur):
+            return layers, m, files
+        _remove(files)
+    return None
+
+
+def _describe(m: Measurement, n: int) -> str:
+    return f"{n} float, drop {m.drop * 100:.2f} pts, agreement {m.agreement:.4f}"
+
+
+def _choose(
+    measured: list[tuple[str, Measurement, float | None, list[Path]]],
+    cur: Measurement,
+    cur_ms: float | None,
+    ok: Callable[[Measurement], bool],
+    score: Callable[[Measurement], tuple[float, float, float]],
+) -> tuple[str, Measurement, float | None, list[Path]]:
+    """The step to take: the candidate meeting the budget at the least latency, else the most
+    accuracy gained per latency lost (latency unknown: the most accuracy)."""
+    meeting = [t for t in measured if ok(t[1])]
+    if meeting:
+        return min(meeting, key=lambda t: (t[2] or 0.0, [-v for v in score(t[1])]))
+    if cur_ms is None or any(t[2] is None for t in measured):
+        return max(measured, key=lambda t: score(t[1]))
+    floor = MIN_COST * cur_ms
+
+    def per_ms(t: tuple[str, Measurement, float | None, list[Path]]) -> float:
+        return (score(t[1])[0] - score(cur)[0]) / max(t[2] or 0.0, floor)
+
+    return max(measured, key=per_ms)
+
+
+def _sensitivity(
+    pool: list[Layer], start: list[str], trials: _Trials, probe: Probe, first: Measurement
+) -> dict[str, float]:
+    """Without a simulation: each layer alone in float on the real model, as output noise removed."""
+    gains: dict[str, float] = {}
+    for layer in track(pool, f"sensitivity {trials.q.format}"):
+        m, _ = trials.run([*start, layer.id], probe, f"sensitivity {layer.name}")
+        gains[layer.id] = first.noise - m.noise
+    return gains
+
+
+def _give_up(
+    result: SearchResult,
+    layers: list[str],
+    m: Measurement,
+    verify: Probe | None,
+    ok: Callable[[Measurement], bool],
+    trials: _Trials,
+    max_accuracy_drop: float | None,
+    max_float_layers: int,
+) -> SearchResult:
+    """No candidate held on the search samples: judge the best one where the budget is defined."""
     if verify is not None:
         # the search samples are a subset, for speed; the budget is defined on the whole evaluation
         # set, where the best candidate may hold although none held on the subset
-        m = trials.run(layers, verify, "best candidate (whole evaluation set)")
+        m, _ = trials.run(layers, verify, "best candidate (whole evaluation set)")
+        result.measurement = m
         if ok(m):
-            return SearchResult(layers, True, m, sensitivity, costs, trials.log)
+            result.accepted = True
+            return result
+    names = {layer.id: layer.name for layer in trials.q.layers}
     budget = f"max_accuracy_drop {max_accuracy_drop}" if max_accuracy_drop is not None else "none"
     parity = f"int8 parity: {m.parity_reason}" if m.parity_reason else "int8 parity holds"
-    reason = (
-        f"best found keeps {len(layers)} layer(s) float (max_float_layers={max_float_layers}): "
-        f"drop {m.drop * 100:.2f} points (budget: {budget}), {m.label} {m.agreement:.4f}; "
-        f"{parity} (on {m.samples} samples)"
+    kept = ", ".join(names.get(x, x) for x in layers) or "none"
+    tried = [t for t in result.trials if t["step"].startswith("step ")]
+    tail = (
+        f"; {len(tried)} candidate(s) measured, none of the others improved the model"
+        if tried
+        else ""
     )
-    return SearchResult(layers, False, m, sensitivity, costs, trials.log, reason)
+    result.reason = (
+        f"best found keeps {len(layers)} layer(s) float ({kept}; max_float_layers="
+        f"{max_float_layers}): drop {m.drop * 100:.2f} points (budget: {budget}), {m.label} "
+        f"{m.agreement:.4f}; {parity} (on {m.samples} samples){tail}"
+    )
+    return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +148,13 @@ def _module_of(node: Any) -> str | None:
 
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
+            try:  # metadata of a model file: any text (deep nesting, huge numbers)
+                scopes = ast.literal_eval(prop.value[:100_000])
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 return None
-            mods = [s for s in scopes[:-1] if s]
+            if not isinstance(scopes, list | tuple):
+                return None
+            mods = [s for s in scopes[:-1] if isinstance(s, str) and s]
             return mods[-1] if mods else None
     return None
 
@@ -176,6 +178,9 @@ class OnnxQuantizer:
         scheme: the int8 scheme (per-channel, activation signedness, QDQ/QOperator, method).
         work_dir: a private folder for the pre-processed model and the calibration cache.
         names: maps exporter scopes to PyTorch module names (for the report).
+        original: returns the model whose weights and biases a node kept in float gets back (the
+            model before bias correction, see ``quantize/ptq.py``: same graph, same names);
+            None keeps ``fp32_path``'s.
     """
 
     format = "onnx"
@@ -187,13 +192,18 @@ class OnnxQuantizer:
         scheme: Scheme,
         work_dir: Path,
         names: ModuleNames | None = None,
+        *,
+        original: Callable[[], Path] | None = None,
     ) -> None:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantType
 
         check_method(scheme.method, "onnx", _METHODS)
         self.scheme = scheme
+        self._original = original
+        self._original_inits: dict[str, Any] | None = None
         work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = work_dir
         self.source = preprocess(fp32_path, work_dir / "preprocessed.onnx")
         self.cache = work_dir / "calibration.json"
         model = onnx.load(str(self.source))
@@ -232,6 +242,13 @@ class OnnxQuantizer:
                 "WeightSymmetric": True,
             },
         }
+        if scheme.method != "minmax":
+            # histogram calibrators fail on a last batch of another size ("inhomogeneous shape"):
+            # use whole batches only, and bound the outputs they hold in memory
+            calibration = calibration[
+                : max(1, len(calibration) // CALIBRATION_BATCH) * CALIBRATION_BATCH
+            ]
+            self._kwargs["extra_options"]["CalibMaxIntermediateOutputs"] = 4
         self._calibration = calibration
         self.quantize(work_dir / "calibrate.onnx", ())  # calibrates and fills the cache
 
@@ -251,23 +268,59 @@ class OnnxQuantizer:
                     calibration_cache_path=str(self.cache),
                     **self._kwargs,
                 )
-            _strip_debug_info(tmp)
+            _finish(tmp, self._restore_inits(float_layers) if float_layers else {})
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         return [path]
 
+    def _restore_inits(self, float_layers: Collection[str]) -> dict[str, Any]:
+        """The original float weights and biases of the nodes kept in float (by initializer name)."""
+        if self._original is None:
+            return {}
+        import onnx
 
-def _strip_debug_info(path: Path) -> None:
-    """Drop the exporter's per-node metadata (module scopes, stack traces: ~100 kB on
-    EfficientNet-Lite0) from a quantized model; the report has already taken the layer names."""
+        if self._original_inits is None:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = self.work_dir / "original-preprocessed.onnx"
+            source = self._original()
+            try:
+                with _ort_quiet():
+                    quant_pre_process(str(source), str(pre))
+            except Exception:  # as for the model itself: the raw graph then
+                pre = source
+            model = onnx.load(str(pre))
+            inits = {i.name: i for i in model.graph.initializer}
+            self._original_inits = {
+                n.name: [inits[i] for i in n.input[1:] if i in inits] for n in model.graph.node
+            }
+        out: dict[str, Any] = {}
+        for name in float_layers:
+            for init in self._original_inits.get(name, []):
+                out[init.name] = init
+        return out
+
+
+def _finish(path: Path, restore: dict[str, Any]) -> None:
+    """Put the original float weights back into the nodes kept in float (``restore``: initializers
+    by name), and drop the exporter's per-node metadata (module scopes, stack traces: ~100 kB on
+    EfficientNet-Lite0); the report has already taken the layer names."""
     import onnx
 
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+    for init in model.graph.initializer:
+        new = restore.get(init.name)
+        if (
+            new is not None
+            and list(new.dims) == list(init.dims)
+            and new.data_type == init.data_type
+        ):
+            init.CopyFrom(new)
     onnx.save(model, str(path))
 
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ from edgesmith.compress.quantize.base import (
 )
 from edgesmith.compress.quantize.config import Scheme
 
-__all__ = ["OpenVinoQuantizer", "to_bf16", "to_fp16", "weight_only_int8"]
+__all__ = [
+    "OpenVinoQuantizer",
+    "advanced_parameters",
+    "to_bf16",
+    "to_fp16",
+    "weight_only_int8",
+]
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +157,14 @@ class OpenVinoQuantizer:
     Args:
         fp32_path: the float IR (``.xml``).
         calibration: calibration inputs, samples first.
-        scheme: asymmetric activations map to NNCF's ``MIXED`` preset, symmetric to ``PERFORMANCE``.
+        scheme: ``openvino_preset`` picks NNCF's preset (``PERFORMANCE``, its default and the
+            fastest, unless the stage asks for asymmetric activations: ``MIXED``); on targets
+            whose CPUs all have VNNI (``vnni``) NNCF's overflow fix is off, so the first layer
+            keeps 8-bit weights (the fix stores them in 7 bits for AVX2 CPUs without VNNI).
         work_dir: unused (NNCF keeps its statistics in memory).
         names: maps OpenVINO friendly names to PyTorch module names.
+        original: returns the IR whose weights and biases a layer kept in float gets back (the
+            model before bias correction, see ``quantize/ptq.py``); default: ``fp32_path``'s.
     """
 
     format = "openvino"
@@ -165,32 +176,26 @@ class OpenVinoQuantizer:
         scheme: Scheme,
         work_dir: Path,
         names: ModuleNames | None = None,
+        *,
+        original: Callable[[], Path] | None = None,
     ) -> None:
         import nncf
         import openvino as ov
-        from nncf.quantization.advanced_parameters import (
-            AdvancedQuantizationParameters,
-            QuantizationParameters,
-        )
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         check_method(scheme.method, "openvino", _METHODS)
         core = ov.Core()
-        self.float_model = core.read_model(str(fp32_path))
-        options: dict[str, Any] = {}
-        if not scheme.per_channel:
-            options["weights_quantization_params"] = QuantizationParameters(per_channel=False)
-        if scheme.method == "percentile":
-            options["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
-        advanced = AdvancedQuantizationParameters(**options)
+        self._original = original
+        self._float_model: Any = None if original else core.read_model(str(fp32_path))
+        advanced = advanced_parameters(scheme)
         # one sample per item, every input in its own dtype (a dict when the model has several)
+        graph = self._float_model or core.read_model(str(fp32_path))
         specs = [
             (
                 p.get_any_name(),
                 [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()],
                 p.get_element_type().to_dtype(),
             )
-            for p in self.float_model.inputs
+            for p in graph.inputs
         ]
         feeds = feeds_for(calibration, specs, batch=1)
         items = [f[specs[0][0]] if len(specs) == 1 else f for f in feeds]
@@ -203,9 +208,9 @@ class OpenVinoQuantizer:
             {"model_type": nncf.ModelType.TRANSFORMER}
             if self.transformer
             else {
-                "preset": nncf.QuantizationPreset.PERFORMANCE
-                if scheme.activations_symmetric
-                else nncf.QuantizationPreset.MIXED
+                "preset": nncf.QuantizationPreset.MIXED
+                if scheme.openvino_preset == "mixed"
+                else nncf.QuantizationPreset.PERFORMANCE
             }
         )
         # NNCF shows its own progress bars (statistics collection, bias correction); only its
@@ -220,7 +225,8 @@ class OpenVinoQuantizer:
                 **kind,
             )
         names = names or ModuleNames()
-        float_ops = {op.get_friendly_name(): op for op in self.float_model.get_ops()}
+        source = core.read_model(str(fp32_path))  # the weights' shapes (same graph as original)
+        float_ops = {op.get_friendly_name(): op for op in source.get_ops()}
         self.layers = []
         for op in self.quantized.get_ordered_ops():
             kind = op.get_type_name()
@@ -237,6 +243,16 @@ class OpenVinoQuantizer:
                 names.resolve(_module_of(op)), kind, op.get_friendly_name(), kind in WEIGHTED_OPS
             )
             self.layers.append(Layer(op.get_friendly_name(), name, kind, params))
+
+    @property
+    def float_model(self) -> Any:
+        """The IR that layers kept in float take their weights and biases from (read on first use)."""
+        if self._float_model is None:
+            import openvino as ov
+
+            assert self._original is not None
+            self._float_model = ov.Core().read_model(str(self._original()))
+        return self._float_model
 
     def _revert(self, op: Any, float_op: Any | None) -> None:
         from openvino import opset13 as ops
@@ -268,7 +284,9 @@ class OpenVinoQuantizer:
 
         model = self.quantized.clone()
         wanted = set(float_layers)
-        float_ops = {op.get_friendly_name(): op for op in self.float_model.get_ops()}
+        float_ops = (
+            {op.get_friendly_name(): op for op in self.float_model.get_ops()} if wanted else {}
+        )
         for op in model.get_ops():
             name = op.get_friendly_name()
             if name in wanted:
@@ -276,6 +294,30 @@ class OpenVinoQuantizer:
         model.validate_nodes_and_infer_types()
         save_ir(model, path)
         return [path, path.with_suffix(".bin")]
+
+
+def advanced_parameters(scheme: Scheme) -> Any:
+    """NNCF's advanced options for ``scheme``: per-tensor weights, percentile ranges, overflow fix.
+
+    ``percentile`` is NNCF's ``MEAN_QUANTILE`` (the 0.01% and 99.99% quantiles, averaged over
+    samples). The overflow fix (7-bit first-layer weights) stays on unless every CPU of the target
+    has VNNI; with it off the first layer keeps the 8-bit weights that bias correction rounded.
+    """
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationParameters,
+    )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    options: dict[str, Any] = {}
+    if not scheme.per_channel:
+        options["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+    if scheme.method == "percentile":
+        options["activations_range_estimator_params"] = RangeEstimatorParametersSet.MEAN_QUANTILE
+    if scheme.vnni:
+        options["overflow_fix"] = OverflowFix.DISABLE
+    return AdvancedQuantizationParameters(**options)
 
 
 def to_fp16(fp32_path: Path, path: Path) -> list[Path]:

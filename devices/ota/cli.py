@@ -12,10 +12,12 @@ from typing import Any
 
 import click
 
-from edgesmith.devices.cli import _echo_json, _key_option
+from edgesmith.devices.cliutil import echo_json, key_option
+from edgesmith.devices.ota.config import AgentConfig
 from edgesmith.errors import BundleError, CheckFailed, EdgesmithError
+from edgesmith.options import field_option
 
-__all__ = ["ota_group"]
+__all__ = ["agent_config", "agent_options", "ota_group"]
 
 
 @click.group("ota")
@@ -120,7 +122,7 @@ def ota_refresh(store: Path, channel: str, key: Path, expires: str, mqtt: str | 
     help="The store folder.",
 )
 @click.option("--channel", default="stable", show_default=True, help="Channel name.")
-@_key_option
+@key_option
 def ota_channel(store: Path, channel: str, keys: tuple[Path, ...]) -> None:
     """Verify and print a store's channel file."""
     from edgesmith.devices.ota.publisher import check_channel_name, read_channel
@@ -134,7 +136,7 @@ def ota_channel(store: Path, channel: str, keys: tuple[Path, ...]) -> None:
     ch = read_channel(store, channel, load_trusted_keys(keys))
     if ch is None:
         raise EdgesmithError(f"no channel '{channel}' in {store}", hint="publish a bundle first")
-    _echo_json(ch.to_json())
+    echo_json(ch.to_json())
     if ch.expired():
         raise CheckFailed(
             f"channel '{channel}' expired at {ch.expires}", hint="run `edgesmith ota refresh`"
@@ -171,9 +173,12 @@ def _test_step_hook() -> Any:
     return hook
 
 
-def _agent_config(config: Path | None, **options: Any) -> Any:
-    from edgesmith.devices.ota.agent import AgentConfig
+def agent_config(config: Path | None, **options: Any) -> AgentConfig:
+    """The agent's settings: ``config`` (agent.yaml) with the options given on the command line.
 
+    Raises:
+        EdgesmithError: no root folder, or a bad file or value (every problem listed).
+    """
     options = {k: v for k, v in options.items() if v not in (None, ())}
     if config is not None:
         return AgentConfig.from_yaml(config, **options)
@@ -182,6 +187,12 @@ def _agent_config(config: Path | None, **options: Any) -> Any:
             "no agent root folder", hint="pass --root DIR (or --config agent.yaml)"
         )
     return AgentConfig.validated(options)
+
+
+def _field(name: str, *decls: str, help: str, **attrs: Any) -> Any:
+    """An agent option made from the ``AgentConfig`` field ``name`` (None unless given, so that
+    agent.yaml's value applies)."""
+    return field_option(AgentConfig, name, *decls, help=help, **attrs)
 
 
 _agent_options = [
@@ -195,9 +206,9 @@ _agent_options = [
         type=click.Path(path_type=Path, file_okay=False),
         help="Device folder for slots and state (e.g. /var/lib/edgesmith).",
     ),
-    _key_option,
-    click.option("--target", default=None, help="Device profile (default: detected)."),
-    click.option("--name", default=None, help="Model name to follow (default: the one offered)."),
+    key_option,
+    _field("target", help="Device profile (default: detected)."),
+    _field("name", help="Model name to follow (default: the one offered)."),
     click.option(
         "--allow-unsigned",
         is_flag=True,
@@ -207,30 +218,26 @@ _agent_options = [
 ]
 
 
-def _agent_decorators(f: Any) -> Any:
+def agent_options(f: Any) -> Any:
+    """The options every agent command takes: --config, --root, --key, --target, --name,
+    --allow-unsigned."""
     for opt in reversed(_agent_options):
         f = opt(f)
     return f
 
 
 @ota_group.command("agent")
-@_agent_decorators
-@click.option("--server", default=None, help="Base URL of the store (http://host/store).")
-@click.option("--channel", default=None, help="Channel to follow [stable].")
-@click.option(
-    "--mqtt", default=None, metavar="HOST:PORT", help="Broker for announcements and status."
-)
-@click.option("--report", "report_url", default=None, help="POST status JSON to this URL.")
-@click.option(
-    "--interval", "poll_interval_s", type=float, default=None, help="Seconds between polls [300]."
-)
-@click.option("--device-id", default=None, help="Device id (default: from /etc/machine-id).")
-@click.option("--latency-budget-ms", type=float, default=None, help="Health check latency budget.")
-@click.option("--before-install", default=None, help="Shell command run before the switch.")
-@click.option("--after-install", default=None, help="Shell command run after the switch.")
-@click.option(
-    "--on-rollback", default=None, help="Shell command run when an update is rolled back."
-)
+@agent_options
+@_field("server", help="Base URL of the store (http://host/store).")
+@_field("channel", help="Channel to follow [stable].")
+@_field("mqtt", metavar="HOST:PORT", help="Broker for announcements and status.")
+@_field("report_url", "--report", help="POST status JSON to this URL.")
+@_field("poll_interval_s", "--interval", help="Seconds between polls [300].")
+@_field("device_id", help="Device id (default: from /etc/machine-id).")
+@_field("latency_budget_ms", help="Health check latency budget.")
+@_field("before_install", help="Shell command run before the switch.")
+@_field("after_install", help="Shell command run after the switch.")
+@_field("on_rollback", help="Shell command run when an update is rolled back.")
 @click.option("--once", is_flag=True, help="Check once and exit (0 ok, 1 failed or rolled back).")
 def ota_agent(
     config: Path | None,
@@ -252,7 +259,7 @@ def ota_agent(
     from edgesmith.devices.ota.agent import Agent
     from edgesmith.devices.ota.config import printable
 
-    cfg = _agent_config(
+    cfg = agent_config(
         config,
         root=root,
         trusted_keys=list(keys) or None,
@@ -267,7 +274,7 @@ def ota_agent(
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     result = agent.run(once=once)
     if once and result is not None:
-        _echo_json(result.to_json())
+        echo_json(result.to_json())
         if not result.ok:
             raise CheckFailed(
                 f"update {result.status}: {printable(result.reason)}",
@@ -277,7 +284,7 @@ def ota_agent(
 
 @ota_group.command("install")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True))
-@_agent_decorators
+@agent_options
 def ota_install(
     bundle: Path,
     config: Path | None,
@@ -291,7 +298,7 @@ def ota_install(
     from edgesmith.devices.ota.agent import Agent
     from edgesmith.devices.ota.config import printable
 
-    cfg = _agent_config(
+    cfg = agent_config(
         config,
         root=root,
         trusted_keys=list(keys) or None,
@@ -305,7 +312,7 @@ def ota_install(
         result = agent.install(bundle)
     finally:
         agent.close()
-    _echo_json(result.to_json())
+    echo_json(result.to_json())
     if not result.ok:
         raise CheckFailed(
             f"install {result.status}: {printable(result.reason)}",
@@ -346,7 +353,7 @@ def ota_status(root: Path) -> None:
             )
             last = None
         out["last"] = last if isinstance(last, dict) else None
-    _echo_json(out)
+    echo_json(out)
     if active is None:
         raise CheckFailed(
             f"no model installed under {root}", hint="provision one with `edgesmith ota install`"

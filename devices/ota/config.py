@@ -6,25 +6,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgesmith.errors import EdgesmithError
+from edgesmith.errors import EdgesmithError, RecipeError
+from edgesmith.text import printable
+from edgesmith.validation import validate
+from edgesmith.yamlutil import Loc, parse_yaml_with_lines
 
 __all__ = ["AgentConfig", "UpdateResult", "printable"]
-
-
-def printable(text: str) -> str:
-    """``text`` with control and format characters (ESC, CR, bidi overrides) escaped: safe to
-    print on a terminal. Reasons and names can come from a bundle or a channel file.
-
-    Example:
-        >>> printable("rpi5\x1b[2J")
-        'rpi5\\x1b[2J'
-    """
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
-    )
 
 
 class AgentConfig(BaseModel):
@@ -76,32 +65,39 @@ class AgentConfig(BaseModel):
         """
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise EdgesmithError(
-                f"cannot read agent config {p}: {exc.strerror}", hint="check the path"
+                f"cannot read agent config {p}: {getattr(exc, 'strerror', None) or exc}",
+                hint="check the path",
             ) from None
-        except yaml.YAMLError as exc:
-            raise EdgesmithError(
-                f"agent config {p} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        try:  # the recipe's safe, bounded loader, which also keeps every key's line
+            data, lines = parse_yaml_with_lines(text, str(p))
+        except RecipeError as exc:
+            raise EdgesmithError(f"agent config {exc.message}", hint=exc.hint) from None
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
             raise EdgesmithError(
                 f"agent config {p} must be a mapping of keys", hint="see docs/ota.md"
             )
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.validated(data, str(p))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        data.update(given)  # a value from the command line has no line in the file
+        lines = {loc: n for loc, n in lines.items() if loc and loc[0] not in given}
+        return cls.validated(data, str(p), lines)
 
     @classmethod
-    def validated(cls, data: dict[str, Any], where: str = "agent config") -> AgentConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise EdgesmithError(
-                f"{where}: '{loc}': {err['msg']}", hint=f"keys: {', '.join(cls.model_fields)}"
-            ) from None
+    def validated(
+        cls, data: dict[str, Any], where: str = "agent config", lines: dict[Loc, int] | None = None
+    ) -> AgentConfig:
+        """``data`` as settings; every problem is listed (``agent.yaml:LINE key: problem``).
+
+        Raises:
+            EdgesmithError: naming each bad or unknown key, with the nearest known key.
+        """
+        return validate(
+            cls, data, source=where, lines=lines, hint=f"keys: {', '.join(cls.model_fields)}"
+        )
 
 
 @dataclass

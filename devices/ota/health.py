@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import EdgesmithError
-from edgesmith.runtime.outputs import compare_golden_outputs, golden_arrays
+from edgesmith.errors import BundleError, EdgesmithError
+from edgesmith.runtime.golden import check_golden, read_golden_all
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -50,14 +50,14 @@ def check_old_classes(model: Any, root: Path, budget: float | None = None) -> di
     Raises:
         EdgesmithError: a malformed memory file.
     """
-    from edgesmith.runtime.memory import check_old_classes as check
-    from edgesmith.runtime.memory import load_memory
+    from edgesmith.runtime.finetune.memory import check_old_classes as check
+    from edgesmith.runtime.finetune.memory import load_memory
 
     m = model.manifest
     spec = (m.trainable_head or {}) if m is not None else {}
     if spec.get("trained", {}).get("by") != "device":
         return None
-    memory = load_memory(root, spec)
+    memory = load_memory(root, spec, m)
     if memory is None or not len(memory.holdout) or memory.spec.reference_accuracy is None:
         return None
     result = check(
@@ -103,37 +103,36 @@ def check_health(
     except Exception as exc:  # a backend failing on a bad model must not take the agent down
         return HealthReport(False, f"the model does not load: {type(exc).__name__}: {exc}")
     manifest = model.manifest
-    golden = manifest.golden if manifest else None
-    expected: list[np.ndarray] | None = None
-    out_names = [s.name for s in model.outputs]
     try:
-        if golden and golden.get("file"):
-            with np.load(root / str(golden["file"]), allow_pickle=False) as data:
-                inputs, expected = golden_arrays(data, [s.name for s in model.inputs], out_names)
-        else:
+        golden = check_golden(model, root)  # through the listed, hashed golden file
+        if golden is None:
             if require_golden:
                 return HealthReport(
                     False, "the bundle has no golden data and this device requires it"
                 )
             if manifest is None:
                 return HealthReport(False, "not a bundle")
-            inputs = [_zeros_for(spec) for spec in manifest.inputs]
-        got = model(*inputs)
-        outs = list(got) if isinstance(got, tuple) else [got]
-        sample = [x[:1] for x in inputs]
+            sample = [_zeros_for(spec) for spec in manifest.inputs]
+            model(*sample)
+        else:
+            names = ([s.name for s in model.inputs], [s.name for s in model.outputs])
+            data = read_golden_all(root, manifest, *names)
+            if data is None:  # check_golden read it
+                return HealthReport(False, "golden data vanished during the check")
+            sample = [x[:1] for x in data[0]]
+    except BundleError as exc:
+        return HealthReport(False, f"golden data unreadable: {exc.message}")
     except EdgesmithError as exc:
         return HealthReport(False, f"the model fails on its golden inputs: {exc.message}")
     except (KeyError, ValueError, OSError) as exc:
         return HealthReport(False, f"golden data unreadable: {type(exc).__name__}: {exc}")
     except Exception as exc:
         return HealthReport(False, f"the model fails to run: {type(exc).__name__}: {exc}")
-    report = HealthReport(True, golden=expected is not None)
-    if expected is not None and golden is not None:
-        result = compare_golden_outputs(outs, expected, golden, out_names)
-        report.max_abs_diff, report.top1_agreement = result.max_abs_diff, result.top1_agreement
-        if not result.ok:
-            report.ok = False
-            report.reason = result.reason
+    report = HealthReport(True, golden=golden is not None)
+    if golden is not None:
+        report.max_abs_diff, report.top1_agreement = golden.max_abs_diff, golden.top1_agreement
+        if not golden.ok:
+            report.ok, report.reason = False, golden.reason
             return report
     try:
         report.old_classes = check_old_classes(model, root, old_class_budget)

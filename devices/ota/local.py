@@ -3,46 +3,35 @@
 * :func:`activate` installs a fine-tuned bundle with :meth:`Agent.install_local`: the same
   verify → copy into the inactive slot → health check → switch → commit as an OTA update, plus a
   gate before the switch that refuses the new head if it is less accurate than the installed one
-  on the held-out split (the new samples plus those kept from earlier activations). A refusal or
-  any failure leaves the installed model in use (``rolled-back``).
-* :func:`keep_local_head` is the OTA policy ``keep``: when a fleet update arrives, the head
-  fine-tuned here is re-applied onto the update's backbone if the feature sizes match, unless
-  the update's own head is more accurate on the held-out samples stored on the device.
-* :func:`revert` goes back from a fine-tuned head to the model in the other slot.
-
-Keys: the fleet's release keys (``trusted_keys``) vouch for any bundle. The device's own key
-(``device_key``, a private key that never leaves the device) signs what the device makes — a
-fine-tuned head, or an update with the local head kept — and is trusted only for bundles whose
-files other than the head and golden data are exactly those of a bundle the fleet signed (their
-fingerprints are kept in ``state.json``). A stolen device key therefore cannot install a new
-backbone, on this device or any other (other devices do not trust it at all).
-
-Held-out samples (``ROOT/local/holdout.npz``, mode 0600, at most ``per_class`` per class) stay
-on the device; they are what activation and ``keep`` compare heads on.
+  on the held-out split (the new samples plus those kept from earlier activations,
+  :mod:`~edgesmith.devices.ota.holdout`). A refusal or any failure leaves the installed model in
+  use (``rolled-back``).
+* :func:`revert` goes back from a fine-tuned head to the model in the other slot
+  (:meth:`Agent.revert`, the same transaction and hooks as an install).
+* The OTA policy ``keep`` is in :mod:`~edgesmith.devices.ota.keep`; whom the agent trusts for
+  device-made bundles in :mod:`~edgesmith.devices.ota.trust`.
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from edgesmith.errors import BundleError, UpdateError
-from edgesmith.runtime.bundle import Manifest, fsync_dir, read_bundle, verify_bundle, write_bundle
-from edgesmith.runtime.head import HEAD_FILE, Head, backbone_fingerprint, load_head
-from edgesmith.runtime.memory import check_old_classes, label_accuracy, load_memory
+from edgesmith.errors import UpdateError
+from edgesmith.runtime import load
+from edgesmith.runtime.bundle import Manifest, read_bundle
+from edgesmith.runtime.finetune.head import backbone_fingerprint, load_head
+from edgesmith.runtime.finetune.memory import check_old_classes, label_accuracy, load_memory
 
+from .agent import Agent
 from .config import UpdateResult
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .holdout import PER_CLASS, holdout_features, holdout_names, load_holdout, save_holdout
+from .keep import keep_local_head
+from .trust import check_local_bundle, load_device_key
 
 __all__ = [
     "Activation",
@@ -53,104 +42,6 @@ __all__ = [
     "load_holdout",
     "revert",
 ]
-
-log = logging.getLogger(__name__)
-
-HOLDOUT = "local/holdout.npz"
-PER_CLASS = 100
-
-
-def load_device_key(path: str | Path) -> tuple[Any, dict[str, bytes]]:
-    """The device's private key and ``{key id: raw public key}`` for it."""
-    from cryptography.hazmat.primitives import serialization
-
-    from edgesmith.runtime.signing import key_id, load_private_key
-
-    key = load_private_key(path)
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return key, {key_id(raw): raw}
-
-
-def check_local_bundle(m: Manifest, fleet_models: dict[str, str]) -> None:
-    """Refuse a device-made bundle unless it only changes the head of a fleet-published model.
-
-    Raises:
-        BundleError: no trainable head made here, or model files the fleet did not publish.
-    """
-    trained = (m.trainable_head or {}).get("trained", {})
-    if trained.get("by") != "device":
-        raise BundleError(
-            f"{m.name} version {m.version} is signed by this device's key but is not a head "
-            "fine-tuned here",
-            hint="fleet bundles must be signed with a release key",
-        )
-    if backbone_fingerprint(m) not in fleet_models:
-        raise BundleError(
-            f"{m.name} version {m.version} changes more than the head: its model files are not "
-            "those of a bundle the fleet published",
-            hint="on-device fine-tuning may change only head.npz; rebuild it from the installed bundle",
-        )
-
-
-def _is_local(m: Manifest | None) -> bool:
-    return bool(m and (m.trainable_head or {}).get("trained", {}).get("by") == "device")
-
-
-# --------------------------------------------------------------------------- held-out data
-
-
-def load_holdout(root: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """The held-out samples and label names kept on the device, or None."""
-    p = Path(root) / HOLDOUT
-    if not p.is_file():
-        return None
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return np.asarray(z["x"]), np.asarray(z["y"]).astype(str)
-    except (ValueError, OSError, KeyError) as exc:
-        log.warning("ignoring unreadable held-out data %s: %s", p, exc)
-        return None
-
-
-def _save_holdout(root: Path, x: np.ndarray, y: np.ndarray, per_class: int) -> None:
-    from edgesmith.fsutil import atomic_write_bytes
-
-    keep: list[int] = []
-    for name in dict.fromkeys(y.tolist()):
-        keep += np.flatnonzero(y == name)[-per_class:].tolist()  # the newest per class
-    keep.sort()
-    buf = io.BytesIO()
-    np.savez(buf, x=x[keep], y=y[keep].astype(str))
-    atomic_write_bytes(root / HOLDOUT, buf.getvalue(), mode=0o600)
-
-
-def _names(y: Sequence[Any] | np.ndarray, labels: list[str]) -> np.ndarray:
-    arr = np.asarray(y)
-    if arr.dtype.kind in "iu":
-        if len(arr) and (arr.min() < 0 or arr.max() >= len(labels)):
-            raise UpdateError(
-                "held-out label indices outside the bundle's labels", hint="give label names"
-            )
-        return np.asarray([labels[i] for i in arr.tolist()], dtype=str)
-    from edgesmith.runtime.finetune import encode_labels
-
-    idx, _ = encode_labels(arr, labels, add_classes=False)
-    return np.asarray([labels[i] for i in idx.tolist()], dtype=str)
-
-
-def _accuracy(head: Head, labels: list[str], feats: np.ndarray, names: np.ndarray) -> float:
-    """Share of samples whose predicted label is theirs (names compared as slugs, so that a
-    class added from a folder 'ankle-boot' and a fleet label 'Ankle boot' are one class)."""
-    return label_accuracy(head, labels, feats, names)
-
-
-def _features(model: Any, x: np.ndarray) -> np.ndarray:
-    from edgesmith.runtime.finetune import FeatureCache
-
-    return FeatureCache().features(model, x, description="held-out features")
-
-
-# --------------------------------------------------------------------------- activation
 
 
 @dataclass
@@ -215,7 +106,7 @@ def activate(
     if holdout is not None and len(holdout[0]):
         x_new = np.asarray(holdout[0])
         xs.append(x_new)
-        ys.append(_names(holdout[1], labels))
+        ys.append(holdout_names(holdout[1], labels))
         if (
             stored is not None
             and stored[0].shape[1:] == x_new.shape[1:]
@@ -240,8 +131,6 @@ def activate(
     act.samples = len(y)
 
     def gate(dest: Path, m: Manifest) -> None:
-        from edgesmith.runtime import load
-
         installed = agent.installed()
         if installed is None or installed.trainable_head is None:
             raise UpdateError("the installed model has no trainable head", hint="install one first")
@@ -252,7 +141,7 @@ def activate(
             )
         model = load(dest)
         current = load_head(agent.current_path, installed.trainable_head)
-        memory = load_memory(dest, m.trainable_head)
+        memory = load_memory(dest, m.trainable_head, m)
         if memory is not None and len(memory.holdout):  # the old task first
             mf = memory.features(model, "holdout")
             names = memory.names("holdout")
@@ -267,9 +156,9 @@ def activate(
                     hint="the installed model stays; fine-tune with the bundle's memory "
                     "(the default) or with fewer epochs / a lower learning rate",
                 )
-        feats = _features(model, x)
-        act.accuracy = _accuracy(model.head, list(m.labels or []), feats, y)
-        act.previous_accuracy = _accuracy(current, list(installed.labels or []), feats, y)
+        feats = holdout_features(model, x)
+        act.accuracy = label_accuracy(model.head, list(m.labels or []), feats, y)
+        act.previous_accuracy = label_accuracy(current, list(installed.labels or []), feats, y)
         if act.accuracy < act.previous_accuracy:
             raise UpdateError(
                 f"the fine-tuned head is worse on the held-out split: {act.accuracy:.4f} < "
@@ -279,163 +168,14 @@ def activate(
 
     act.result = agent.install_local(bundle, gate=gate)
     if act.result.status == "installed":
-        _save_holdout(agent.slots.root, x, y, per_class)
+        save_holdout(agent.slots.root, x, y, per_class)
     return act
 
 
 def revert(agent: Agent) -> UpdateResult:
-    """Go back from a head fine-tuned here to the model in the other slot (if it is healthy).
+    """Go back from a head fine-tuned here to the model in the other slot: :meth:`Agent.revert`.
 
     Raises:
         UpdateError: the model in use is not a local fine-tune, or there is nothing to go back to.
     """
-    import time
-
-    agent.start()
-    cur = agent.installed()
-    if not _is_local(cur) or cur is None:
-        raise UpdateError(
-            "the model in use is not a head fine-tuned on this device", hint="nothing to revert"
-        )
-    other = agent.slots.inactive()
-    try:
-        prev = verify_bundle(agent.slots.path(other), check_files=False).manifest
-    except BundleError:
-        prev = None
-    if prev is None or prev.name != cur.name or not agent._slot_ok(other):
-        raise UpdateError(
-            "no healthy previous version of this model to go back to",
-            hint="the other slot is empty, another model, or fails its checks",
-        )
-    agent.slots.switch(other)
-    agent.state["last_switch"] = time.time()
-    agent.slots.write_state(agent.state)
-    result = UpdateResult(
-        "rolled-back", prev.version, None, cur.version, cur.name, "reverted the fine-tuned head"
-    )
-    agent.slots.write_status({**agent.status(), **result.to_json()})
-    return result
-
-
-# --------------------------------------------------------------------------- OTA policy "keep"
-
-
-def keep_local_head(agent: Agent, dest: Path, m: Manifest) -> Manifest | None:
-    """Re-apply the head fine-tuned here onto the update extracted at ``dest`` (policy ``keep``).
-
-    Rewrites ``dest`` (the inactive slot) as a device-signed bundle: the update's files with the
-    local head, its labels, and golden outputs recomputed with the new backbone. Returns the new
-    manifest, or None when the update's head is installed as is (policy ``replace``, no local
-    head, other feature size, the update's head better on the stored held-out samples, or no
-    device key to sign with).
-    """
-    spec = m.trainable_head
-    cur_path = agent.current_path
-    try:
-        cur = verify_bundle(cur_path, check_files=False).manifest
-    except BundleError:
-        return None
-    if not spec or spec.get("policy") != "keep" or not _is_local(cur) or cur.name != m.name:
-        return None
-    assert cur.trainable_head is not None
-    local = load_head(cur_path, cur.trainable_head)
-    if local.feature_size != spec["feature_size"]:
-        log.warning(
-            "the update's backbone gives %d features, the local head takes %d: installing the "
-            "update's head",
-            spec["feature_size"],
-            local.feature_size,
-        )
-        return None
-    if agent._device_key is None and agent.config.require_signature:
-        log.warning(
-            "policy keep, but no device_key to sign the merged bundle: installing the update's head"
-        )
-        return None
-    from edgesmith.runtime import load
-
-    model = load(dest)
-    labels = list(cur.labels or [])
-    details: dict[str, Any] = {"kept_over_version": m.version}
-    memory = load_memory(dest, spec)
-    if memory is not None and len(memory.holdout):  # the local head must know the update's classes
-        mf = memory.features(model, "holdout")
-        theirs = label_accuracy(model.head, list(m.labels or []), mf, memory.names("holdout"))
-        check = check_old_classes(memory, mf, local, labels, theirs, "the update's head")
-        details["old_classes"] = check.to_json()
-        if not check.passed:
-            log.warning("%s: installing the update's head", check.message())
-            return None
-    stored = load_holdout(agent.slots.root)
-    if stored is not None:  # keep ours unless the update's head is better on our own data
-        feats = _features(model, stored[0])
-        ours = _accuracy(local, labels, feats, stored[1])
-        theirs = _accuracy(model.head, list(m.labels or []), feats, stored[1])
-        details.update(holdout_accuracy=ours, update_head_holdout_accuracy=theirs)
-        if ours < theirs:
-            log.info(
-                "the update's head beats the local one on the held-out data (%.4f > %.4f): "
-                "installing it",
-                theirs,
-                ours,
-            )
-            return None
-    return _write_merged(agent, dest, m, cur, local, model, labels, details)
-
-
-def _write_merged(
-    agent: Agent,
-    dest: Path,
-    m: Manifest,
-    cur: Manifest,
-    local: Head,
-    model: Any,
-    labels: list[str],
-    details: dict[str, Any],
-) -> Manifest:
-    import shutil
-    import tempfile
-
-    spec = dict(m.trainable_head or {})
-    golden = dict(m.golden or {})
-    skip = {spec.get("file"), golden.get("file")}
-    files = {rel: dest / rel for rel in m.files if rel not in skip}
-    merged = agent.slots.slots_dir / f".merge-{dest.name}"  # hidden: prepare() removes leftovers
-    shutil.rmtree(merged, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".keep-", dir=agent.slots.slots_dir) as tmp:
-        files[HEAD_FILE] = local.save(Path(tmp) / HEAD_FILE)
-        if golden.get("file"):
-            with np.load(dest / str(golden["file"]), allow_pickle=False) as z:
-                g_in, g_old = np.asarray(z["inputs"]), np.asarray(z["outputs"])
-            g_out = local(model.features(g_in))
-            np.savez(Path(tmp) / "golden.npz", inputs=g_in, outputs=g_out)
-            files[str(golden["file"])] = Path(tmp) / "golden.npz"
-            ratio = float(np.abs(g_out).max() or 1.0) / float(np.abs(g_old).max() or 1.0)
-            golden["atol"] = float(golden.get("atol", 1e-4)) * max(ratio, 1.0)
-        trained = dict((cur.trainable_head or {}).get("trained", {}))
-        trained.update(
-            base_version=m.version,
-            backbone=backbone_fingerprint(m),
-            kept_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        doc = m.to_json()
-        for k in ("schema", "files", "created"):
-            doc.pop(k, None)
-        doc["labels"] = labels
-        doc["outputs"] = [{"name": "logits", "shape": ["batch", local.classes], "dtype": "float32"}]
-        doc["trainable_head"] = local.spec(
-            spec["feature_output"],
-            policy=spec.get("policy", "keep"),
-            trained=trained,
-            **({"memory": spec["memory"]} if spec.get("memory") else {}),
-        )
-        if golden:
-            doc["golden"] = golden
-        doc["metrics"] = {**m.metrics, "local_head": details}
-        write_bundle(merged, doc, files, sign_key=agent._device_key)
-    slot = dest.name
-    agent.slots.clear(slot)
-    os.replace(merged, dest)
-    fsync_dir(agent.slots.slots_dir)
-    log.info("kept the head fine-tuned here on %s version %s", m.name, m.version)
-    return read_bundle(dest)
+    return agent.revert()

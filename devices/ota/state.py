@@ -1,4 +1,5 @@
-"""The agent's memory on the device (``ROOT/state.json``): read defensively, migrated, typed.
+"""The agent's memory on the device (``ROOT/state.json``): read defensively, migrated, typed
+(:class:`AgentState`, with the open transaction as a :class:`Txn`).
 
 ``state.json`` is written only by the agent (atomically), but a device's disk is not a trusted
 input: a file from an older version, an edited or damaged one must never stop the agent or make
@@ -15,7 +16,7 @@ Keys::
     failed         {"name:version": reason}         versions never retried here
     rolled_back    [manifest sha256, ...]           slots never recovered into (last 16)
     attempts       {"name:version": count}          interrupted installs (crash loops)
-    txn            the open transaction (see agent.py)
+    txn            the open transaction (see install.py)
     history        [{name, version, slot, at}, ...]
     fleet_models   {backbone fingerprint: "name:version"}
     last_switch    time.time() of the last switch
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_ROLLED_BACK", "channel_seq", "clean_state", "remember_rolled_back"]
+__all__ = ["MAX_ROLLED_BACK", "AgentState", "Txn", "clean_state"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def _txn_ok(t: Any) -> bool:
         and t.get("previous_slot") in (*_SLOTS, None)
         and (t.get("previous_version") is None or _int(t.get("previous_version")))
         and isinstance(t.get("undo", ""), str)
+        and isinstance(t.get("local", False), bool)
+        and isinstance(t.get("revert", False), bool)
     )
 
 
@@ -106,14 +110,96 @@ def _last_channel(status_file: Path | None, seq: int) -> str | None:
     return None
 
 
-def channel_seq(state: dict[str, Any], channel: str) -> int:
-    """The highest seq this device has seen on ``channel`` (0: none)."""
-    return int(state.get("channel_seqs", {}).get(channel, 0))
+@dataclass
+class Txn:
+    """An open install: written to ``state.json`` before the inactive slot is touched, removed
+    when the install is committed or abandoned (the commit point is the switch of ``current``)."""
+
+    slot: str  # the slot being installed
+    name: str
+    version: int
+    previous_slot: str | None = None  # the slot in use before (None: nothing installed)
+    previous_version: int | None = None
+    local: bool = False  # a bundle made here (a fine-tuned head): never a failed fleet version
+    revert: bool = False  # Agent.revert(): back to the model in the other slot
+    undo: str = ""  # after the commit point: switching back, for this reason
+
+    @property
+    def key(self) -> str:
+        """``name:version``, the key of the per-version records (attempts, failures)."""
+        return f"{self.name}:{self.version}"
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Txn:
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "slot": self.slot,
+            "name": self.name,
+            "version": self.version,
+            "previous_slot": self.previous_slot,
+            "previous_version": self.previous_version,
+        }
+        doc.update({k: True for k in ("local", "revert") if getattr(self, k)})
+        if self.undo:
+            doc["undo"] = self.undo
+        return doc
 
 
-def remember_rolled_back(state: dict[str, Any], digest: str | None) -> None:
-    """Record a rolled-back bundle (its manifest's SHA-256) so recovery never switches to it."""
-    if not digest:
-        return
-    seen = [d for d in state.get("rolled_back", []) if d != digest]
-    state["rolled_back"] = [*seen, digest][-MAX_ROLLED_BACK:]
+@dataclass
+class AgentState:
+    """What the agent remembers between runs (the keys of ``state.json``, above)."""
+
+    device_id: str = ""
+    channel_seqs: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    rolled_back: list[str] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    txn: Txn | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    fleet_models: dict[str, str] = field(default_factory=dict)
+    last_switch: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept as read
+
+    @classmethod
+    def load(cls, raw: Any, channel: str, status_file: Path | None = None) -> AgentState:
+        """The state in parsed ``state.json`` ``raw``, cleaned and migrated (:func:`clean_state`)."""
+        doc = clean_state(raw, channel, status_file)
+        known = {k: doc.pop(k) for k in list(doc) if k in _CHECKS}
+        txn = known.pop("txn", None)
+        return cls(**known, txn=Txn.from_json(txn) if txn else None, extra=doc)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``state.json`` document."""
+        doc: dict[str, Any] = {
+            **self.extra,
+            "channel_seqs": self.channel_seqs,
+            "failed": self.failed,
+            "rolled_back": self.rolled_back,
+            "attempts": self.attempts,
+            "history": self.history,
+            "fleet_models": self.fleet_models,
+        }
+        if self.device_id:
+            doc["device_id"] = self.device_id
+        if self.last_switch:
+            doc["last_switch"] = self.last_switch
+        if self.txn is not None:
+            doc["txn"] = self.txn.to_json()
+        return doc
+
+    def seq(self, channel: str) -> int:
+        """The highest seq this device has seen on ``channel`` (0: none)."""
+        return int(self.channel_seqs.get(channel, 0))
+
+    def failed_before(self, name: str, version: int) -> bool:
+        """Whether ``name`` ``version`` failed here (it is never retried)."""
+        return f"{name}:{version}" in self.failed
+
+    def remember_rolled_back(self, digest: str | None) -> None:
+        """Record a rolled-back bundle (its manifest's SHA-256) so recovery never switches to it."""
+        if not digest:
+            return
+        seen = [d for d in self.rolled_back if d != digest]
+        self.rolled_back = [*seen, digest][-MAX_ROLLED_BACK:]

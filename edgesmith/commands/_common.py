@@ -11,8 +11,7 @@ from pydantic import BaseModel
 
 from edgesmith.checks import Check, failed
 from edgesmith.errors import CheckFailed, EdgesmithError
-from edgesmith.validation import validate
-from edgesmith.yamlutil import Loc
+from edgesmith.validation import flag, validate
 
 __all__ = ["check_out", "finish", "make_config", "pct", "prepare", "stage_options"]
 
@@ -27,10 +26,6 @@ def stage_options(recipe: Any, name: str) -> dict[str, Any]:
     return {}
 
 
-def _flag(loc: Loc) -> str:
-    return "--" + str(loc[0]).replace("_", "-") if loc else "options"
-
-
 def make_config(cls: type[M], base: dict[str, Any], overrides: dict[str, Any]) -> M:
     """``cls(**base | overrides)``; every validation problem is named by its option.
 
@@ -38,7 +33,7 @@ def make_config(cls: type[M], base: dict[str, Any], overrides: dict[str, Any]) -
         EdgesmithError: listing each bad option (``--sparsity: ...``).
     """
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
-    return validate(cls, merged, source="", hint="see --help for the accepted values", name=_flag)
+    return validate(cls, merged, source="", hint="see --help for the accepted values", name=flag)
 
 
 def check_out(out: Path, force: bool) -> None:

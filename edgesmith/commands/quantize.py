@@ -43,9 +43,19 @@ __all__ = ["quantize_cmd"]
 @field_option(
     QuantizeConfig, "calibration_method", help="Activation range estimation (default minmax)."
 )
+@field_option(
+    QuantizeConfig,
+    "require_speedup",
+    help="Fail when an int8 model is not faster than the best float option on this machine.",
+)
 @click.option("--target", default=None, help="Device profile (overrides the recipe's 'target').")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--bundle-version", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--keep-going",
+    is_flag=True,
+    help="Write the formats that met their checks when others did not (partial, exit 1).",
+)
 def quantize_cmd(
     recipe: Path,
     out: Path,
@@ -54,16 +64,19 @@ def quantize_cmd(
     precisions: tuple[str, ...],
     calibration_samples: int | None,
     calibration_method: str | None,
+    require_speedup: bool | None,
     target: str | None,
     force: bool,
     bundle_version: int | None,
+    keep_going: bool,
 ) -> None:
     """Quantize RECIPE's model to int8 for every format, within an accuracy budget.
 
     Runs only the quantize stage (options from the recipe's 'quantize' entry, overridden by
     these flags): export, calibration with each format's own tool, the search for the fewest
     float layers, parity and accuracy checks, bundles and a report in OUT. Exit 1 (nothing
-    written, the best result printed) when the budget cannot be met.
+    written, the best result printed) when the budget cannot be met; with --keep-going the
+    formats that met it are written (a partial report) and the exit status is still 1.
 
     \b
     Example:
@@ -84,6 +97,7 @@ def quantize_cmd(
         "precisions": list(precisions) or None,
         "calibration_samples": calibration_samples,
         "calibration_method": calibration_method,
+        "require_speedup": require_speedup,
     }
     options.update({k: v for k, v in overrides.items() if v is not None})
     skipped = [next(iter(s)) for s in data.get("stages", []) if "quantize" not in s]
@@ -96,7 +110,14 @@ def quantize_cmd(
         data["target"] = target
     # problems may come from these flags, not the file: say so in the error's source
     r = parse_recipe(data, r.base_dir or recipe.parent, source=f"{recipe} with the given options")
-    report = build(r, out, force=force, bundle_version=bundle_version, on_failure=print_summary)
+    report = build(
+        r,
+        out,
+        force=force,
+        bundle_version=bundle_version,
+        on_failure=print_summary,
+        keep_going=keep_going,
+    )
     if report is None:  # a torchrun rank other than 0
         return
     print_summary(report)

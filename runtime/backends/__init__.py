@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgesmith.errors import EdgesmithError
+from edgesmith.runtime.formats import FORMATS
 from edgesmith.runtime.specs import TensorSpec
 
 __all__ = [
@@ -40,12 +41,8 @@ BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
 }
 
-# model file suffix -> backends that can run it, preferred first
-FORMAT_BACKENDS: dict[str, list[str]] = {
-    ".onnx": ["onnxruntime", "openvino"],
-    ".xml": ["openvino"],
-    ".tflite": ["litert"],
-}
+# model file suffix -> backends that can run it, preferred first (the format table)
+FORMAT_BACKENDS: dict[str, list[str]] = {f.suffix: list(f.backends) for f in FORMATS.values()}
 
 
 class Session(Protocol):

@@ -161,6 +161,38 @@ def test_checkpoint_of_another_model_is_refused_untouched(
     assert (ckpt / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage", ["no-history", "epoch-text"])
+def test_an_incomplete_checkpoint_is_a_clear_error(
+    pruned_cnn: nn.Module, tmp_path: Path, damage: str
+) -> None:
+    """A checkpoint with the right kind but a missing or mistyped field (written by another
+    version, edited by hand) is named, not a KeyError (exit 70)."""
+    from edgesmith.compress.train import _KIND, _fingerprint, load_checkpoint
+
+    ckpt = {
+        "kind": _KIND,
+        "fingerprint": json.dumps(_fingerprint(pruned_cnn)),
+        "model": pruned_cnn.state_dict(),
+        "optimizer": {},
+        "epoch": 1,
+        "best_metric": 0.5,
+        "best_epoch": 1,
+        "wait": 0,
+        "best_model": None,
+        "history": "[]",
+        "world_size": 1,
+    }
+    if damage == "no-history":
+        del ckpt["history"]
+    else:
+        ckpt["epoch"] = "one"
+    path = tmp_path / "last.pt"
+    torch.save(ckpt, path)
+    match = "incomplete .no history" if damage == "no-history" else "damaged"
+    with pytest.raises(CompressionError, match=match):
+        load_checkpoint(path, pruned_cnn)
+
+
 def test_teacher_with_other_outputs_is_refused(pruned_cnn: nn.Module, fmnist) -> None:
     with pytest.raises(
         CompressionError,

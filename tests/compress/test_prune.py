@@ -105,7 +105,7 @@ def test_sparsity_outside_zero_one_is_rejected(value: float) -> None:
 
 def test_auto_channel_multiple_follows_the_target_isa() -> None:
     from edgesmith.compress.prune import simd_channels
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     assert (
         simd_channels(load_profile("intel-cpu").model_dump()) == 16

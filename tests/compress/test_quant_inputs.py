@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from edgesmith.cli import main
 from edgesmith.compress.quantize.base import calibration_array
 from edgesmith.compress.quantize.config import QuantizeConfig, resolve_scheme
-from edgesmith.devices.profiles import load_profile
 from edgesmith.errors import DataError
+from edgesmith.runtime.profiles import load_profile
 from tests.conftest import write_recipe
 
 HEAD = """\

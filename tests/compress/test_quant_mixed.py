@@ -64,7 +64,11 @@ def test_layers_carry_pytorch_names(setup) -> None:  # type: ignore[no-untyped-d
     assert [layer.params for layer in q.layers] == [288, 9216, 18432, 36864, 200704, 640]
 
 
-def test_search_keeps_the_fewest_layers_float(setup) -> None:  # type: ignore[no-untyped-def]
+def test_search_moves_towards_float_one_measured_step_at_a_time(setup) -> None:  # type: ignore[no-untyped-def]
+    """Greedy on the measured joint effect: every kept step improved the model, each fallback's
+    accuracy gain and latency cost are measured, and the result is 1-minimal."""
+    from edgesmith.compress.quantize.speed import make_timer
+
     q, probe, work = setup
     strict = probe(1.0)  # int8 must give the float model's top-1 on every one of 2000 images
     all_int8 = strict(q.quantize(work / "all.onnx", [])[0])
@@ -79,9 +83,18 @@ def test_search_keeps_the_fewest_layers_float(setup) -> None:  # type: ignore[no
         refine=True,
         work_dir=work,
         suffix=".onnx",
+        timer=make_timer(1, strict.inputs[:1], rounds=3, runs=5),
     )
     assert result.accepted and result.measurement.agreement == 1.0
     assert 1 <= len(result.float_layers) < len(q.layers)
+    assert [f.id for f in result.fallbacks] == result.float_layers
+    assert all(f.latency_ms is not None for f in result.fallbacks)
+    # each kept step improved the model: the metric, or at equal metric the agreement
+    assert all(
+        f.accuracy_gain > 0 or (f.accuracy_gain == 0 and f.agreement_gain > 0)
+        for f in result.fallbacks
+    )
+    assert result.first is not None and result.measurement.agreement > result.first.agreement
     gains = [g for _, g in result.sensitivity]
     assert gains == sorted(gains, reverse=True) and len(gains) == len(q.layers)
     # 1-minimal: quantizing any kept layer too breaks the requirement again
@@ -89,6 +102,18 @@ def test_search_keeps_the_fewest_layers_float(setup) -> None:  # type: ignore[no
         rest = [x for x in result.float_layers if x != lid]
         assert not strict(q.quantize(work / "rest.onnx", rest)[0]).parity_ok
     assert not list(work.glob("candidate-*"))  # candidates are cleaned up
+
+
+def test_probe_stops_once_a_candidate_cannot_win(setup) -> None:  # type: ignore[no-untyped-def]
+    q, probe, work = setup
+    p = probe(0.0)
+    path = q.quantize(work / "all.onnx", [])[0]
+    full = p(path)
+    stopped = p(path, floor=1.01, by_agreement=True)  # nothing reaches 101% agreement
+    assert full.complete and full.samples == len(p)
+    assert not stopped.complete and stopped.samples < len(p)
+    again = p(path, floor=full.agreement - 0.01, by_agreement=True)  # reachable: runs to the end
+    assert again.complete and again.agreement == full.agreement
 
 
 def test_unmeetable_budget_reports_the_best_and_why(setup) -> None:  # type: ignore[no-untyped-def]
@@ -164,3 +189,49 @@ def test_best_candidate_is_judged_on_the_whole_evaluation_set(setup) -> None:  #
     assert result.accepted and not result.reason
     assert result.trials[-1]["step"] == "best candidate (whole evaluation set)"
     assert result.measurement.agreement >= 0.9
+
+
+def test_require_speedup_refuses_an_int8_model_that_is_not_faster(setup) -> None:  # type: ignore[no-untyped-def]
+    """The verdict times the int8 file against its backend's fp32 file, interleaved; an "int8"
+    model ~50x the work of the fp32 one (three wide float layers) is reported not faster, with the
+    float artifact recommended, and ``require_speedup`` turns that into a failed check."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from edgesmith.compress.quantize.hook import _speed
+    from edgesmith.export.onnx import export
+
+    _, probe, work = setup
+    wide = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 10)
+    ).eval()
+    slow = export(wide, (torch.zeros(1, 1, 28, 28),), work / "slow.onnx")
+    ev = SimpleNamespace(threads=1, inputs=probe(0.0).inputs[:1])
+    art = SimpleNamespace(path=slow, format="onnx")
+    fp32 = SimpleNamespace(path=work / "fp32.onnx")
+
+    verdict, checks = _speed(art, fp32, ev, False, "quantize")  # type: ignore[arg-type]
+    assert verdict["baseline"] == "fp32" and verdict["ratio"] > 1 and not verdict["faster"]
+    assert "ship the fp32 artifact" in verdict["recommendation"] and not checks
+    verdict, checks = _speed(art, fp32, ev, True, "quantize")  # type: ignore[arg-type]
+    (check,) = checks
+    assert not check.passed and check.key == "require_speedup"
+    assert "require_speedup: int8 is not faster than fp32 with onnx" in check.detail
+
+
+@pytest.mark.parametrize(
+    "value", ["['a', 'b', 'conv']", "[" * 5000 + "]" * 5000, "12", "['x', 3, None, 'y']", "oops("]
+)
+def test_module_names_from_hostile_exporter_metadata(value: str) -> None:
+    """The exporter's name scopes are text in the model file: anything that is not a list of
+    names gives no module name, never an exception."""
+    import onnx
+
+    from edgesmith.compress.quantize.onnx import _module_of
+
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=value)
+    got = _module_of(node)
+    assert got == {"['a', 'b', 'conv']": "b", "['x', 3, None, 'y']": "x"}.get(value), got

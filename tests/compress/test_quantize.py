@@ -71,7 +71,16 @@ def test_int8_within_budget_parity_and_size(fmt: str, quant_build: tuple[Path, d
         "activations": "asymmetric-uint8",
         "format": "QDQ",
         "calibration_method": "minmax",
+        "target_vnni": False,
     }
+    # bias correction in PyTorch before export, on by default: every conv / linear layer corrected
+    assert q["bias_correction"]["method"] == "bias-correction"
+    assert q["bias_correction"]["layers"] >= 6 and q["bias_correction"]["batch_norms_folded"] == 4
+    # one accuracy contract: the budget is the gate; the int8 parity tolerance follows from it
+    contract = q["accuracy_contract"]
+    assert contract["gate"] == "max_accuracy_drop" and contract["max_accuracy_drop"] == 0.005
+    assert contract["parity"]["source"] == "budget" and contract["parity"]["top1_agreement"] == 0.75
+    assert q["speed"]["baseline"] == "fp32" and q["speed"]["ratio"] > 0
     assert q["calibration_samples"] == 128
     assert q["accuracy_drop"] <= 0.005
     assert int8["accuracy"] >= report["baseline"]["accuracy"] - 0.005
@@ -142,6 +151,11 @@ def test_stage_row_and_report(quant_build: tuple[Path, dict]) -> None:
     assert len(report["artifacts"]) == 3 * 4 + 1  # fp32, int8, fp16, w8 x 3 + bf16 for openvino
     md = (out / "report.md").read_text()
     assert "| `q-tflite-int8.tflite` | tflite | int8 |" in md
+    # the int8 section: which check decided, the float layers and the speed verdict per artifact
+    assert "### `q-onnx-int8.onnx`" in md
+    assert "accuracy gate: max_accuracy_drop (max_accuracy_drop 0.005)" in md
+    assert "decided by: max_accuracy_drop" in md and "layers kept float: 0 of" in md
+    assert "the time of fp32" in md
     assert_structure("report-quantize", report)  # every key of the public format, as before
 
 
@@ -173,3 +187,70 @@ def test_openvino_int8_runs_int8_kernels_on_x86(quant_build: tuple[Path, dict]) 
     assert int8.info["precision"] == "int8" and "float_fallback" not in int8.info
     w8 = load(out / "bundles" / "q-openvino-w8")
     assert w8.info["weights"] == "int8" and "float_fallback" not in w8.info
+
+
+class _Text(str):
+    def astype(self, _type: type) -> str:
+        return str(self)
+
+
+class _ArmCompiled:
+    """A real compiled model whose runtime model reports what OpenVINO's CPU plugin reports on
+    64-bit Arm for the same int8 IR (benchmarks/arm64_emulated.py): every layer in f32."""
+
+    def __init__(self, compiled: object) -> None:
+        self._compiled = compiled
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._compiled, name)
+
+    def get_runtime_model(self) -> object:
+        runtime = self._compiled.get_runtime_model()  # type: ignore[attr-defined]
+
+        class _Op:
+            def __init__(self, op: object) -> None:
+                self._op = op
+
+            def get_rt_info(self) -> dict:
+                rt = {k: _Text(v.astype(str)) for k, v in self._op.get_rt_info().items()}  # type: ignore[attr-defined]
+                if rt.get("runtimePrecision") in ("i8", "u8"):
+                    rt["runtimePrecision"] = _Text("f32")
+                return rt
+
+        class _Model:
+            def get_ops(self) -> list:
+                return [_Op(op) for op in runtime.get_ops()]
+
+        return _Model()
+
+
+def test_openvino_int8_that_would_run_float_kernels_is_refused(
+    quant_build: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the plugin runs the int8 layers with float kernels (Arm), load() refuses the bundle
+    with a message naming the layers and the way out; allow_float_fallback runs it and says so."""
+    import openvino as ov
+
+    from edgesmith.errors import ModelLoadError
+    from edgesmith.runtime.backends import openvino as backend
+
+    class _ArmCore:
+        def __init__(self) -> None:
+            self._core = ov.Core()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._core, name)
+
+        def compile_model(self, *args: object) -> _ArmCompiled:
+            return _ArmCompiled(self._core.compile_model(*args))
+
+    monkeypatch.setattr(backend, "_get_core", _ArmCore)
+    out, _report = quant_build
+    bundle = out / "bundles" / "q-openvino-int8"
+    with pytest.raises(ModelLoadError, match=r"int8 layers run with float kernels") as err:
+        load(bundle)
+    assert "allow_float_fallback" in (err.value.hint or "")
+    model = load(bundle, options={"allow_float_fallback": True})
+    assert "float kernels" in model.info["float_fallback"]
+    fp32 = load(out / "bundles" / "q-openvino-fp32")  # no int8 layers: nothing to refuse
+    assert "float_fallback" not in fp32.info

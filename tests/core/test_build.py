@@ -87,7 +87,7 @@ def test_bundle_verifies_and_predicts_like_pytorch(reference_build: Path) -> Non
         model(golden["inputs"]), golden["outputs"], atol=manifest.golden["atol"]
     )  # type: ignore[index]
     # golden samples whose top-1 lead is over 2 atol: a CPU whose kernels stay within the
-    # tolerance cannot flip their top-1 check (edgesmith.golden)
+    # tolerance cannot flip their top-1 check (edgesmith.runtime.golden)
     assert manifest.golden["holds_across"] == ["x86_64", "aarch64"]  # type: ignore[index]
     top2 = np.sort(golden["outputs"], axis=1)[:, -2:]
     assert len(top2) == 8 and (top2[:, 1] - top2[:, 0] > 2 * manifest.golden["atol"]).all()  # type: ignore[index]

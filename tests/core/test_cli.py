@@ -170,3 +170,16 @@ def test_console_script_runs_as_a_real_process(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert res.stderr.startswith("error: recipe file not found") and "Traceback" not in res.stderr
+
+
+def test_error_lines_escape_terminal_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names in error messages come from files (tensor names, manifest strings): an escape
+    sequence in one must reach the terminal escaped, while a message's own lines stay lines."""
+    recipe = tmp_path / "evil\x1b[2J.yaml"
+    recipe.write_text("name: [unclosed\n")
+    code, _, err = run_main(["recipe", "check", str(recipe)], capsys)
+    assert code == 2
+    assert "\x1b" not in err and "\\x1b[2J" in err
+    assert err.count("\n") >= 2 and err.splitlines()[1].startswith("hint: ")

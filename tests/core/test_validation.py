@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)  # no model, no data: seconds at most
 
 
 def test_a_device_profile_file_reports_every_problem_with_its_line(tmp_path: Path) -> None:
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     data = load_profile("rpi5").model_dump()
     data.update(arch="riscv64", threads=0, thread=2)

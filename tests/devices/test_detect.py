@@ -74,7 +74,7 @@ def test_this_machine() -> None:
     assert d.arch == platform.machine()
     assert d.profile is not None
     assert "onnxruntime" in d.backends and "CPUExecutionProvider" in d.backends["onnxruntime"]
-    from edgesmith.devices.profiles import load_profile
+    from edgesmith.runtime.profiles import load_profile
 
     assert load_profile(d.profile).arch == d.arch
 

@@ -193,14 +193,39 @@ def test_a_head_that_forgets_is_refused_and_the_current_one_stays(
 def test_revert_goes_back_to_the_fleet_head(
     dev: Path, data: Path, keys: dict, device_key: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from edgesmith.devices.ota import HookContext, Hooks
     from edgesmith.devices.ota.local import revert
 
     assert run(capsys, *finetune_args(dev, data, keys, device_key, "--add-classes"))[0] == 0
+    seen: list[tuple[str, int, str]] = []
+
+    def refuse(ctx: HookContext) -> None:
+        seen.append((ctx.hook, ctx.version, ctx.reason))
+        raise RuntimeError("the app is busy")
+
+    # a revert is an install of the other slot: its hooks run, and a refusal keeps the head
+    hooks = Hooks(before_install=refuse, on_rollback=lambda ctx: seen.append((ctx.hook, 0, "")))
+    before = json.loads((dev / "state.json").read_text())
+    agent = Agent(agent_config(dev, None, keys, device_key=device_key["key"]), hooks=hooks)
+    try:
+        result = agent.revert()
+        assert result.status == "failed" and result.version == 2, result
+        assert "the app is busy" in result.reason
+        assert os.readlink(dev / "current") == "slots/b"
+        assert [s[0] for s in seen] == ["before_install", "on_rollback"] and seen[0][1] == 1
+        state = json.loads((dev / "state.json").read_text())
+        assert "txn" not in state  # closed, and no bundle blamed for a refused revert
+        assert state.get("failed") == before.get("failed")
+        assert state.get("rolled_back") == before.get("rolled_back")
+    finally:
+        agent.close()
+    seen.clear()
     agent = Agent(agent_config(dev, None, keys, device_key=device_key["key"]))
     try:
         result = revert(agent)
         assert result.status == "rolled-back" and result.version == 1
         assert os.readlink(dev / "current") == "slots/a"
+        assert json.loads((dev / "status.json").read_text())["version"] == 1
         with pytest.raises(UpdateError, match="not a head fine-tuned on this device"):
             revert(agent)
     finally:

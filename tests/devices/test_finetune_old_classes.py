@@ -180,3 +180,39 @@ def test_finetune_activate_keeps_the_old_classes_and_says_so(
     # the device's own classes are kept for the next run (features, owner-only)
     replay = dev / "local" / "replay.npz"
     assert replay.is_file() and replay.stat().st_mode & 0o077 == 0
+
+
+def test_policy_keep_never_reapplies_a_local_head_that_forgets_the_update_classes(
+    dev: Path,
+    forgetting: Path,
+    mlp_head_bundle: Path,
+    work: Path,
+    keys: dict,
+    device_key: dict,
+    store_server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``policy: keep`` a fleet update normally gets the head fine-tuned here re-applied onto
+    its backbone; a local head that loses the update's build classes (measured on the update's
+    shipped held-out samples) is not, and the update's own head is installed."""
+    from ota_helpers import publish
+
+    import edgesmith.devices.ota.install as install
+
+    assert read_bundle(mlp_head_bundle).trainable_head["policy"] == "keep"
+    agent = Agent(agent_config(dev, store_server.url, keys, device_key=device_key["key"]))
+    try:
+        # the forgetting head got in before the old-class gate existed (an older agent)
+        with monkeypatch.context() as patch:
+            lenient = lambda path, *a, **k: check_health(path, *a, **k, old_class_budget=1.0)  # noqa: E731
+            patch.setattr(install, "check_health", lenient)
+            assert agent.install(forgetting).status == "installed"
+        assert read_bundle(dev / "current").trainable_head["trained"]["by"] == "device"
+        v3 = reversion(mlp_head_bundle, work / "mlp-v3", 3, sign_key=keys["key"])
+        publish(store_server.root, v3, keys)
+        assert agent.check_once().status == "installed"
+    finally:
+        agent.close()
+    m = read_bundle(dev / "current")
+    assert m.version == 3 and m.trainable_head["trained"]["by"] == "build"
+    assert len(m.labels) == 10  # the fleet's head, not the local 20-class one

@@ -131,3 +131,45 @@ def test_publish_refuses_a_bundle_whose_target_is_no_profile_name(
     assert code == 2 and "is not a device profile name" in err, err
     assert "\x1b" not in out + err and "\\x1b[2J" in err
     assert not list(store.rglob("*.tar")), "nothing was written"
+
+
+def test_agent_options_are_made_from_agent_config(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Same types and bounds as AgentConfig, and None unless given (agent.yaml's value applies)."""
+    import click
+
+    from edgesmith.devices.ota.cli import ota_agent
+    from edgesmith.devices.ota.config import AgentConfig
+    from edgesmith.options import click_type
+
+    checked = []
+    for param in ota_agent.params:
+        if param.name not in AgentConfig.model_fields or param.name == "root":  # a click.Path
+            continue
+        expected, _ = click_type(AgentConfig, param.name)
+        assert type(param.type) is type(expected), param.name
+        if isinstance(expected, click.FloatRange):
+            assert (param.type.min, param.type.min_open) == (expected.min, expected.min_open)  # type: ignore[attr-defined]
+        assert param.default in (None, click.core.UNSET), param.name  # type: ignore[attr-defined]
+        checked.append(param.name)
+    assert {"poll_interval_s", "latency_budget_ms", "server", "channel", "report_url"} <= set(
+        checked
+    )
+    # a bound the model sets is refused by the flag already, with the flag's name
+    code, _, err = run_cli(["ota", "agent", "--root", tmp_path, "--interval", "0"], capsys)
+    assert code == 2 and "--interval" in err
+
+
+def test_agent_yaml_lists_every_problem_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """agent.yaml goes through the one validation layer: every bad key, its line, a suggestion."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"root: {tmp_path / 'root'}\npoll_interval_s: -1\ntimeout: 3\nmax_attempts: zero\n"
+    )
+    code, _, err = run_cli(["ota", "agent", "--config", config, "--once"], capsys)
+    assert code == 2, err
+    assert f"{config}: 3 problems: line 2: 'poll_interval_s'" in err, err
+    assert "line 3: unknown key 'timeout'" in err and "line 4: 'max_attempts'" in err
+    assert "did you mean 'timeout_s'?" in err and "Traceback" not in err
+    assert not (tmp_path / "root").exists(), "nothing was written"

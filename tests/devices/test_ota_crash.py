@@ -24,15 +24,6 @@ from edgesmith.devices.ota import STEPS
 
 # after these steps the new slot is already `current` when the process dies
 SWITCHED = {"switch:renamed", "after_install", "commit"}
-# one representative per phase runs by default; the whole matrix with `-m slow`
-DEFAULT = {
-    "download:half",
-    "extract:file",
-    "health",
-    "switch:linked",
-    "switch:renamed",
-    "after_install",
-}
 
 
 def _config(root: Path, server: str, pub: Path) -> Path:

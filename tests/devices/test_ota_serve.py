@@ -1,5 +1,5 @@
 """A running `edgesmith serve --watch <root>/current` picks up an OTA update without dropping
-requests. Needs the server of issue 6 (`edgesmith.runtime.serve`); skipped until it is merged.
+requests (the server of issue 6, `edgesmith.runtime.serve`, and the OTA agent together).
 
 The contract this test pins down (see docs/ota.md, "Hot swap with edgesmith serve"):
 - `edgesmith serve PATH --watch --port N` serves the bundle PATH points to, on 127.0.0.1:N;
@@ -10,7 +10,6 @@ The contract this test pins down (see docs/ota.md, "Hot swap with edgesmith serv
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,11 +23,6 @@ import pytest
 from ota_helpers import Bundles, agent_cmd, agent_config, free_port
 
 from edgesmith.devices.ota import Agent
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("edgesmith.runtime.serve") is None,
-    reason="edgesmith serve (issue 6) is not merged yet: edgesmith.runtime.serve is missing",
-)
 
 
 def _get(url: str) -> dict:

@@ -11,8 +11,8 @@ import pytest
 from edgesmith.errors import BundleError, DataError, RecipeError
 from edgesmith.runtime import load
 from edgesmith.runtime.finetune import FeatureCache, encode_labels
-from edgesmith.runtime.head import Head, LayerSpec, load_head
-from edgesmith.runtime.training import (
+from edgesmith.runtime.finetune.head import Head, LayerSpec, load_head
+from edgesmith.runtime.finetune.training import (
     FinetuneConfig,
     balanced_weights,
     cross_entropy,
@@ -173,7 +173,7 @@ def test_mlp_gradients_equal_torch_autograd(smallcnn) -> None:
 
 
 def test_distillation_loss_and_gradient_equal_torch(feats: dict) -> None:
-    from edgesmith.runtime.training import _distillation
+    from edgesmith.runtime.finetune.training import _distillation
 
     rng = np.random.default_rng(0)
     logits = (feats["x"][:32] @ rng.normal(0, 0.3, (64, 10))).astype(np.float32)
@@ -364,7 +364,7 @@ def _head_of_bundle(head_bundle: Path) -> None:
 
 
 def test_replay_buffer_is_bounded_balanced_and_persistent(tmp_path: Path, feats: dict) -> None:
-    from edgesmith.runtime.incremental import ReplayBuffer
+    from edgesmith.runtime.finetune.incremental import ReplayBuffer
 
     labels = [str(i) for i in range(10)]
     buf = ReplayBuffer(capacity=50, seed=0)
@@ -389,7 +389,7 @@ def test_incremental_batches_with_replay_keep_the_first_classes(
 ) -> None:
     """Classes 0-4 first, then five batches that each bring one new class (real images):
     with a replay buffer the first classes keep their accuracy; without one they are forgotten."""
-    from edgesmith.runtime.incremental import IncrementalLearner
+    from edgesmith.runtime.finetune.incremental import IncrementalLearner
 
     b5 = restrict_classes(head_bundle, tmp_path / "b5", 5)
     head5, labels = load(b5).head, load(head_bundle).labels
@@ -419,8 +419,8 @@ def test_incremental_batches_with_replay_keep_the_first_classes(
 
 def test_the_server_serves_head_bundles_as_logits(head_bundle: Path) -> None:
     pytest.importorskip("starlette")
-    from edgesmith.runtime.oip import model_metadata
-    from edgesmith.runtime.serve import _self_check
+    from edgesmith.runtime.serve.oip import model_metadata
+    from edgesmith.runtime.serve.swap import self_check as _self_check
 
     model = load(head_bundle)
     _self_check(model, head_bundle)  # the hot-swap check: golden logits through run_checked

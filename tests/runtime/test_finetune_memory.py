@@ -15,7 +15,7 @@ import pytest
 from edgesmith.errors import BundleError
 from edgesmith.runtime import load
 from edgesmith.runtime.bundle import read_bundle, verify_bundle
-from edgesmith.runtime.memory import (
+from edgesmith.runtime.finetune.memory import (
     MEMORY_FILE,
     OldClassCheck,
     align_weights,
@@ -90,6 +90,22 @@ def test_a_changed_memory_file_fails_verification(mlp_head_bundle: Path, tmp_pat
     (copy / MEMORY_FILE).write_bytes(bytes(raw))
     with pytest.raises(BundleError, match="memory.npz"):
         verify_bundle(copy)
+
+
+def test_an_unlisted_memory_file_is_refused(mlp_head_bundle: Path, tmp_path: Path) -> None:
+    """Like golden data, the memory is a file the bundle uses: listed and hashed, or refused."""
+    import shutil
+
+    from edgesmith.runtime.bundle import MANIFEST, canonical_bytes
+
+    copy = tmp_path / "b"
+    shutil.copytree(mlp_head_bundle, copy)
+    (copy / "manifest.sig").unlink(missing_ok=True)
+    doc = json.loads((copy / MANIFEST).read_text())
+    del doc["files"][MEMORY_FILE]
+    (copy / MANIFEST).write_bytes(canonical_bytes(doc))
+    with pytest.raises(BundleError, match="names memory file .* does not list it"):
+        read_bundle(copy)
 
 
 def test_malformed_memory_files_are_refused(mlp_head_bundle: Path, tmp_path: Path) -> None:
@@ -193,7 +209,7 @@ def test_adding_ten_digit_classes_keeps_the_fashion_classes(mlp_head_bundle: Pat
 
 
 def test_the_new_version_keeps_the_memory(mlp_head_bundle: Path, tmp_path: Path) -> None:
-    from edgesmith.runtime.head import backbone_fingerprint
+    from edgesmith.runtime.finetune.head import backbone_fingerprint
 
     model = load(mlp_head_bundle)
     xt, yt, xv, yv = _digits_split()

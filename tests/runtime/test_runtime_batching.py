@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgesmith.runtime import load
-from edgesmith.runtime.batching import (
+from edgesmith.runtime.serve.batching import (
     BatcherClosed,
     DeadlineExceeded,
     MicroBatcher,

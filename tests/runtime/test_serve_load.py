@@ -1,7 +1,8 @@
 """The server under load: overload sheds with 503s, hot swap loses nothing, SIGTERM drains.
 
-Bounded in count and time, loopback only. The overload test uses a wider SmallCNN (seeded random
-weights, several ms per sample) so that one httpx client can offer twice what the server sustains.
+Bounded in count and time, loopback only. The overload test holds the model on a gate (no
+wall-clock assertion); rates and latencies under overload are measured by
+benchmarks/serve_overload.py.
 """
 
 from __future__ import annotations
@@ -49,68 +50,80 @@ async def _closed_loop(
     return out
 
 
-async def _open_loop(
-    url: str, bodies: list[bytes], rate: float, seconds: float
-) -> tuple[list[tuple], float]:
-    """Requests started at a fixed ``rate`` whatever the server does; returns results and achieved rate."""
-    out: list[tuple] = []
-    n = int(rate * seconds)
-    limits = httpx.Limits(max_connections=256)  # the server, not the client's pool, must shed
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+def test_overload_sheds_with_503_and_every_answer_is_right(models, tmp_path):
+    """Deterministic overload: the model is held on a gate until every request has been taken
+    into the running batch, queued, or shed, so the queue surely fills, whatever the machine's
+    speed (the sustained rate, p50/p99 under twice that load: benchmarks/serve_overload.py)."""
+    from edgesmith.runtime.serve import Server
 
-        async def one(i: int) -> None:
-            t = time.perf_counter()
-            try:
-                r = await client.post(
-                    url,
-                    content=bodies[i % len(bodies)],
-                    headers={"Content-Type": "application/json"},
-                )
-                out.append((i % len(bodies), r.status_code, r.json(), time.perf_counter() - t))
-            except httpx.HTTPError as exc:  # a lost request: must not happen
-                out.append((i % len(bodies), None, repr(exc), time.perf_counter() - t))
+    max_batch, max_queue, n = 4, 16, 48
+    server = Server(models.wide_onnx, threads=1, max_batch=max_batch, max_queue=max_queue, port=0)
+    batcher = server.slot.batcher
+    gate = threading.Event()
+    held: list[int] = []  # samples in the batch the gate holds
+    run = batcher._run
 
-        start = time.monotonic()
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        achieved = n / (time.monotonic() - start)
-        await asyncio.gather(*tasks)
-    return out, achieved
+    def gated(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if not gate.is_set():
+            held.append(len(arrays[0]))
+            gate.wait(30)
+        return run(arrays)
 
+    batcher._run = gated
+    ready = tmp_path / "port"
+    runner = threading.Thread(target=server.run, kwargs={"ready_file": ready})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.is_file():
+            assert time.monotonic() < deadline and runner.is_alive()
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{int(ready.read_text())}" + INFER.format("wide")
+        x = models.inputs[:n]
+        direct = load(models.wide_onnx, device="cpu", threads=1)(x)
+        bodies = [json.dumps(infer_body(x[i : i + 1])).encode() for i in range(n)]
+        answered_early: list[int] = []
+        queued: list[int] = []
 
-def test_overload_sheds_with_503_and_every_answer_is_right(models, serve):
-    s = serve(models.wide_onnx, "--threads", "1", "--max-batch", "4", "--max-queue", "16")
-    x = models.inputs[:48]
-    direct = load(models.wide_onnx, device="cpu", threads=1)(x)
-    bodies = [json.dumps(infer_body(x[i : i + 1])).encode() for i in range(len(x))]
-    url = s.url + INFER.format("wide")
+        async def offer() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=n)  # the server, not the client's pool, sheds
+            async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
-    # what the server sustains: enough clients to keep its batches full without queueing past the bound
-    warm = asyncio.run(_closed_loop(url, bodies, 16, 1.5))
-    sustained = len(warm) / 1.5
-    results, offered = asyncio.run(_open_loop(url, bodies, 2 * sustained, 2.0))
+                async def one(i: int) -> httpx.Response:
+                    r = await client.post(
+                        url, content=bodies[i], headers={"Content-Type": "application/json"}
+                    )
+                    answered_early.append(i)
+                    return r
 
-    lost = [r for r in results if r[1] not in (200, 503)]
-    assert not lost, lost[:3]
-    ok = [r for r in results + warm if r[1] == 200]
-    for i, _, doc, _ in ok:
-        np.testing.assert_allclose(output_of(doc)[0], direct[i], rtol=1e-4, atol=1e-4)
-    shed = [r for r in results if r[1] == 503]
-    lat = np.asarray([r[3] for r in results if r[1] == 200]) * 1e3
-    p50, p99 = np.percentile(lat, [50, 99])
-    print(
-        f"\nsustained {sustained:.0f} req/s; offered {offered:.0f} req/s: {len(results)} requests, "
-        f"{len(results) - len(shed)} answered 200, {len(shed)} shed with 503; p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-    )
-    assert offered > 1.5 * sustained
-    assert shed, "twice the sustainable rate must shed load with 503"
-    assert "queue is full" in shed[0][2]["error"]
-    # a bounded queue: an answered request waited behind at most max_queue + max_batch others
-    assert p99 / 1e3 < 4 * (16 + 4) / sustained + 1.0
+                tasks = [asyncio.create_task(one(i)) for i in range(n)]
+                # every request is held in the batch, waiting in the queue, or answered (shed)
+                end = time.monotonic() + 30
+                while not (held and held[0] + batcher.depth + len(answered_early) == n):
+                    assert time.monotonic() < end, (held, batcher.depth, len(answered_early))
+                    await asyncio.sleep(0.01)
+                queued.append(batcher.depth)
+                gate.set()
+                return list(await asyncio.gather(*tasks))
+
+        results = asyncio.run(offer())
+    finally:
+        gate.set()
+        server.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+    ok = [i for i, r in enumerate(results) if r.status_code == 200]
+    shed = [r for r in results if r.status_code == 503]
+    assert len(ok) + len(shed) == n, [r.status_code for r in results]
+    # a bounded queue: what was accepted is the held batch plus a queue of at most max_queue
+    assert queued[0] <= max_queue and held[0] <= max_batch
+    assert len(ok) == held[0] + queued[0]
+    assert len(shed) == n - len(ok) >= n - max_batch - max_queue
+    assert "queue is full" in shed[0].json()["error"]
+    assert shed[0].headers["Retry-After"] == "1"
+    for i in ok:
+        np.testing.assert_allclose(output_of(results[i].json())[0], direct[i], rtol=1e-4, atol=1e-4)
 
 
 def test_hot_swap_under_load_fails_no_request(models, serve, tmp_path):

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import DataError
-from edgesmith.runtime.finetune import encode_labels
-from edgesmith.runtime.head import Head, flatten_features
-from edgesmith.runtime.training import (
+from edgesmith.runtime.finetune.features import encode_labels
+from edgesmith.runtime.finetune.head import Head, flatten_features
+from edgesmith.runtime.finetune.training import (
     FinetuneConfig,
     evaluate_head,
     feature_stats,

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,16 +26,17 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BundleError, DataError
-from edgesmith.progress import track
-from edgesmith.runtime.head import HEAD_FILE, Head, backbone_fingerprint, flatten_features
-from edgesmith.runtime.memory import (
+from edgesmith.runtime.finetune.derive import derive_bundle
+from edgesmith.runtime.finetune.features import FeatureCache, encode_labels, label_key, require_head
+from edgesmith.runtime.finetune.head import Head, backbone_fingerprint
+from edgesmith.runtime.finetune.memory import (
     Memory,
     align_weights,
     check_old_classes,
     label_accuracy,
     load_memory,
 )
-from edgesmith.runtime.training import (
+from edgesmith.runtime.finetune.training import (
     FinetuneConfig,
     TrainResult,
     evaluate_head,
@@ -60,158 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- features
-
-
-class FeatureCache:
-    """Backbone outputs keyed by (backbone file hash, sample bytes): the backbone runs once per sample.
-
-    Within a run every epoch reuses the features; with ``path`` (a folder) they persist across
-    runs, one ``features-<backbone>.npz`` per backbone (plain arrays, read without pickle), so
-    data that arrives again, or the held-out split of an earlier run, costs nothing.
-    """
-
-    def __init__(self, path: str | Path | None = None, max_items: int = 200_000) -> None:
-        self.path = Path(path) if path else None
-        self.max_items = max_items
-        self._rows: dict[str, dict[bytes, np.ndarray]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def backbone_id(model: Any) -> str:
-        if model.manifest is not None:
-            return backbone_fingerprint(model.manifest)[:32]
-        return hashlib.sha256(str(model.info.get("file")).encode()).hexdigest()[:32]
-
-    @staticmethod
-    def key(sample: np.ndarray) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{sample.dtype.str}{sample.shape}".encode())
-        h.update(np.ascontiguousarray(sample).tobytes())
-        return h.digest()
-
-    def _table(self, bid: str) -> dict[bytes, np.ndarray]:
-        if bid not in self._rows:
-            self._rows[bid] = {}
-            f = self.path / f"features-{bid}.npz" if self.path else None
-            if f is not None and f.is_file():
-                try:
-                    with np.load(f, allow_pickle=False) as z:
-                        keys, feats = z["keys"], z["features"]
-                    self._rows[bid] = {bytes(k): row for k, row in zip(keys, feats, strict=True)}
-                except (ValueError, OSError, KeyError) as exc:
-                    log.warning("ignoring unreadable feature cache %s: %s", f, exc)
-        return self._rows[bid]
-
-    def features(
-        self, model: Any, x: np.ndarray, batch: int = 16, description: str = "features"
-    ) -> np.ndarray:
-        """Flattened backbone features of samples ``x`` (uint8 images or model inputs)."""
-        x = np.asarray(x)
-        bid = self.backbone_id(model)
-        table = self._table(bid)
-        keys = [self.key(s) for s in x]
-        todo = sorted({i for i, k in enumerate(keys) if k not in table}, key=int)
-        # one representative per distinct sample
-        seen: dict[bytes, int] = {}
-        todo = [i for i in todo if seen.setdefault(keys[i], i) == i]
-        self.misses += len(todo)
-        self.hits += len(x) - len(todo)
-        fixed = model.inputs[0].shape[0]
-        step = fixed if isinstance(fixed, int) else batch
-        for s in track(range(0, len(todo), step), description):
-            idx = todo[s : s + step]
-            out = flatten_features(model.features(x[idx]))
-            for i, row in zip(idx, out, strict=True):
-                table[keys[i]] = row
-        if len(table) > self.max_items:  # oldest first (dicts keep insertion order)
-            for k in list(table)[: len(table) - self.max_items]:
-                del table[k]
-        if not len(x):
-            return np.zeros((0, 0), np.float32)
-        return np.stack([table[k] for k in keys])
-
-    def save(self) -> None:
-        """Write the cache folder (atomically per backbone)."""
-        if self.path is None:
-            return
-        import io
-
-        from edgesmith.fsutil import atomic_write_bytes
-
-        for bid, table in self._rows.items():
-            if not table:
-                continue
-            buf = io.BytesIO()
-            np.savez(
-                buf,
-                keys=np.array(list(table), dtype="S16"),
-                features=np.stack(list(table.values())).astype(np.float32),
-            )
-            atomic_write_bytes(self.path / f"features-{bid}.npz", buf.getvalue(), mode=0o600)
-
-
-# --------------------------------------------------------------------------- labels
-
-
-def require_head(model: Any) -> Head:
-    """The model's head, or a BundleError saying how to get a bundle with one."""
-    head = getattr(model, "head", None)
-    if head is None:
-        raise BundleError(
-            f"{getattr(model, 'name', 'the model')} has no trainable head: it cannot be fine-tuned",
-            hint="build it with 'trainable_head: {module: NAME}' in the recipe (docs/finetune.md)",
-        )
-    return head
-
-
-def label_key(text: str) -> str:
-    """A label as folder names write it: lower case, runs of other characters as one '-'."""
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def encode_labels(
-    y: Sequence[Any] | np.ndarray, labels: list[str], add_classes: bool = False
-) -> tuple[np.ndarray, list[str]]:
-    """Class indices for ``y`` (indices, or names matched exactly or as slugs) and the label list.
-
-    Names not in ``labels`` are appended (sorted) when ``add_classes``; otherwise they are an error.
-
-    Raises:
-        DataError: labels outside the known set, or indices out of range.
-    """
-    arr = np.asarray(y)
-    if arr.dtype.kind in "iu":
-        if len(arr) and (arr.min() < 0 or arr.max() >= len(labels)):
-            raise DataError(
-                f"label indices must lie in [0, {len(labels)}), got {int(arr.min())}..{int(arr.max())}",
-                hint="give new classes by name, with add_classes (--add-classes)",
-            )
-        return arr.astype(np.int64), list(labels)
-    names = [str(v) for v in arr.tolist()]
-    lookup = {lab: i for i, lab in enumerate(labels)}
-    lookup.update(
-        {label_key(lab): i for i, lab in enumerate(labels) if label_key(lab) not in lookup}
-    )
-    unknown = sorted({n for n in names if n not in lookup and label_key(n) not in lookup})
-    out_labels = list(labels)
-    if unknown:
-        if not add_classes:
-            raise DataError(
-                f"labels outside the model's classes: {', '.join(unknown[:8])}"
-                + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""),
-                hint=f"known classes: {', '.join(labels)}; pass --add-classes (add_classes=True) to learn new ones",
-            )
-        for n in unknown:
-            lookup[n] = len(out_labels)
-            out_labels.append(n)
-    idx = [lookup[n] if n in lookup else lookup[label_key(n)] for n in names]
-    return np.asarray(idx, np.int64), out_labels
 
 
 # --------------------------------------------------------------------------- the bundle workflow
@@ -254,7 +102,7 @@ def _bundle_memory(model: Any) -> Memory | None:
     src = Path(model.info.get("path") or "")
     if m is None or not src.is_dir():
         return None
-    return load_memory(src, m.trainable_head)
+    return load_memory(src, m.trainable_head, m)
 
 
 def _memory_labels(names: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -411,9 +259,11 @@ def finetune_model(
     """Fine-tune the trainable head of a loaded bundle on this device.
 
     The old classes are kept by default: when the bundle ships a memory of its build classes
-    (runtime/memory.py), their exemplars are trained on together with the new data, the
-    current head is distilled on all of it (learning without forgetting), and after new classes
-    were added their output rows are aligned to the old ones (weight aligning). The result
+    (runtime/memory.py), their exemplars are trained on together with the new data. When
+    classes are added (``config.isolate``, the default) the old classes' path is frozen and
+    grown hidden units learn the new ones, so there is nothing to distil; otherwise the current
+    head is distilled on all of it (learning without forgetting). After new classes were added
+    their output rows are aligned to the old ones (weight aligning). The result
     states the accuracy on the old classes (the memory's held-out samples), the new classes
     and all classes, before and after, and whether the old classes stayed within the bundle's
     budget (``metrics["old_class_check"]``).
@@ -430,7 +280,7 @@ def finetune_model(
         out: write the new bundle version here (see :func:`write_finetuned`).
         sign_key: the device's Ed25519 private key (file or key object) that signs the new bundle.
         cache: a :class:`FeatureCache` (persist features across runs); None: this run only.
-        replay: an :class:`~edgesmith.runtime.incremental.ReplayBuffer` of earlier samples'
+        replay: an :class:`~edgesmith.runtime.finetune.incremental.ReplayBuffer` of earlier samples'
             features, trained on together with the new data and then updated with it.
 
     Returns:
@@ -559,10 +409,6 @@ def write_finetuned(
     Raises:
         BundleError: the model was not loaded from a bundle folder, or ``out`` exists.
     """
-    import tempfile
-
-    from edgesmith.runtime.bundle import write_bundle
-
     m = model.manifest
     src = Path(model.info.get("path") or "")
     if m is None or not src.is_dir():
@@ -570,53 +416,27 @@ def write_finetuned(
             "only a model loaded from a bundle folder can be written as a new version",
             hint="load the bundle folder, not the model file",
         )
-    spec = dict(m.trainable_head or {})
-    golden_cfg = dict(m.golden or {})
-    out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".finetune-") as tmp:
-        files = {
-            rel: src / rel
-            for rel in m.files
-            if rel not in (spec.get("file"), golden_cfg.get("file"))
-        }
-        head_path = result.head.save(Path(tmp) / HEAD_FILE)
-        files[HEAD_FILE] = head_path
-        if golden_cfg.get("file"):
-            with np.load(src / str(golden_cfg["file"]), allow_pickle=False) as z:
-                g_in, g_old = np.asarray(z["inputs"]), np.asarray(z["outputs"])
-            g_out = result.head(model.features(g_in))
-            golden_path = Path(tmp) / "golden.npz"
-            np.savez(golden_path, inputs=g_in, outputs=g_out)
-            files[str(golden_cfg["file"])] = golden_path
-            ratio = float(np.abs(g_out).max() or 1.0) / float(np.abs(g_old).max() or 1.0)
-            golden_cfg["atol"] = float(golden_cfg.get("atol", 1e-4)) * max(ratio, 1.0)
-        doc = m.to_json()
-        for k in ("schema", "files", "created"):
-            doc.pop(k, None)
-        doc["version"] = m.version + 1
-        doc["labels"] = result.labels
-        doc["outputs"] = [
-            {"name": "logits", "shape": ["batch", len(result.labels)], "dtype": "float32"}
-        ]
-        doc["trainable_head"] = result.head.spec(
-            spec.get("feature_output", "features"),
-            policy=spec.get("policy", "keep"),
-            trained=result.trained,
-            **({"memory": spec["memory"]} if spec.get("memory") else {}),
-        )
-        if golden_cfg:
-            doc["golden"] = golden_cfg
-        base_metrics = m.metrics.get("build", m.metrics)
-        doc["metrics"] = {
-            "metric": "top1",
-            "accuracy": result.metrics["holdout_accuracy"],
-            "evaluated_on": "device holdout",
-            **{
-                k: v
-                for k, v in result.metrics.items()
-                if k not in ("per_class", "previous_per_class", "history")
-            },
-            "build": base_metrics,
-        }
-        write_bundle(out, doc, files, sign_key=sign_key)
-    return out
+    metrics = {
+        "metric": "top1",
+        "accuracy": result.metrics["holdout_accuracy"],
+        "evaluated_on": "device holdout",
+        **{
+            k: v
+            for k, v in result.metrics.items()
+            if k not in ("per_class", "previous_per_class", "history")
+        },
+        "build": m.metrics.get("build", m.metrics),
+    }
+    derive_bundle(
+        src,
+        m,
+        out,
+        head=result.head,
+        features=model.features,
+        labels=result.labels,
+        trained=result.trained,
+        metrics=metrics,
+        version=m.version + 1,
+        sign_key=sign_key,
+    )
+    return Path(out)

@@ -123,10 +123,14 @@ def test_finetune_on_the_device_imports_no_torch(head_bundle: Path, tmp_path: Pa
         f"try:\n    main(['-q', 'finetune', {str(head_bundle)!r}, '--data', {str(data)!r}, "
         f"'-o', {str(tmp_path / 'v2')!r}, '--epochs', '2'])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "import resource\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    peak_kib = int(res.stdout.strip().splitlines()[-2])
+    assert peak_kib < 1 << 20, f"peak RSS {peak_kib / 1024:.0f} MiB: the target is under 1 GB"
     loaded = json.loads(res.stdout.strip().splitlines()[-1])
     assert "onnxruntime" in loaded and (tmp_path / "v2" / "head.npz").is_file()
     assert [m for m in ("torch", "onnx", "tensorflow", "matplotlib") if m in loaded] == []

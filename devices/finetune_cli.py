@@ -1,6 +1,6 @@
 """``edgesmith finetune BUNDLE --data DIR``: train a bundle's head on the device (no torch).
 
-Reads a labelled image folder, trains the head in numpy (runtime/finetune.py), writes the next
+Reads a labelled image folder, trains the head in numpy (runtime/finetune/workflow.py), writes the next
 bundle version, and with ``--activate`` installs it through the OTA agent's health-checked A/B
 switch, refusing it if it is worse on the held-out split than the installed head.
 """
@@ -208,9 +208,9 @@ def finetune_cmd(
 
     agent_cfg = None
     if activate:
-        from edgesmith.devices.ota.cli import _agent_config
+        from edgesmith.devices.ota.cli import agent_config
 
-        agent_cfg = _agent_config(
+        agent_cfg = agent_config(
             config,
             root=root,
             trusted_keys=list(keys) or None,
@@ -237,7 +237,7 @@ def finetune_cmd(
         replay.parent.mkdir(parents=True, exist_ok=True)
     buf = None
     if replay is not None:
-        from edgesmith.runtime.incremental import ReplayBuffer
+        from edgesmith.runtime.finetune.incremental import ReplayBuffer
 
         buf = ReplayBuffer.load(replay, capacity=replay_size)
     tmp_dir = None

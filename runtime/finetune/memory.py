@@ -17,7 +17,7 @@ features on the device, and one file serves every backbone variant) or float16 *
 features* (``form: features``), whichever is smaller per sample; the build picks. Only plain
 arrays, read with ``allow_pickle=False``.
 
-The memory spec is part of :func:`~edgesmith.runtime.head.backbone_fingerprint`, so a head
+The memory spec is part of :func:`~edgesmith.runtime.finetune.head.backbone_fingerprint`, so a head
 fine-tuned on a device keeps the fleet's memory, reference accuracy and budget unchanged (the
 device key cannot vouch for different ones).
 """
@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.lib import format as npformat
-from pydantic import BaseModel, ConfigDict, Field
 
 from edgesmith.errors import BundleError
+from edgesmith.runtime.bundle.headspec import DEFAULT_BUDGET, MEMORY_FILE, MemorySpec
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -51,27 +51,8 @@ __all__ = [
     "memory_bytes",
 ]
 
-MEMORY_FILE = "memory.npz"
 MAX_MEMORY_BYTES = 64 << 20
 MAX_MEMORY_VALUES = 64 << 20  # decompressed float16 values (128 MB): a shipped slice is small
-DEFAULT_BUDGET = 0.02  # accuracy (fraction) the old classes may lose
-
-
-class MemorySpec(BaseModel):
-    """``manifest.trainable_head.memory``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file: str = MEMORY_FILE
-    form: Literal["inputs", "features"]
-    exemplars_per_class: int = Field(ge=0)
-    holdout_per_class: int = Field(ge=0)
-    classes: int = Field(ge=1)
-    bytes: int = Field(ge=0)
-    budget: float = Field(default=DEFAULT_BUDGET, ge=0, le=1)
-    # the build head's accuracy on the holdout samples, with this bundle's backbone
-    reference_accuracy: float | None = Field(default=None, ge=0, le=1)
-    selection: str = "herding"
 
 
 @dataclass
@@ -89,7 +70,7 @@ class Memory:
         self, model: Any, which: Literal["exemplars", "holdout"], cache: Any = None
     ) -> np.ndarray:
         """Flattened backbone features of the exemplars or the holdout samples (float32)."""
-        from edgesmith.runtime.head import flatten_features
+        from edgesmith.runtime.finetune.head import flatten_features
 
         x = self.exemplars if which == "exemplars" else self.holdout
         if not len(x):
@@ -99,7 +80,7 @@ class Memory:
         if self.spec.form == "features":
             return flatten_features(x)
         if cache is None:
-            from edgesmith.runtime.finetune import FeatureCache
+            from edgesmith.runtime.finetune.features import FeatureCache
 
             cache = FeatureCache()
         return cache.features(model, x.astype(np.float32), description=f"memory {which}")
@@ -172,19 +153,28 @@ def decode_samples(z: Any, key: str, x: np.ndarray) -> np.ndarray:
     return (x * np.float32(a) + np.float32(b)).astype(np.float16)
 
 
-def load_memory(bundle: str | Path, head_spec: dict[str, Any] | None) -> Memory | None:
+def load_memory(
+    bundle: str | Path, head_spec: dict[str, Any] | None, manifest: Any = None
+) -> Memory | None:
     """A bundle's memory (None when it ships none).
 
+    With the bundle's ``manifest`` the file is reached through ``bundlefiles.member_path``
+    (listed and hashed in the manifest, inside the bundle, not a link); every caller that reads a
+    bundle passes it.
+
     Raises:
-        BundleError: a missing, oversized or malformed memory file.
+        BundleError: an unlisted, missing, oversized or malformed memory file.
     """
     doc = (head_spec or {}).get("memory")
     if not doc:
         return None
     spec = MemorySpec.model_validate(doc)
-    from edgesmith.runtime.bundle import _safe_member
+    from edgesmith.runtime.bundle.files import member_path, safe_member
 
-    path = _safe_member(Path(bundle), spec.file)
+    if manifest is not None:
+        path = member_path(bundle, manifest, spec.file, "memory file")
+    else:
+        path = safe_member(Path(bundle), spec.file)
     if not path.is_file():
         raise BundleError(f"memory file '{spec.file}' is missing", hint="the bundle is incomplete")
     if path.stat().st_size > MAX_MEMORY_BYTES:
@@ -300,7 +290,7 @@ def align_weights(head: Any, old: int) -> tuple[Any, float]:
 def label_accuracy(head: Any, labels: list[str], features: np.ndarray, names: np.ndarray) -> float:
     """Share of samples whose predicted label is theirs; names compared as slugs (so that a
     class folder 'ankle-boot' and the label 'Ankle boot' are one class)."""
-    from edgesmith.runtime.finetune import label_key
+    from edgesmith.runtime.finetune.features import label_key
 
     if not len(names):
         return float("nan")

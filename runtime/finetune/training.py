@@ -1,7 +1,7 @@
 """Training a numpy head: softmax cross-entropy, SGD with momentum or Adam (PyTorch's update
 rules), L2 on the weights, class-balanced loss weights, distillation from a previous head, and
 early stopping on a held-out split. Used by :mod:`edgesmith.runtime.finetune` (bundles) and
-:mod:`edgesmith.runtime.incremental` (batches over time); numpy only.
+:mod:`edgesmith.runtime.finetune.incremental` (batches over time); numpy only.
 
 Example:
     >>> result = train_head(head, features, labels, FinetuneConfig(epochs=20), val=(fv, yv))  # doctest: +SKIP
@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgesmith.errors import DataError, EdgesmithError
+from edgesmith.errors import DataError
 from edgesmith.progress import track
-from edgesmith.runtime.head import Head, flatten_features
+from edgesmith.runtime.finetune.head import Head, flatten_features
+from edgesmith.validation import validate
 
 __all__ = [
     "OPTIMIZERS",
@@ -89,15 +90,9 @@ class FinetuneConfig(BaseModel):
         """A config from another config or a dict plus keyword overrides; errors name the key."""
         base = config.model_dump() if isinstance(config, FinetuneConfig) else dict(config or {})
         base.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(base)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise EdgesmithError(
-                f"fine-tune option '{loc}': {err['msg']}",
-                hint=f"options: {', '.join(cls.model_fields)}",
-            ) from None
+        return validate(
+            cls, base, source="fine-tune options", hint=f"options: {', '.join(cls.model_fields)}"
+        )
 
 
 # --------------------------------------------------------------------------- loss and optimizers
@@ -316,7 +311,7 @@ def train_head(
 
         frozen: boolean masks (``{"layers.0.weight": mask}``) of parameter entries that keep
             their starting values (the old classes' part of a head grown by
-            :meth:`~edgesmith.runtime.head.Head.grow`).
+            :meth:`~edgesmith.runtime.finetune.head.Head.grow`).
 
     Returns:
         The trained head with its history; a progress bar shows loss and accuracy per epoch.

@@ -1,10 +1,10 @@
-"""Golden samples and tolerances (edgesmith.golden): top-1 checks that kernels within tolerance keep."""
+"""Golden samples and tolerances (edgesmith.runtime.golden): top-1 checks that kernels within tolerance keep."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgesmith.golden import golden_tolerance, pick_golden
+from edgesmith.runtime.golden import golden_tolerance, pick_golden
 
 
 def test_tolerance_per_precision_scales_with_the_outputs() -> None:

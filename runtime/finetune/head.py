@@ -20,13 +20,20 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgesmith.errors import BundleError
-from edgesmith.runtime.memory import MemorySpec
+from edgesmith.runtime.bundle.headspec import (
+    HEAD_FILE,
+    HEAD_SCHEMA,
+    POLICIES,
+    HeadSpec,
+    LayerSpec,
+    backbone_fingerprint,
+    validate_head_spec,
+)
 from edgesmith.runtime.specs import TensorSpec
 
 __all__ = [
@@ -43,107 +50,8 @@ __all__ = [
     "validate_head_spec",
 ]
 
-HEAD_SCHEMA = "edgesmith.head/1"
-HEAD_FILE = "head.npz"
-POLICIES = ("keep", "replace")
 MAX_HEAD_BYTES = 256 << 20
 OUTPUT_NAME = "logits"
-
-
-class LayerSpec(BaseModel):
-    """One layer of a head: ``linear`` (with its sizes), ``relu`` or ``dropout`` (with ``p``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["linear", "relu", "dropout"]
-    in_features: int | None = Field(default=None, ge=1)
-    out_features: int | None = Field(default=None, ge=1)
-    p: float | None = Field(default=None, ge=0.0, lt=1.0)
-
-    @model_validator(mode="after")
-    def _sizes(self) -> LayerSpec:
-        if self.type == "linear" and (self.in_features is None or self.out_features is None):
-            raise ValueError("a linear layer needs in_features and out_features")
-        if self.type != "linear" and (self.in_features or self.out_features):
-            raise ValueError(f"a {self.type} layer has no sizes")
-        return self
-
-
-class HeadSpec(BaseModel):
-    """``manifest.trainable_head``: what the head is, how it was trained, what OTA does with it."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    schema_: Literal["edgesmith.head/1"] = Field(default="edgesmith.head/1", alias="schema")
-    kind: Literal["linear", "mlp"]
-    file: str = HEAD_FILE
-    feature_output: str
-    feature_size: int = Field(ge=1)
-    classes: int = Field(ge=1)
-    layers: list[LayerSpec] = Field(min_length=1)
-    normalize: bool = False
-    policy: Literal["keep", "replace"] = "keep"
-    trained: dict[str, Any] = Field(default_factory=dict)
-    # what the device keeps of the build classes (runtime/memory.py); None: nothing shipped
-    memory: MemorySpec | None = None
-
-    @model_validator(mode="after")
-    def _chain(self) -> HeadSpec:
-        linears = [layer for layer in self.layers if layer.type == "linear"]
-        if not linears:
-            raise ValueError("a head needs at least one linear layer")
-        if self.layers[-1].type != "linear":
-            raise ValueError("the last layer of a head must be linear (it gives the logits)")
-        size = self.feature_size
-        for i, layer in enumerate(linears):
-            if layer.in_features != size:
-                raise ValueError(
-                    f"linear layer {i} takes {layer.in_features} inputs but gets {size}"
-                )
-            size = int(layer.out_features or 0)
-        if size != self.classes:
-            raise ValueError(f"the head gives {size} outputs but 'classes' is {self.classes}")
-        if self.kind == "linear" and len(self.layers) != 1:
-            raise ValueError("kind 'linear' is one linear layer; use kind 'mlp' for more")
-        return self
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def validate_head_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    """Check a ``trainable_head`` mapping; return it in canonical form.
-
-    Raises:
-        ValueError: with the first problem (pydantic turns it into a manifest error).
-    """
-    try:
-        return HeadSpec.model_validate(doc).to_json()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise ValueError(
-            f"trainable_head{'.' + loc if loc else ''}: {err['msg'].removeprefix('Value error, ')}"
-        ) from None
-
-
-def backbone_fingerprint(manifest: Any) -> str:
-    """SHA-256 over the hashes of a bundle's files except the head and the golden data.
-
-    Two bundles with the same fingerprint run the same backbone (model file, external weights),
-    so features and heads carry over between them. A bundle's memory of its build classes
-    (``trainable_head.memory`` and its file) counts too: a head fine-tuned on a device must keep
-    the fleet's memory, reference accuracy and budget.
-    """
-    import hashlib
-    import json
-
-    skip = {(manifest.trainable_head or {}).get("file"), (manifest.golden or {}).get("file")}
-    skip.discard(manifest.model)  # the model file always counts, whatever else the manifest says
-    files = {rel: e.sha256 for rel, e in manifest.files.items() if rel not in skip}
-    memory = (manifest.trainable_head or {}).get("memory")
-    doc: dict[str, Any] = files if not memory else {"files": files, "memory": memory}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def flatten_features(x: np.ndarray) -> np.ndarray:
@@ -307,7 +215,7 @@ class Head:
 
         The masks cover every parameter the old classes' logits depend on — the layers before
         the last hidden one, the old hidden units, the old output rows (which read the new units
-        with weight 0) — so that :func:`~edgesmith.runtime.training.train_head` with
+        with weight 0) — so that :func:`~edgesmith.runtime.finetune.training.train_head` with
         ``frozen=masks`` leaves the old logits exactly as they were on every input, while the new
         classes get units of their own to learn from (parameter isolation; cf. progressive
         networks, Rusu et al., 2016). A linear head has no hidden layer: only its old rows are
@@ -456,9 +364,9 @@ def load_head(bundle: str | Path, spec: dict[str, Any]) -> Head:
         BundleError: a missing, oversized, pickled, or mis-shaped head file.
     """
     s = HeadSpec.model_validate(spec)
-    from edgesmith.runtime.bundle import _safe_member
+    from edgesmith.runtime.bundle.files import safe_member
 
-    path = _safe_member(Path(bundle), s.file)
+    path = safe_member(Path(bundle), s.file)
     if not path.is_file():
         raise BundleError(f"head file '{s.file}' is missing", hint="the bundle is incomplete")
     if path.stat().st_size > MAX_HEAD_BYTES:
