@@ -289,7 +289,7 @@ def _int8(
         sensitivity_probe=probe(sens),
         ranking=ranking,
         cost_share=shares,
-        timer=make_timer(ev.threads, ev.timing, prepare=ev.declare),
+        timer=make_timer(ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)),
     )
     dest = _dest(ctx, art, "int8")
     files = quantizer.quantize(dest, result.float_layers)
@@ -449,7 +449,9 @@ def _speed(
 ) -> tuple[dict[str, Any], list[Check]]:
     from edgesmith.compress.quantize.speed import speed_verdict
 
-    verdict = speed_verdict(a.path, fp32.path, a.format, ev.threads, ev.timing, prepare=ev.declare)
+    verdict = speed_verdict(
+        a.path, fp32.path, a.format, ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)
+    )
     if verdict["faster"]:
         return verdict, []
     echo(f"warning: {a.path.name}: {verdict['recommendation']}")
@@ -541,3 +543,10 @@ def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
+
+
+def _timing(ev: Any) -> Any:
+    """The batch-1 inputs an artifact is timed on: the evaluator's (one array per input), else
+    its first sample."""
+    timing = getattr(ev, "timing", None)
+    return timing if timing is not None else ev.inputs[:1]

@@ -56,13 +56,20 @@ def make_timer(
         for m in models:
             if prepare is not None:
                 prepare(m)
-        return interleaved([lambda m=m: _call(m, x) for m in models], rounds, runs)
+        feeds = _feeds(x)
+        return interleaved([lambda m=m: _call(m, feeds) for m in models], rounds, runs)
 
     return timer
 
 
 def _call(model: Any, x: Any) -> Any:
+    """``model`` on ``x``: one array, or a list of one per input (see :func:`_feeds`)."""
     return model(*x) if isinstance(x, list | tuple) else model(x)
+
+
+def _feeds(x: Any) -> Any:
+    """``edgesmith.feeds.Samples`` as a list of arrays (once, outside the timed calls)."""
+    return x.arrays() if hasattr(x, "arrays") else x
 
 
 def cpu_half_precisions() -> set[str]:
@@ -137,7 +144,8 @@ def speed_verdict(
     for m in models:
         if prepare is not None:
             prepare(m)
-    times = interleaved([lambda m=m: _call(m, x) for m in models], rounds=7, runs=15)
+    feeds = _feeds(x)
+    times = interleaved([lambda m=m: _call(m, feeds) for m in models], rounds=7, runs=15)
     base_i = int(np.argmin(times[1:]))
     name = options[base_i][0]
     ratio = times[0] / times[1 + base_i]
