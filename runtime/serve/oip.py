@@ -368,6 +368,9 @@ def plan_request(doc: Any, model: Model, limits: RequestLimits) -> PlannedReques
             raise _bad(f"input '{printable(name)[:80]}' is given twice")
         by_name[name] = inp
     wanted = [s.name for s in model.inputs]
+    aliases = getattr(model, "input_aliases", None) or {}
+    if aliases and set(by_name) != set(wanted):  # the recipe's names (manifest "alias")
+        by_name = {aliases.get(k, k): v for k, v in by_name.items()}
     if set(by_name) != set(wanted):
         raise ProtocolError(
             422,
