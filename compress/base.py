@@ -99,6 +99,12 @@ class Context:
         load_model: builds a model from a recipe model section (``edgesmith.models.build_model``,
             given by the build: the stages sit below the model loader), for stage options that
             name other models (distill's ``teacher``/``student``).
+        example_inputs: one batch-1 tensor per model input (``example_input`` is the first one
+            for a one-input model, else this tuple).
+        output_kinds / output_names: what each model output is (``logits``, ``embedding``,
+            ``features``, ``regression``: it picks the training loss and the parity rules) and
+            its name (dict targets and metric outputs are keyed by it).
+        layouts: the recipe's inputs (``edgesmith.feeds.InputLayout``: names, dtypes, pad values).
     """
 
     recipe: Recipe
@@ -113,6 +119,18 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
     artifact_hooks: list[ArtifactHook] = field(default_factory=list)
     load_model: Callable[[ModelConfig], torch.nn.Module] | None = None
+    example_inputs: tuple[Any, ...] = ()
+    output_kinds: tuple[str, ...] = ("logits",)
+    output_names: tuple[str, ...] = ("output",)
+    layouts: list[Any] = field(default_factory=list)
+
+    @property
+    def example_args(self) -> tuple[Any, ...]:
+        """The example as positional model arguments: ``model(*ctx.example_args)``."""
+        if self.example_inputs:
+            return tuple(self.example_inputs)
+        x = self.example_input
+        return tuple(x) if isinstance(x, tuple | list) else (x,)
 
 
 ArtifactHook = Callable[["Context", "Artifact", "Evaluator"], HookResult]

@@ -1,7 +1,10 @@
 """The ``distill`` stage: knowledge distillation from a teacher into the (pruned) student.
 
 Recipe contract (DESIGN.md section 9): ``- distill: {epochs: 3, temperature: 4.0, alpha: 0.7}``.
-The loss is ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, plus
+For class logits the loss is ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``;
+for other outputs (``model.outputs`` kinds) a feature loss: ``1 - cosine(s, t)`` for embeddings,
+mean squared error (relative to the teacher's mean square) for features and regression values,
+``alpha`` again weighing the teacher against the targets; several outputs add their losses. Plus
 ``hint_weight * MSE(adapter(student feature), teacher feature)`` for every pair in ``hints``
 (FitNets); an adapter (1x1 convolution or linear layer, with pooling when the spatial sizes
 differ) is created automatically when the widths differ and dropped after training.
@@ -12,6 +15,7 @@ Options::
         epochs: 3
         temperature: 4.0
         alpha: 0.7                 # weight of the soft (teacher) loss; 1 - alpha on the labels
+        loss: auto                 # auto (by output kind) | kl | cosine | mse
         lr: 0.001
         batch_size: 64             # global batch (split across torchrun processes)
         optimizer: adamw           # adamw | adam | sgd
@@ -37,6 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgesmith.checks import accuracy_budget
 from edgesmith.compress.base import Context, Stage, StageConfig, StageResult, register_stage
+from edgesmith.compress.losses import (
+    _outputs,
+    _target,
+    feature_loss,
+    kd_loss,
+    output_loss,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +55,16 @@ if TYPE_CHECKING:
 
     from edgesmith.schema import ModelConfig
 
-__all__ = ["Distill", "DistillConfig", "ModelSpec", "distill", "kd_loss", "model_config"]
+__all__ = [
+    "Distill",
+    "DistillConfig",
+    "ModelSpec",
+    "distill",
+    "feature_loss",
+    "kd_loss",
+    "model_config",
+    "output_loss",
+]
 
 
 class ModelSpec(BaseModel):
@@ -87,36 +107,15 @@ class DistillConfig(StageConfig):
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
-
-def kd_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """Hinton et al.'s distillation loss: soft KL at ``temperature`` (scaled by T^2) and hard CE.
-
-    Example:
-        >>> loss = kd_loss(student_logits, teacher_logits, labels, 4.0, 0.7)  # doctest: +SKIP
-    """
-    import torch.nn.functional as F
-
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student / t, dim=1),
-        F.log_softmax(teacher / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
-    if alpha >= 1.0:
-        return soft
-    return alpha * soft + (1 - alpha) * F.cross_entropy(student, targets)
+    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"
 
 
 def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def _args(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, tuple | list) else (x,)
 
 
 def _split_hint(hint: str) -> tuple[str, str]:
@@ -189,11 +188,11 @@ class _StudentWithAdapters:
                 self.names = names
                 self.hooks = _capture(student, names, self.store, "student")
 
-            def forward(self, x: Any) -> Any:
+            def forward(self, *x: Any) -> Any:
                 self.store.clear()
-                logits = _first(self.student(x))
+                out = self.student(*x)
                 feats = [self.adapters[str(i)](self.store[n]) for i, n in enumerate(self.names)]
-                return logits, feats
+                return out, feats
 
             def close(self) -> None:
                 for h in self.hooks:
@@ -202,23 +201,27 @@ class _StudentWithAdapters:
         return Trainable()
 
 
-def model_config(spec: ModelSpec, base_dir: Path | None, input_shape: list[int]) -> ModelConfig:
+def model_config(spec: ModelSpec, base_dir: Path | None, template: Any) -> ModelConfig:
     """The recipe model section of a :class:`ModelSpec` (paths relative to ``base_dir``), which
-    ``edgesmith.models.build_model`` (``ctx.load_model``) instantiates, pruned structure included."""
+    ``edgesmith.models.build_model`` (``ctx.load_model``) instantiates, pruned structure included.
+    ``template``: the recipe's model section (inputs, dims, outputs are kept), or an input shape."""
     from edgesmith.refs import absolute_path, absolute_ref
     from edgesmith.schema import InputSpec, ModelConfig
 
     base = base_dir or Path.cwd()
-    return ModelConfig(
-        factory=absolute_ref(spec.factory, base) if spec.factory else None,
-        weights=absolute_path(spec.weights, base),
-        kwargs=spec.kwargs,
-        input=InputSpec(shape=input_shape),
-    )
+    source = {
+        "factory": absolute_ref(spec.factory, base) if spec.factory else None,
+        "weights": absolute_path(spec.weights, base),
+        "kwargs": spec.kwargs,
+    }
+    if isinstance(template, ModelConfig):
+        return template.model_copy(update=source)
+    return ModelConfig(**source, input=InputSpec(shape=template))
 
 
-def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
-    """Both models run on ``example`` and their outputs have the same shape.
+def check_teacher(teacher: nn.Module, student: nn.Module, example: Any) -> None:
+    """Both models run on ``example`` (one tensor, or a tuple: one per input) and their outputs
+    have the same number and shapes.
 
     Raises:
         CompressionError: naming both shapes.
@@ -227,25 +230,34 @@ def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor)
 
     from edgesmith.errors import CompressionError
 
+    args = _args(example)
     outs = []
     for role, m in (("teacher", teacher), ("student", student)):
         m.eval()
         try:
             with torch.no_grad():
-                outs.append(_first(m(example)))
+                outs.append(_outputs(m(*args)))
         except Exception as exc:
+            shapes = ", ".join(str(list(a.shape)) for a in args)
             raise CompressionError(
-                f"the {role} ({type(m).__name__}) cannot run the model input {list(example.shape)}: "
+                f"the {role} ({type(m).__name__}) cannot run the model input {shapes}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                 hint=f"give a {role} that takes the recipe's input",
             ) from None
-    t, s = outs
-    if t.shape != s.shape:
+    t_outs, s_outs = outs
+    if len(t_outs) != len(s_outs):
         raise CompressionError(
-            f"the teacher's output has shape {list(t.shape)} but the student's has {list(s.shape)}: "
+            f"the teacher returns {len(t_outs)} outputs but the student {len(s_outs)}: "
             "distillation matches outputs one to one",
-            hint="use a teacher trained on the same classes (same output layout) as the student",
+            hint="use a teacher with the same outputs as the student",
         )
+    for t, s in zip(t_outs, s_outs, strict=True):
+        if t.shape != s.shape:
+            raise CompressionError(
+                f"the teacher's output has shape {list(t.shape)} but the student's has "
+                f"{list(s.shape)}: distillation matches outputs one to one",
+                hint="use a teacher trained on the same classes (same output layout) as the student",
+            )
 
 
 def distill(
@@ -253,14 +265,20 @@ def distill(
     teacher: nn.Module,
     train_set: Any,
     cfg: DistillConfig,
-    example: torch.Tensor,
+    example: Any,
     *,
     evaluate: Any = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     seed: int = 0,
+    kinds: tuple[str, ...] = ("logits",),
+    names: list[str] | None = None,
+    collate_fn: Any = None,
 ) -> Any:
     """Distill ``teacher`` into ``student`` in place; returns the :class:`~edgesmith.compress.train.FitResult`.
+
+    ``kinds`` (per output: ``logits``, ``embedding``, ``features``, ``regression``) choose each
+    output's loss unless ``cfg.loss`` forces one; ``names`` address dict targets.
 
     Raises:
         CompressionError: mismatching outputs, unknown hint layers, a foreign checkpoint.
@@ -283,24 +301,41 @@ def distill(
     torch.manual_seed(seed)
     with torch.no_grad():
         student.eval()
-        student(example)
-        teacher(example)
+        student(*_args(example))
+        teacher(*_args(example))
     adapters = {s: _adapter(s_store[s], t_store[t], f"'{s}:{t}'") for s, t in pairs}
     for h in s_hooks:
         h.remove()
     trainable = _StudentWithAdapters.build(student, adapters, s_names)
     dev_holder: dict[str, Any] = {}
 
-    def loss_fn(out: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, feats = out
-        if "dev" not in dev_holder or dev_holder["dev"] != x.device:
-            teacher.to(x.device)
-            dev_holder["dev"] = x.device
+    losses = [cfg.loss if cfg.loss != "auto" else k for k in kinds]
+    out_names = list(names or [])
+
+    def loss_fn(out: Any, x: Any, y: Any) -> tuple[torch.Tensor, Any]:
+        s_out, feats = out
+        args = _args(x)
+        if "dev" not in dev_holder or dev_holder["dev"] != args[0].device:
+            teacher.to(args[0].device)
+            dev_holder["dev"] = args[0].device
         with torch.no_grad():
-            t_logits = _first(teacher(x))
-        loss = kd_loss(logits, t_logits, y, cfg.temperature, cfg.alpha)
+            t_outs = _outputs(teacher(*args))
+        s_outs = _outputs(s_out)
+        n = len(s_outs)
+        loss = sum(
+            output_loss(
+                losses[i] if i < len(losses) else "logits",
+                s_outs[i],
+                t_outs[i],
+                _target(y, i, n, out_names),
+                cfg.temperature,
+                cfg.alpha,
+            )
+            for i in range(n)
+        )
         for f, t_name in zip(feats, t_names, strict=True):
             loss = loss + cfg.hint_weight * F.mse_loss(f, t_store[t_name])
+        logits = s_outs[0] if losses and losses[0] in ("logits", "kl") else None
         return loss, logits
 
     try:
@@ -326,6 +361,7 @@ def distill(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             description="distill",
+            collate_fn=collate_fn,
         )
     finally:
         trainable.close()
@@ -348,7 +384,7 @@ class Distill(Stage):
         assert isinstance(cfg, DistillConfig)
         t0 = time.perf_counter()
         base = ctx.recipe.base_dir
-        shape = ctx.recipe.model.input.shape
+        shape = ctx.recipe.model
         teacher = ctx.teacher
         if cfg.teacher is not None or cfg.student is not None:
             load = ctx.load_model
@@ -374,11 +410,14 @@ class Distill(Stage):
             teacher,
             ctx.data.train,
             cfg,
-            ctx.example_input,
+            ctx.example_args,
             evaluate=ctx.evaluate,
             checkpoint_dir=ckpt_dir,
             resume=cfg.resume,
             seed=seed,
+            kinds=tuple(ctx.output_kinds),
+            names=list(ctx.output_names),
+            collate_fn=getattr(ctx.data, "collate", None),
         )
         row: dict[str, Any] = {
             "temperature": cfg.temperature,

@@ -94,11 +94,15 @@ class PruneConfig(StageConfig):
         return self
 
 
-def _loader(dataset: Any, batch_size: int, n_batches: int, seed: int) -> list[Any]:
+def _loader(
+    dataset: Any, batch_size: int, n_batches: int, seed: int, collate_fn: Any = None
+) -> list[Any]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn
+    )
     out = []
     for i, batch in enumerate(loader):
         if i >= n_batches:
@@ -107,14 +111,19 @@ def _loader(dataset: Any, batch_size: int, n_batches: int, seed: int) -> list[An
     return out
 
 
-def _finetune(ctx: Context, cfg: PruneConfig, seed: int, label: str) -> None:
-    import torch.nn.functional as F
+def _task_loss(ctx: Context) -> Any:
+    """The loss of the model's own task, by output kind (class logits: cross-entropy on the
+    labels; embeddings, features, regression: a feature loss to the targets, else to the model
+    as the recipe loaded it)."""
+    from edgesmith.compress.losses import task_loss
 
+    return task_loss(tuple(ctx.output_kinds), list(ctx.output_names), teacher=ctx.teacher)
+
+
+def _finetune(ctx: Context, cfg: PruneConfig, seed: int, label: str) -> None:
     from edgesmith.compress.train import FitConfig, fit
 
-    def loss_fn(out: Any, x: Any, y: Any) -> Any:
-        out = out[0] if isinstance(out, tuple | list) else out
-        return F.cross_entropy(out, y), out
+    loss_fn = _task_loss(ctx)
 
     fit(
         ctx.model,
@@ -129,6 +138,7 @@ def _finetune(ctx: Context, cfg: PruneConfig, seed: int, label: str) -> None:
             bn_batches=cfg.bn_batches,
         ),
         description=label,
+        collate_fn=getattr(ctx.data, "collate", None),
     )
 
 
@@ -150,11 +160,13 @@ def _onnx_latency_ms(
     distributed.init_distributed(distributed.device(device))
     latency = None
     if distributed.is_main_process():
+        args = tuple(example) if isinstance(example, tuple | list) else (example,)
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            path = export(model.eval(), (example,), Path(tmp) / "probe.onnx")
+            # every dimension but the batch fixed at the example's size: the latency is timed there
+            path = export(model.eval(), args, Path(tmp) / "probe.onnx")
             session = load(path, threads=threads, device="cpu")
-            x = example.numpy()
-            latency = time_fn(lambda: session(x), warmup=20, runs=200, max_seconds=10.0)["p50"]
+            xs = [x.numpy() for x in args]
+            latency = time_fn(lambda: session(*xs), warmup=20, runs=200, max_seconds=10.0)["p50"]
     return float(distributed.broadcast_object(latency))
 
 
@@ -190,7 +202,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         zeros = prune_unstructured_(model, cfg.sparsity, scope=cfg.scope, ignore=cfg.ignore)
         if cfg.finetune_epochs > 0:
             log.warning("fine-tuning after unstructured pruning would refill the zeros; skipped")
-        macs = count_macs(model, ctx.example_input)
+        macs = count_macs(model, ctx.example_args)
         return {
             "method": "unstructured",
             "weight_sparsity": round(zeros, 4),
@@ -207,7 +219,9 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         data = ctx.data.train
 
         def grad_batches() -> list[Any]:
-            return _loader(data, cfg.batch_size, cfg.taylor_batches, seed)
+            return _loader(
+                data, cfg.batch_size, cfg.taylor_batches, seed, getattr(ctx.data, "collate", None)
+            )
 
     round_to = simd_channels(ctx.profile) if cfg.round_to == "auto" else cfg.round_to
     pruner = StructuredPruner(
@@ -221,6 +235,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         max_layer_ratio=cfg.max_layer_ratio,
         resolution=cfg.resolution,
         grad_batches=grad_batches,
+        grad_loss=_task_loss(ctx) if set(ctx.output_kinds) != {"logits"} else None,
     )
     base = pruner.base_macs
     params_before = sum(p.numel() for p in model.parameters())
@@ -236,7 +251,13 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
         from edgesmith.compress.train import recalibrate_batchnorm_
 
         row["bn_recalibrated"] = recalibrate_batchnorm_(
-            model, ctx.data.train, cfg.batch_size, cfg.bn_batches, seed + step, torch.device("cpu")
+            model,
+            ctx.data.train,
+            cfg.batch_size,
+            cfg.bn_batches,
+            seed + step,
+            torch.device("cpu"),
+            getattr(ctx.data, "collate", None),
         )
         model.eval()
 
@@ -251,7 +272,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
     else:
         assert cfg.latency_ms is not None
         threads = ctx.profile.get("threads")
-        latency = _onnx_latency_ms(model, ctx.example_input, threads, ctx.work_dir, cfg.device)
+        latency = _onnx_latency_ms(model, ctx.example_args, threads, ctx.work_dir, cfg.device)
         row["latency_ms_before"] = round(latency, 4)
         step = 0
         while latency > cfg.latency_ms:
@@ -272,7 +293,7 @@ def prune_model(ctx: Context, cfg: PruneConfig) -> dict[str, Any]:
             recalibrate(step)
             if cfg.finetune_epochs > 0:
                 _finetune(ctx, cfg, seed + step, f"prune step {step}: fine-tune")
-            latency = _onnx_latency_ms(model, ctx.example_input, threads, ctx.work_dir, cfg.device)
+            latency = _onnx_latency_ms(model, ctx.example_args, threads, ctx.work_dir, cfg.device)
             log.info(
                 "prune step %d: %.1f%% MACs removed, %.3f ms",
                 step,

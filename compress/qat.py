@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from edgesmith.compress.base import Stage, StageResult, register_stage
+from edgesmith.compress.losses import _outputs, _target, output_loss
 from edgesmith.compress.quantize.config import QuantizeConfig
 from edgesmith.errors import EdgesmithError
 
@@ -56,8 +57,11 @@ class QATConfig(QuantizeConfig):
     eval_samples: int = Field(default=1000, ge=1)
 
 
-def prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> Any:
+def prepare_qat(model: torch.nn.Module, example: Any, layouts: Any = None) -> Any:
     """A fake-quantized training copy of ``model`` that shares its parameters (torchao PT2E).
+
+    ``example``: one tensor, or a tuple (one per input); ``layouts``: the recipe's inputs, whose
+    symbolic dimensions (a sequence length) stay dynamic besides the batch.
 
     Raises:
         EdgesmithError: the model cannot be captured by ``torch.export``.
@@ -75,12 +79,22 @@ def prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> Any:
     quantizer = X86InductorQuantizer().set_global(
         get_default_x86_inductor_quantization_config(is_qat=True)
     )
-    x = torch.cat([example, example]) if example.shape[0] == 1 else example
+    from edgesmith.export._io import batch_dims, dynamic_dims_of
+
+    args = tuple(example) if isinstance(example, tuple | list) else (example,)
+    xs = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
+    free = dynamic_dims_of(layouts) if layouts else batch_dims(len(xs))
+    made: dict[str, Any] = {}
+    shapes = tuple(
+        {
+            i: made.setdefault(d.name, Dim(d.name, min=d.min, max=d.max or (1 << 16)))
+            for i, d in dims.items()
+        }
+        for dims in free
+    )
     try:
         with quiet():
-            ep = torch.export.export(
-                model.train(), (x,), dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},)
-            )
+            ep = torch.export.export(model.train(), xs, dynamic_shapes=shapes)
             return prepare_qat_pt2e(ep.module(), quantizer)
     except Exception as exc:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
@@ -118,7 +132,7 @@ class QAT(Stage):
         hook.reference_accuracy = base_accuracy  # the budget counts from the model entering qat
         teacher = copy.deepcopy(ctx.model).eval()
         model = ctx.model
-        prepared = prepare_qat(model, ctx.example_input)
+        prepared = prepare_qat(model, ctx.example_args, ctx.layouts or None)
         allow_exported_model_train_eval(prepared)  # train()/eval() switch the fake-quant observers
         batch_size = cfg.batch_size or ctx.recipe.data.batch_size
         if len(ctx.data.train) < batch_size:
@@ -129,7 +143,28 @@ class QAT(Stage):
         losses: list[float] = []
         t = cfg.temperature
 
+        classifier = tuple(ctx.output_kinds) == ("logits",)
+        names = list(ctx.output_names)
+
         def loss_fn(out: Any, x: Any, y: Any) -> tuple[Any, Any]:
+            if not classifier:  # embeddings, regression, several outputs: losses by kind
+                args = tuple(x) if isinstance(x, tuple | list) else (x,)
+                with torch.no_grad():
+                    t_outs = _outputs(teacher(*args))
+                s_outs = _outputs(out)
+                loss = sum(
+                    output_loss(
+                        ctx.output_kinds[i],
+                        s,
+                        t_outs[i],
+                        _target(y, i, len(s_outs), names),
+                        t,
+                        cfg.distill,
+                    )
+                    for i, s in enumerate(s_outs)
+                )
+                losses.append(float(loss.detach()))
+                return loss, None
             loss = F.cross_entropy(out, y)
             if cfg.distill > 0:
                 with torch.no_grad():
@@ -156,6 +191,7 @@ class QAT(Stage):
                 bn_batches=0,
             ),
             description="qat fine-tuning",
+            collate_fn=getattr(ctx.data, "collate", None),
         )
         # the export shares the parameters; copy explicitly anyway so the contract is visible
         trained = prepared.state_dict()
@@ -170,13 +206,29 @@ class QAT(Stage):
         model.eval()
         n = min(cfg.eval_samples, len(ctx.data.eval))
         sub = Subset(ctx.data.eval, list(range(n)))
+        fq: dict[str, Any] = {}
         with torch.no_grad():
-            fq_out, targets = torch_outputs(prepared, sub)
-        fq_accuracy = float((np.asarray(fq_out).argmax(1) == targets).mean())
+            if classifier:
+                fq_out, targets = torch_outputs(prepared, sub)
+                fq_accuracy = float((np.asarray(fq_out).argmax(1) == targets).mean())
+                fq["fake_quant_top1"] = round(fq_accuracy, 6)
+                what = "top-1"
+            else:  # the recipe's metric on the fake-quantized graph
+                from edgesmith.feeds import read_split, user_outputs
+                from edgesmith.measure import torch_run
+                from edgesmith.metrics import get_metric
+
+                samples, targets = read_split(sub, ctx.layouts, "eval")
+                outs = torch_run(prepared, samples)
+                fq_accuracy = float(
+                    get_metric(ctx.recipe.metric)(user_outputs(outs, names), targets)
+                )
+                fq["fake_quant_metric"] = round(fq_accuracy, 6)
+                what = "metric"
         k = max(1, len(losses) // 10)
         echo(
             f"qat: {cfg.steps} steps, loss {losses[0]:.4f} -> {np.mean(losses[-k:]):.4f}; "
-            f"fake-quantized top-1 {fq_accuracy:.4f} on {n} samples (float before: {base_accuracy:.4f})"
+            f"fake-quantized {what} {fq_accuracy:.4f} on {n} samples (float before: {base_accuracy:.4f})"
         )
         return StageResult(
             {
@@ -186,7 +238,7 @@ class QAT(Stage):
                     "loss_first": round(float(np.mean(losses[:k])), 5),
                     "loss_last": round(float(np.mean(losses[-k:])), 5),
                     "accuracy_before": round(base_accuracy, 6),
-                    "fake_quant_top1": round(fq_accuracy, 6),
+                    **fq,
                     "fake_quant_samples": n,
                     "seconds": round(time.perf_counter() - t0, 1),
                 },

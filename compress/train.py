@@ -189,9 +189,38 @@ def _make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.O
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'")
 
 
+def to_device(x: Any, dev: torch.device) -> Any:
+    """A batch's tensors on ``dev`` (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dev, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, dev) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(to_device(v, dev) for v in x)
+    return x
+
+
+def call(module: nn.Module, x: Any) -> Any:
+    """``module`` on a batch of inputs: one tensor, or a tuple with one tensor per input."""
+    return module(*x) if isinstance(x, tuple | list) else module(x)
+
+
+def batch_size_of(x: Any) -> int:
+    """Samples in a batch of inputs (or targets)."""
+    while isinstance(x, tuple | list | dict):
+        x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+    return len(x)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm_(
-    module: nn.Module, dataset: Any, batch_size: int, batches: int, seed: int, dev: torch.device
+    module: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    batches: int,
+    seed: int,
+    dev: torch.device,
+    collate_fn: Any = None,
 ) -> bool:
     """Recompute every BatchNorm's running mean and variance over ``batches`` training batches.
 
@@ -209,12 +238,15 @@ def recalibrate_batchnorm_(
     module.train()
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset, generator=g)
+        dataset,
+        batch_size=batch_size,
+        sampler=torch.utils.data.RandomSampler(dataset, generator=g),
+        collate_fn=collate_fn,
     )
     for i, (x, _) in enumerate(loader):
         if i >= batches:
             break
-        module(x.to(dev))
+        call(module, to_device(x, dev))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     module.train(was_training)
@@ -244,6 +276,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     description: str = "train",
+    collate_fn: Any = None,
 ) -> FitResult:
     """Train ``module`` in place on ``train_set`` (a Dataset of (input, target) pairs).
 
@@ -251,13 +284,15 @@ def fit(
         module: trained in place, returned to the CPU in eval mode.
         train_set: the training data.
         loss_fn: ``loss_fn(outputs, inputs, targets) -> (loss, logits)``; ``logits`` feed the
-            running accuracy in the progress bar.
+            running accuracy in the progress bar (None for models that are not classifiers).
         cfg: epochs, optimizer, batch size, early stopping, seed, device.
         evaluate: ``evaluate(model) -> metric`` (higher is better) after every epoch, on the CPU;
             with it the best epoch's weights are restored at the end.
         checkpoint_dir: where ``last.pt`` is written after every epoch (rank 0 only).
         resume: continue from ``checkpoint_dir/last.pt`` if it exists.
         description: the progress bar's label.
+        collate_fn: batches samples (several inputs, or inputs of varying size:
+            ``Datasets.collate``); default: torch's.
 
     Returns:
         A :class:`FitResult`.
@@ -303,7 +338,9 @@ def fit(
             )
     trainable = dist_.wrap(module, dev)
     sampler = dist_.ShardedBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, num_workers=0, collate_fn=collate_fn
+    )
     steps_per_epoch = len(sampler)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -320,7 +357,7 @@ def fit(
         sampler.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
         trainable.train()
-        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        loss_sum, correct, seen, classified, t0 = 0.0, 0, 0, 0, time.perf_counter()
         stats: dict[str, object] = {}  # shown after the progress bar, updated every step
         batches = itertools.islice(loader, plan[epoch])
         if main:
@@ -332,25 +369,36 @@ def fit(
                 lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss, logits = loss_fn(trainable(x), x, y)
+            x, y = to_device(x, dev), to_device(y, dev)
+            loss, logits = loss_fn(call(trainable, x), x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             global_step += 1
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-            stats.update(loss=loss_sum / seen, acc=correct / seen)
+            n = batch_size_of(x)
+            loss_sum += float(loss.detach()) * n
+            if logits is not None and isinstance(y, torch.Tensor) and y.dim() == 1:
+                correct += int((logits.detach().argmax(1) == y).sum())
+                classified += n
+            seen += n
+            stats.update(loss=loss_sum / seen)
+            if classified:
+                stats.update(acc=correct / classified)
         recalibrate_batchnorm_(
-            module, train_set, cfg.batch_size, cfg.bn_batches, cfg.seed * 7919 + epoch, dev
+            module,
+            train_set,
+            cfg.batch_size,
+            cfg.bn_batches,
+            cfg.seed * 7919 + epoch,
+            dev,
+            collate_fn,
         )
         dist_.sync_buffers(module)  # every rank evaluates (and decides) on the same weights
         module.eval()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": round(loss_sum / max(seen, 1), 6),
-            "train_accuracy": round(correct / max(seen, 1), 6),
+            "train_accuracy": round(correct / classified, 6) if classified else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if evaluate is not None:
@@ -368,8 +416,13 @@ def fit(
         if main:
             metric_s = f", eval {record['metric']:.4f}" if "metric" in record else ""
             echo(
-                f"{description} epoch {epoch + 1}/{len(plan)}: loss {record['loss']:.4f}, "
-                f"train acc {record['train_accuracy']:.4f}{metric_s} ({record['seconds']:.0f} s)"
+                f"{description} epoch {epoch + 1}/{len(plan)}: loss {record['loss']:.4f}"
+                + (
+                    f", train acc {record['train_accuracy']:.4f}"
+                    if record["train_accuracy"] is not None
+                    else ""
+                )
+                + f"{metric_s} ({record['seconds']:.0f} s)"
             )
         if ckpt_path is not None and main:
             _save_checkpoint(

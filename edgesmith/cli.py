@@ -259,9 +259,8 @@ def export_cmd(recipe: Path, fmt: str, out: Path, force: bool) -> None:
     import tempfile
 
     from edgesmith.errors import CheckFailed
-    from edgesmith.export import EXPORTERS, get_exporter
-    from edgesmith.measure import torch_outputs
-    from edgesmith.pipeline import Evaluator, _eval_inputs, prepare
+    from edgesmith.export import EXPORTERS
+    from edgesmith.pipeline import Evaluator, _export, _measure, prepare
     from edgesmith.recipe import load_recipe
 
     if fmt not in EXPORTERS:
@@ -271,16 +270,32 @@ def export_cmd(recipe: Path, fmt: str, out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise EdgesmithError(f"{out} already exists", hint="pass --force to overwrite it")
     p = prepare(load_recipe(recipe))
-    ref, targets = torch_outputs(p.model, p.data.eval)
-    ev = Evaluator(p.recipe, ref, targets, _eval_inputs(p.data.eval), p.metric, p.threads)
+    base = _measure(p.model, p)
+    ref, targets = base["outputs"], base["targets"]
+    ev = Evaluator(
+        p.recipe,
+        ref,
+        targets,
+        p.eval_inputs,
+        p.metric,
+        p.threads,
+        outputs=p.outputs,
+        layouts=p.layouts,
+        timing=[x.numpy() for x in p.examples],
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
         path = Path(tmp) / out.name
-        get_exporter(fmt)(p.model, (p.example,), path.with_suffix(EXPORTERS[fmt].suffix))
+        _export(fmt, p.model, p, path.with_suffix(EXPORTERS[fmt].suffix))
         art = ev.evaluate(path.with_suffix(EXPORTERS[fmt].suffix), fmt, "fp32")
+        agreement = (
+            f"top-1 agreement {art.parity.top1_agreement:.4f}"
+            if art.parity.top1_agreement is not None
+            else f"agreement {art.parity.agreement:.6f}"
+        )
         click.echo(
-            f"{out}: accuracy {art.accuracy:.4f} (PyTorch {p.metric(ref, targets):.4f}); "
-            f"top-1 agreement {art.parity.top1_agreement:.4f}; max abs diff {art.parity.max_abs_diff:.3g}; "
+            f"{out}: accuracy {art.accuracy:.4f} (PyTorch {base['accuracy']:.4f}); "
+            f"{agreement}; max abs diff {art.parity.max_abs_diff:.3g}; "
             f"latency p50 {art.latency_ms:.3f} ms"
         )
         if not art.parity.passed:

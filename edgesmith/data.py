@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgesmith.errors import DataError
+from edgesmith.feeds import InputLayout, sample_inputs, torch_collate
 from edgesmith.refs import resolve_ref
 from edgesmith.runtime.specs import TensorSpec, preprocess_images
 
@@ -71,6 +72,8 @@ class Datasets:
     eval: Dataset
     labels: list[str] | None = None
     preprocess: dict[str, Any] | None = None
+    # batches several inputs, or inputs whose size varies (padding): for torch DataLoaders
+    collate: Any = None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -188,18 +191,37 @@ def _split_train(
 
 
 def load_datasets(
-    config: DataConfig, input_shape: list[int], input_dtype: str = "float32", seed: int = 0
+    config: DataConfig,
+    input_shape: list[int | str],
+    input_dtype: str = "float32",
+    seed: int = 0,
+    layouts: list[InputLayout] | None = None,
 ) -> Datasets:
     """Build the three splits a recipe asks for.
 
     Args:
         config: the recipe's ``data`` section (paths already resolved).
-        input_shape: the model input shape, batch first; samples are checked against it.
-        input_dtype: the model input dtype.
+        input_shape: the (first) model input shape, batch first; samples are checked against it.
+        input_dtype: the (first) model input dtype.
         seed: seeds the calibration/training split.
+        layouts: every model input (``edgesmith.feeds.layouts_of``); default: one input of
+            ``input_shape`` and ``input_dtype``.
+
+    Raises:
+        DataError: samples that do not fit the model's inputs (named), unreadable data.
     """
     from torch.utils.data import Subset
 
+    layouts = layouts or [InputLayout("input", input_dtype, tuple(input_shape))]
+    if config.kind is not None and (len(layouts) > 1 or layouts[0].ragged):
+        raise DataError(
+            f"data kind '{config.kind}' yields one fixed-size input, but the model takes "
+            f"{', '.join(f'{lay.name} {list(lay.shape)}' for lay in layouts)}",
+            hint="give data.factory returning (train, calibration, eval) datasets of "
+            "((input, ...), target) pairs",
+        )
+    shape = [int(d) if isinstance(d, int) else 1 for d in input_shape]
+    input_shape = shape
     pre = config.preprocess.model_dump() if config.preprocess else None
     if config.kind == "fashion-mnist":
         assert config.path is not None
@@ -224,7 +246,9 @@ def load_datasets(
         ds = _load_image_folder(config, input_shape, input_dtype, seed, pre)
     else:
         ds = _load_factory(config)
-    _check_sample(ds, input_shape, input_dtype)
+    _check_sample(ds, layouts)
+    if len(layouts) > 1 or layouts[0].ragged:
+        ds.collate = torch_collate(layouts)
     return ds
 
 
@@ -373,25 +397,23 @@ def _load_factory(config: DataConfig) -> Datasets:
     return Datasets(train, calib, ev, list(labels) if labels else None, pre)
 
 
-def _check_sample(ds: Datasets, shape: list[int], dtype: str) -> None:
-    import torch
-
-    for name in ("calibration", "eval"):
+def _check_sample(ds: Datasets, layouts: list[InputLayout]) -> None:
+    """The first calibration and evaluation samples fit the declared inputs (all of them are
+    checked when the build reads the evaluation set)."""
+    for name in ("calibration", "eval", "train"):
         split = getattr(ds, name)
         if len(split) == 0:
+            if name == "train":
+                continue
             raise DataError(
                 f"the {name} split is empty",
                 hint="check data.calibration / data.eval and the data files",
             )
-        x, _ = split[0]
-        x = torch.as_tensor(x)
-        if tuple(x.shape) != tuple(shape[1:]):
+        item = split[0]
+        if not isinstance(item, tuple | list) or len(item) != 2:
             raise DataError(
-                f"{name} samples have shape {list(x.shape)} but model.input.shape is {shape} (batch first)",
-                hint="fix model.input.shape, or data.preprocess (resize, channels)",
+                f"{name} samples are {type(item).__name__}s, not (inputs, target) pairs",
+                hint="a data set yields (inputs, target); inputs is one array, or a tuple/dict of "
+                "arrays (one per model input)",
             )
-        if str(x.dtype).removeprefix("torch.") != dtype:
-            raise DataError(
-                f"{name} samples have dtype {str(x.dtype).removeprefix('torch.')} but model.input.dtype is {dtype}",
-                hint="make the data match the model input",
-            )
+        sample_inputs(item[0], layouts, f"{name} samples")

@@ -6,45 +6,72 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgesmith.feeds import Samples, concat_outputs, infer_layouts, read_split
 from edgesmith.runtime.bench import time_fn
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-__all__ = ["batches", "count_macs", "model_size_bytes", "torch_latency", "torch_outputs"]
+__all__ = [
+    "batches",
+    "count_macs",
+    "model_size_bytes",
+    "torch_latency",
+    "torch_outputs",
+    "torch_run",
+]
 
 
-def batches(dataset: Dataset, batch_size: int) -> Any:
-    """Yield (inputs, targets) numpy batches from a dataset of (tensor, target) pairs."""
+def _args(example: Any) -> tuple[Any, ...]:
+    """A model's positional inputs: one tensor, or a tuple/list of them."""
+    return tuple(example) if isinstance(example, tuple | list) else (example,)
+
+
+def batches(dataset: Dataset, batch_size: int, collate: Any = None) -> Any:
+    """Yield (inputs, targets) numpy batches from a dataset of (inputs, target) pairs; inputs are
+    one array, or a tuple of arrays (one per model input; ``collate`` pads varying sizes)."""
     import torch
     from torch.utils.data import DataLoader
 
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        yield (
-            (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)),
-            (y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)),
-        )
+    def np_(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return tuple(np_(a) for a in v)
+        return v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        yield np_(x), np_(y)
+
+
+def torch_run(model: torch.nn.Module, samples: Samples, batch_size: int = 256) -> list[np.ndarray]:
+    """The outputs of ``model`` on every sample (one array per output, in sample order), run in
+    batches of samples of similar size."""
+    import torch
+
+    model.eval()
+    chunks = []
+    if samples.ragged:  # small batches of similar sizes: little padding
+        batch_size = min(batch_size, 16)
+    with torch.inference_mode():
+        for idx, arrays in samples.batches(batch_size):
+            out = model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+            outs = out if isinstance(out, tuple | list) else (out,)
+            chunks.append(
+                (idx, [(o.float() if o.is_floating_point() else o).numpy() for o in outs])
+            )
+    return concat_outputs(chunks, len(samples))
 
 
 def torch_outputs(
     model: torch.nn.Module, dataset: Dataset, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs (first output if several) and targets of ``model`` over ``dataset``."""
-    import torch
-
-    model.eval()
-    outs, targets = [], []
-    with torch.inference_mode():
-        for x, y in batches(dataset, batch_size):
-            out = model(torch.from_numpy(x))
-            out = out[0] if isinstance(out, tuple | list) else out
-            outs.append(out.float().numpy())
-            targets.append(y)
-    return np.concatenate(outs), np.concatenate(targets)
+) -> tuple[Any, Any]:
+    """Outputs (one array, or a list with one per output) and targets of ``model`` over ``dataset``."""
+    samples, targets = read_split(dataset, infer_layouts(dataset), "evaluation")
+    outs = torch_run(model, samples, batch_size)
+    return (outs[0] if len(outs) == 1 else outs), targets
 
 
-def _rnn_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
+def _rnn_macs(model: torch.nn.Module, example: Any) -> dict[str, int]:
     """Analytic MACs of recurrent layers, which FlopCounterMode does not count (fused CPU kernels)."""
     import torch
 
@@ -76,14 +103,14 @@ def _rnn_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
     try:
         with torch.inference_mode():
             if hooks:
-                model(example)
+                model(*_args(example))
     finally:
         for h in hooks:
             h.remove()
     return found
 
 
-def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
+def count_macs(model: torch.nn.Module, example: Any) -> int:
     """Multiply-accumulates of one forward pass, counted at the dispatcher (FlopCounterMode).
 
     Counting at the dispatcher sees every ``F.conv2d`` call, which module-hook counters miss
@@ -99,7 +126,7 @@ def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
         torch.inference_mode(),
         FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter,
     ):
-        model(example)
+        model(*_args(example))
     return int(counter.get_total_flops() // 2)
 
 
@@ -194,12 +221,12 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def torch_latency(
-    model: torch.nn.Module, example: torch.Tensor, runs: int = 100
-) -> dict[str, float]:
-    """Eager batch latency of ``model`` on ``example`` (milliseconds percentiles)."""
+def torch_latency(model: torch.nn.Module, example: Any, runs: int = 100) -> dict[str, float]:
+    """Eager batch latency of ``model`` on ``example`` (one tensor or a tuple; milliseconds
+    percentiles)."""
     import torch
 
     model.eval()
+    args = _args(example)
     with torch.inference_mode():
-        return time_fn(lambda: model(example), warmup=10, runs=runs, max_seconds=20.0)
+        return time_fn(lambda: model(*args), warmup=10, runs=runs, max_seconds=20.0)

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
     from edgesmith.recipe import ModelConfig
 
-__all__ = ["build_model", "load_exported_program", "load_state_dict", "load_weights_"]
+__all__ = [
+    "build_model",
+    "check_signature",
+    "load_exported_program",
+    "load_state_dict",
+    "load_weights_",
+    "resolve_outputs",
+]
 
 _UNSAFE_HINT = UNSAFE_HINT
 
@@ -163,3 +170,117 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
             apply_structure_(model, structure, state)
         load_weights_(model, state, source=Path(config.weights).name)
     return model.eval()
+
+
+def check_signature(model: Any, names: list[str], named: bool) -> None:
+    """The model's ``forward`` takes the declared inputs: as many (positional, in order) and, when
+    the recipe names them (``model.inputs``), under those names.
+
+    Raises:
+        RecipeError: naming the input and the fix; nothing is checked for ``forward(*args)``
+            (ExportedPrograms, wrappers).
+    """
+    import inspect
+
+    from edgesmith.errors import RecipeError
+
+    forward = getattr(model, "forward", None)
+    try:
+        params = list(inspect.signature(forward).parameters.values()) if forward else []
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    where = f"{type(model).__name__}.forward({', '.join(p.name for p in positional)})"
+    if len(names) > len(positional):
+        extra = names[len(positional) :]
+        raise RecipeError(
+            f"the recipe declares {len(names)} inputs ({', '.join(names)}) but {where} takes "
+            f"{len(positional)}: no argument for {', '.join(repr(n) for n in extra)}",
+            hint="remove the extra entries from model.inputs, or give forward() those arguments",
+        )
+    if len(names) < len(required):
+        missing = [p.name for p in required[len(names) :]]
+        raise RecipeError(
+            f"{where} needs {', '.join(repr(m) for m in missing)}, which model.inputs does not "
+            "declare",
+            hint=f"add {{name: {missing[0]}, shape: [...], dtype: ...}} to model.inputs, in "
+            "forward's order",
+        )
+    if named:
+        for i, (name, p) in enumerate(zip(names, positional, strict=False)):
+            if name != p.name:
+                raise RecipeError(
+                    f"model.inputs[{i}] is named '{name}' but argument {i + 1} of {where} is "
+                    f"'{p.name}'",
+                    hint=f"rename model.inputs[{i}] to '{p.name}' (inputs are fed in forward's "
+                    "order, by name)",
+                )
+
+
+def resolve_outputs(
+    declared: list[Any] | None, returned: Any, metric: str
+) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """Names and kinds of the model's outputs, from the recipe or inferred from one forward pass.
+
+    Undeclared outputs are ``logits`` under a top-1/top-5 metric; under a custom metric, one
+    value per sample is ``regression``, a single wider output ``logits`` (as before outputs
+    could be declared: a classifier's recipe keeps its checks) and several wider outputs
+    ``features`` (never argmax-judged). The note says so and how to declare them.
+
+    Returns:
+        ``(names, kinds, note)``; ``note`` says what was inferred (empty when declared).
+
+    Raises:
+        RecipeError: the model returns another number of outputs than declared, or a built-in
+            metric meets several outputs.
+    """
+    from edgesmith.errors import RecipeError
+
+    outs = list(returned) if isinstance(returned, tuple | list) else [returned]
+    if declared:
+        if len(declared) != len(outs):
+            raise RecipeError(
+                f"model.outputs declares {len(declared)} output(s) "
+                f"({', '.join(o.name for o in declared)}) but forward returns {len(outs)}",
+                hint="declare one entry per returned tensor, in order",
+            )
+        names = tuple(o.name for o in declared)
+        kinds = tuple(o.kind for o in declared)
+        note = ""
+    else:
+        names = ("output",) if len(outs) == 1 else tuple(f"output_{i}" for i in range(len(outs)))
+        if metric in ("top1", "top5"):
+            kinds = ("logits",) * len(outs)
+        else:
+            # one value per sample: a regression; one wider output: class scores, as before
+            # multi-output models (a recipe written for a classifier keeps its parity check);
+            # several wider outputs: features (never argmax-judged)
+            kinds = tuple(
+                "regression"
+                if int(getattr(o, "numel", lambda: 0)()) <= max(1, len(o))
+                else "logits"
+                if len(outs) == 1
+                else "features"
+                for o in outs
+            )
+        note = (
+            ""
+            if metric in ("top1", "top5")
+            else "model.outputs not declared: judging "
+            + ", ".join(f"'{n}' as {k}" for n, k in zip(names, kinds, strict=True))
+            + " (declare model.outputs: [{name, kind: logits|embedding|features|regression}])"
+        )
+    if metric in ("top1", "top5") and len(outs) > 1:
+        raise RecipeError(
+            f"metric '{metric}' scores one output, but the model returns {len(outs)} "
+            f"({', '.join(names)})",
+            hint="give a 'module:function' metric taking (outputs: a dict by output name, targets)",
+        )
+    return names, kinds, note

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,17 @@ import numpy as np
 
 from edgesmith.checks import Check, failed, failure_hint
 from edgesmith.errors import CheckFailed, DataError
-from edgesmith.export.evaluate import EVAL_BATCH, Artifact, Evaluator, eval_inputs
+from edgesmith.export.evaluate import (
+    EVAL_BATCH,
+    Artifact,
+    Evaluator,
+    OutputsInfo,
+    artifact_outputs,
+    eval_inputs,
+    feed_names,
+    inputs_manifest,
+)
+from edgesmith.feeds import InputLayout, example_arrays
 from edgesmith.fsutil import atomic_dir, check_output_dir
 from edgesmith.metrics import Metric, get_metric
 from edgesmith.progress import echo
@@ -37,6 +47,13 @@ _eval_inputs = eval_inputs  # the name edgesmith.cli's export command imports
 
 @dataclass
 class Prepared:
+    """The recipe's model, data and metric, loaded and checked against each other.
+
+    ``examples`` are batch-1 inputs (one tensor per model input, symbolic dimensions at their
+    ``example`` size) for tracing, MACs and latency; ``example`` is the one tensor of a one-input
+    model (else the tuple). ``eval_inputs``/``eval_targets`` hold the evaluation set.
+    """
+
     recipe: Recipe
     model: Any
     data: Any
@@ -44,6 +61,22 @@ class Prepared:
     example: Any
     profile: Any
     threads: int | None
+    examples: tuple[Any, ...] = ()
+    layouts: list[InputLayout] = field(default_factory=list)
+    outputs: OutputsInfo = field(default_factory=OutputsInfo)
+    eval_inputs: Any = None
+    eval_targets: Any = None
+
+    def example_at(self, at: str) -> tuple[Any, ...]:
+        """The example inputs with symbolic dimensions at their ``example`` or ``max`` size."""
+        import torch
+
+        if at == "example" or not any(lay.ragged for lay in self.layouts):
+            return self.examples
+        arrays = example_arrays(self.eval_inputs, self.layouts, self._example_index, at)
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+    _example_index: int = 0
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -51,7 +84,8 @@ def prepare(recipe: Recipe) -> Prepared:
     import torch
 
     from edgesmith.data import load_datasets
-    from edgesmith.models import build_model
+    from edgesmith.feeds import layouts_of, read_split
+    from edgesmith.models import build_model, check_signature, resolve_outputs
     from edgesmith.runtime.profiles import resolve_target
 
     profile = resolve_target(recipe.target)
@@ -61,33 +95,98 @@ def prepare(recipe: Recipe) -> Prepared:
     metric = get_metric(recipe.metric)
     echo(f"loading model {recipe.model.factory or recipe.model.weights}")
     model = build_model(recipe.model)
+    layouts = layouts_of(recipe.model)
+    check_signature(model, [lay.name for lay in layouts], named=recipe.model.inputs is not None)
     echo(f"loading data ({recipe.data.kind or recipe.data.factory})")
-    data = load_datasets(
-        recipe.data, recipe.model.input.shape, recipe.model.input.dtype, seed=recipe.seed
+    first = recipe.model.first_input
+    data = load_datasets(recipe.data, first.shape, first.dtype, seed=recipe.seed, layouts=layouts)
+    eval_inputs, eval_targets = read_split(data.eval, layouts, "eval")
+    index = _example_index(eval_inputs, layouts)
+    examples = tuple(
+        torch.from_numpy(a) for a in example_arrays(eval_inputs, layouts, index, "example")
     )
-    example = torch.as_tensor(data.eval[0][0])[None]
+    shapes = ", ".join(str(list(x.shape)) for x in examples)
     try:
         with torch.inference_mode():
-            model(example)
+            returned = model(*examples)
     except Exception as exc:
         raise DataError(
-            f"the model cannot run an input of shape {list(example.shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-            hint="check model.input.shape and data.preprocess",
+            f"the model cannot run inputs of shape {shapes}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="check model.input(s) (shapes, dtypes, order) and data.preprocess",
         ) from exc
-    return Prepared(recipe, model, data, metric, example, profile, threads)
+    names, kinds, note = resolve_outputs(recipe.model.outputs, returned, recipe.metric)
+    if note:
+        echo(note)
+    if recipe.trainable_head is not None and (len(layouts) > 1 or kinds != ("logits",)):
+        from edgesmith.errors import RecipeError
+
+        raise RecipeError(
+            "trainable_head needs a classifier with one input and one logits output",
+            hint="remove trainable_head, or use it with a one-input classifier",
+        )
+    example = examples[0] if len(examples) == 1 else examples
+    p = Prepared(
+        recipe,
+        model,
+        data,
+        metric,
+        example,
+        profile,
+        threads,
+        examples=examples,
+        layouts=layouts,
+        outputs=OutputsInfo(names, kinds),
+        eval_inputs=eval_inputs,
+        eval_targets=eval_targets,
+    )
+    p._example_index = index
+    return p
+
+
+def _example_index(samples: Any, layouts: list[InputLayout]) -> int:
+    """The evaluation sample closest in size to the ``example`` sizes (the first when fixed)."""
+    if not samples.ragged:
+        return 0
+    want = sum(int(np.prod([ex for ex, _ in lay.sizes.values()])) for lay in layouts if lay.ragged)
+    sizes = np.zeros(len(samples), np.int64)
+    for col, lay in zip(samples.columns, layouts, strict=True):
+        if isinstance(col, list):
+            sizes += np.asarray([int(np.prod([a.shape[i - 1] for i in lay.sizes])) for a in col])
+    return int(np.argmin(np.abs(sizes - want)))
 
 
 def _measure(model: Any, p: Prepared) -> dict[str, Any]:
-    from edgesmith.measure import count_macs, model_size_bytes, torch_outputs
+    from edgesmith.feeds import user_outputs
+    from edgesmith.measure import count_macs, model_size_bytes, torch_run
 
-    outputs, targets = torch_outputs(model, p.data.eval, EVAL_BATCH)
+    outs = torch_run(model, p.eval_inputs, EVAL_BATCH)
+    outputs = user_outputs(outs, list(p.outputs.names))
     return {
-        "accuracy": p.metric(outputs, targets),
-        "macs": count_macs(model, p.example),
+        "accuracy": p.metric(outputs, p.eval_targets),
+        "macs": count_macs(model, p.examples),
         "size_bytes": model_size_bytes(model),
         "outputs": outputs,
-        "targets": targets,
+        "targets": p.eval_targets,
     }
+
+
+def _export(fmt: str, model: Any, p: Prepared, path: Path) -> Path:
+    """Export ``model`` to ``path``: named inputs and outputs, symbolic dimensions left free
+    (TFLite, which has fixed sizes, at their ``max``)."""
+    from edgesmith.export import get_exporter
+    from edgesmith.export._io import dynamic_dims_of
+
+    exporter = get_exporter(fmt)
+    if fmt == "tflite":
+        return exporter(model, p.example_at("max"), path)
+    return exporter(
+        model,
+        p.examples,
+        path,
+        input_names=[lay.name for lay in p.layouts],
+        output_names=list(p.outputs.names),
+        dynamic_dims=dynamic_dims_of(p.layouts),
+    )
 
 
 def _write_bundle(
@@ -95,36 +194,49 @@ def _write_bundle(
     art: Artifact,
     p: Prepared,
     version: int,
-    golden_inputs: np.ndarray,
+    golden_inputs: Any,
     sign_key: Any = None,
     head: Any = None,
     memory: Any = None,
 ) -> str:
+    from edgesmith.feeds import Samples
     from edgesmith.runtime import load
     from edgesmith.runtime.bundle import new_manifest, write_bundle
     from edgesmith.runtime.golden import HOLDS_ACROSS, golden_tolerance, pick_golden
-    from edgesmith.runtime.specs import TensorSpec
 
     model = load(art.path, device="cpu", threads=p.threads)
-    fixed = model.inputs[0].shape[0]
-    step = fixed if isinstance(fixed, int) else len(golden_inputs)
-    expected = np.concatenate(
-        [np.asarray(model(golden_inputs[i : i + step])) for i in range(0, len(golden_inputs), step)]
-    )
-    if head is not None:
-        expected = head(expected)
-    tolerance = golden_tolerance(art.precision, expected)
-    chosen = pick_golden(expected, tolerance["atol"])
+    ins_manifest = inputs_manifest(model, p.layouts)
+    model.declare_inputs(ins_manifest)
+    # the candidates as one padded batch: what is stored is exactly what was run
+    in_names = feed_names(model, p.layouts)
+    stored = Samples.of(golden_inputs).arrays()  # recipe order, padded to the longest
+    expected = artifact_outputs(model, Samples(stored, in_names), head, names=in_names)
+    kinds = list(p.outputs.kinds)
+    rules = [golden_tolerance(art.precision, e, k) for e, k in zip(expected, kinds, strict=True)]
+    lead = next((j for j, k in enumerate(kinds) if k == "logits"), 0)
+    chosen = pick_golden(expected[lead], rules[lead]["atol"], logits=kinds[lead] == "logits")
     rel = f"bundles/{art.path.stem}"
     golden_file = out / ".work" / f"golden-{art.path.stem}.npz"
     golden_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(golden_file, inputs=golden_inputs[chosen], outputs=expected[chosen])
-    golden = {"file": "golden.npz", **tolerance, "holds_across": HOLDS_ACROSS}
+    out_names = [s.name for s in model.outputs] if head is None else ["logits"]
+    if len(in_names) == 1 and len(expected) == 1:
+        np.savez(golden_file, inputs=stored[0][chosen], outputs=expected[0][chosen])
+    else:
+        np.savez(
+            golden_file,
+            **{f"inputs/{n}": a[chosen] for n, a in zip(in_names, stored, strict=True)},
+            **{f"outputs/{n}": e[chosen] for n, e in zip(out_names, expected, strict=True)},
+        )
+    golden = {"file": "golden.npz", **rules[0], "holds_across": HOLDS_ACROSS}
+    golden.pop("kind", None)
+    if len(rules) > 1 or kinds[0] != "logits":
+        golden["outputs"] = [{"name": n, **r} for n, r in zip(out_names, rules, strict=True)]
     files = {f.name: f for f in art.files}
     files["golden.npz"] = golden_file
-    in_specs = [
-        TensorSpec(s.name, ("batch", *s.shape[1:]), s.dtype).to_json() for s in model.inputs
-    ]
+    out_specs = [s.to_json() for s in model.outputs]
+    if len(kinds) > 1 or kinds[0] != "logits":
+        for spec, kind in zip(out_specs, kinds, strict=True):
+            spec["kind"] = kind
     manifest = new_manifest(
         p.recipe.name,
         version,
@@ -132,8 +244,8 @@ def _write_bundle(
         art.format,
         art.precision,
         art.path.name,
-        in_specs,
-        [s.to_json() for s in model.outputs],
+        ins_manifest,
+        out_specs,
         build={"recipe": p.recipe.name},
         preprocess=p.data.preprocess,
         labels=p.data.labels,
@@ -203,6 +315,10 @@ def new_context(p: Prepared, work_dir: Path) -> Any:
         work_dir=work_dir,
         profile=p.profile.model_dump(),
         load_model=build_model,
+        example_inputs=p.examples,
+        output_kinds=p.outputs.kinds,
+        output_names=p.outputs.names,
+        layouts=p.layouts,
     )
 
 
@@ -265,7 +381,7 @@ def build(
     """
     from edgesmith.compress import StageRecord
     from edgesmith.compress.distributed import is_distributed, is_main_process
-    from edgesmith.export import EXPORTERS, get_exporter
+    from edgesmith.export import EXPORTERS
     from edgesmith.measure import torch_latency
     from edgesmith.report import write_report
 
@@ -287,7 +403,7 @@ def build(
     with atomic_dir(out, force=force) as tmp:
         echo("measuring the baseline")
         base = _measure(p.model, p)
-        lat = torch_latency(p.model, p.example)
+        lat = torch_latency(p.model, p.examples)
         report: dict[str, Any] = {
             "name": recipe.name,
             "target": p.profile.name,
@@ -323,7 +439,7 @@ def build(
             report["stages"].append(record.to_json())
             checks += result.checks
         final = m  # the last stage's measurement is of ctx.model as the stages left it
-        inputs = eval_inputs(p.data.eval)
+        inputs = p.eval_inputs
         head = memory = None
         if recipe.trainable_head is not None:  # export the backbone; the head ships as arrays
             from edgesmith.heads import split_head
@@ -338,7 +454,16 @@ def build(
                 split.backbone, p.data, recipe.trainable_head.memory, head.feature_size
             )
         ev = Evaluator(
-            recipe, final["outputs"], final["targets"], inputs, p.metric, p.threads, head=head
+            recipe,
+            final["outputs"],
+            final["targets"],
+            inputs,
+            p.metric,
+            p.threads,
+            head=head,
+            outputs=p.outputs,
+            layouts=p.layouts,
+            timing=[x.numpy() for x in p.examples],
         )
         artifacts: list[Artifact] = []
         stage_checks = list(checks)
@@ -347,7 +472,7 @@ def build(
             spec_fmt = EXPORTERS[fmt]
             path = tmp / f"{recipe.name}-{fmt}-fp32{spec_fmt.suffix}"
             echo(f"exporting {path.name}")
-            get_exporter(fmt)(ctx.model.eval(), (p.example,), path)
+            _export(fmt, ctx.model.eval(), p, path)
             art = ev.evaluate(path, fmt, "fp32")
             artifacts.append(art)
             for hook in ctx.artifact_hooks:

@@ -20,11 +20,14 @@ from edgesmith.refs import absolute_path, absolute_ref
 from edgesmith.schema import (
     DTYPES,
     FASHION_MNIST_PATH,
+    OUTPUT_KINDS,
     RECIPE_VERSION,
     DataConfig,
+    DimSpec,
     HeadMemoryConfig,
     InputSpec,
     ModelConfig,
+    OutputSpec,
     ParityTolerance,
     PreprocessConfig,
     Recipe,
@@ -39,11 +42,14 @@ from edgesmith.yamlutil import Loc, load_yaml_with_lines
 __all__ = [
     "DTYPES",
     "FASHION_MNIST_PATH",
+    "OUTPUT_KINDS",
     "RECIPE_VERSION",
     "DataConfig",
+    "DimSpec",
     "HeadMemoryConfig",
     "InputSpec",
     "ModelConfig",
+    "OutputSpec",
     "ParityTolerance",
     "PreprocessConfig",
     "Recipe",
@@ -244,6 +250,38 @@ def _check_names(data: dict[str, Any], lines: dict[Loc, int]) -> list[Problem]:
     return problems
 
 
+def _check_model_io(recipe: Recipe, lines: dict[Loc, int]) -> list[Problem]:
+    """Inputs, outputs and metric fit together: a built-in (top-1/top-5) metric needs logits, and
+    TFLite, which needs fixed sizes, needs every symbolic dimension's ``max``."""
+    problems: list[Problem] = []
+    model = recipe.model
+    if recipe.metric in ("top1", "top5") and model.outputs:
+        first = model.outputs[0]
+        if first.kind != "logits":
+            problems.append(
+                (
+                    _line_of(lines, ("model", "outputs", 0, "kind")),
+                    f"metric '{recipe.metric}' needs class logits, but output '{first.name}' is "
+                    f"declared kind: {first.kind}",
+                    "give a 'module:function' metric taking (outputs, targets) -> float (e.g. mean "
+                    "cosine for embeddings), or declare the output kind: logits",
+                )
+            )
+    if "tflite" in recipe.export:
+        for name, dim in model.dims.items():
+            if dim.max is None:
+                problems.append(
+                    (
+                        _line_of(lines, ("model", "dims", name)),
+                        f"dims.{name} has no 'max': TFLite models have fixed sizes and are exported "
+                        f"at the largest one",
+                        f"add max to dims.{name} (e.g. {{example: {dim.example}, max: "
+                        f"{max(dim.example * 4, 8)}}}), or drop tflite from 'export'",
+                    )
+                )
+    return problems
+
+
 def parse_recipe(
     data: Any, base_dir: Path, source: str = "recipe", lines: dict[Loc, int] | None = None
 ) -> Recipe:
@@ -269,6 +307,8 @@ def parse_recipe(
     specs, stage_problems = _validate_stages(raw_stages, lines)
     problems += stage_problems + _check_names(data, lines)
     problems += _check_calibration(raw_stages, specs, data.get("export", ["onnx"]), lines)
+    if recipe is not None:
+        problems += _check_model_io(recipe, lines)
     if problems or recipe is None:
         _raise(source, problems)
     recipe.stages = specs
@@ -318,5 +358,32 @@ def load_recipe(path: str | Path) -> Recipe:
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     """A plain mapping of the recipe that ``parse_recipe`` reads back to an equal recipe."""
     out = recipe.model_dump(mode="json", exclude={"stages", "base_dir"})
-    out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in recipe.stages]
+    # keys a one-input classifier recipe leaves unset are left out (the dump of such a recipe is
+    # what it was before multi-input models; parse_recipe reads both)
+    model = out["model"]
+    for key, empty in (("input", None), ("inputs", None), ("dims", {}), ("outputs", None)):
+        if model.get(key) == empty:
+            model.pop(key, None)
+    for spec in [model.get("input"), *(model.get("inputs") or [])]:
+        for key in ("name", "pad"):
+            if spec is not None and spec.get(key) is None:
+                spec.pop(key, None)
+    for tol in out.get("parity", {}).values():
+        for key in ("mean_cosine", "min_cosine", "max_rel_l2", "max_abs_error"):
+            if tol.get(key) is None:
+                tol.pop(key, None)
+    out["stages"] = [{s.name: _stage_dump(s.config)} for s in recipe.stages]
+    return out
+
+
+# stage keys added for multi-input models, left out of a dump at their default (as model keys
+# above): a classifier recipe's dump stays what it was
+_NEW_STAGE_DEFAULTS = {"loss": "auto", "mode": "auto"}
+
+
+def _stage_dump(config: Any) -> dict[str, Any]:
+    out = config.model_dump(mode="json")
+    for key, default in _NEW_STAGE_DEFAULTS.items():
+        if out.get(key) == default and key not in config.model_fields_set:
+            out.pop(key)
     return out

@@ -19,6 +19,24 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.1f} M"
 
 
+def _agreement(p: dict[str, Any]) -> str:
+    """The parity column: the first output's top-1 agreement (logits), else its mean cosine
+    (embeddings) or relative L2 (regression)."""
+    outputs = p.get("outputs") or {}
+    first = next(iter(outputs.values()), {}) if isinstance(outputs, dict) else {}
+    if first.get("kind") in ("embedding", "features") and first.get("mean_cosine") is not None:
+        return f"cos {first['mean_cosine']:.4f}"
+    if first.get("kind") == "regression" and first.get("rel_l2") is not None:
+        return f"rel L2 {first['rel_l2']:.2g}"
+    if p.get("top1_agreement") is not None:
+        return f"{p['top1_agreement']:.4f}"
+    if p.get("mean_cosine") is not None:
+        return f"cos {p['mean_cosine']:.4f}"
+    if p.get("rel_l2") is not None:
+        return f"rel L2 {p['rel_l2']:.2g}"
+    return "n/a"
+
+
 def render_markdown(report: dict[str, Any], plot: str | None = "report.png") -> str:
     """A human-readable summary of a report."""
     b = report["baseline"]
@@ -39,7 +57,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = "report.png") -> 
         "",
         "## Artifacts",
         "",
-        "| file | format | precision | accuracy | Δ vs baseline | size | latency p50 / p90 | speed-up | top-1 agreement | max abs diff | bundle |",
+        "| file | format | precision | accuracy | Δ vs baseline | size | latency p50 / p90 | speed-up | top-1 agreement (or cosine) | max abs diff | bundle |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in report["artifacts"]:
@@ -49,7 +67,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = "report.png") -> 
         lines.append(
             f"| `{a['path']}` | {a['format']} | {a['precision']} | {a['accuracy']:.4f} | {a['accuracy'] - b['accuracy']:+.4f} | "
             f"{_mb(a['size_bytes'])} | {lat.get('p50', a['latency_ms']):.3f} / {lat.get('p90', float('nan')):.3f} ms | {speed:.2f}x | "
-            f"{p['top1_agreement']:.4f} | {p['max_abs_diff']:.2g} | `{a.get('bundle')}` |"
+            f"{_agreement(p)} | {p['max_abs_diff']:.2g} | `{a.get('bundle')}` |"
         )
     lines += _int8_lines(report["artifacts"])
     partial = report.get("partial")

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["io_names", "trace_inputs"]
+__all__ = ["DynamicDim", "batch_dims", "dynamic_dims_of", "io_names", "trace_inputs"]
+
+
+@dataclass(frozen=True)
+class DynamicDim:
+    """A dimension an exported model leaves free: its name and bounds (``max`` None: unbounded)."""
+
+    name: str
+    min: int = 1
+    max: int | None = None
+
+
+BATCH = DynamicDim("batch", 1, 1 << 16)
+# per input: {dimension index: DynamicDim}
+DynamicDims = Sequence[Mapping[int, DynamicDim]]
+
+
+def batch_dims(n_inputs: int) -> list[dict[int, DynamicDim]]:
+    """Only the batch (dimension 0) free, for every input: what ``dynamic_batch=True`` means."""
+    return [{0: BATCH} for _ in range(n_inputs)]
+
+
+def dynamic_dims_of(layouts: Sequence[Any]) -> list[dict[int, DynamicDim]]:
+    """The free dimensions of each input (``edgesmith.feeds.InputLayout``): the batch, and every
+    symbolic dimension with its ``max`` (dimensions of the same name stay equal)."""
+    out = []
+    for lay in layouts:
+        dims = {0: BATCH}
+        for i, (_example, mx) in lay.sizes.items():
+            dims[i] = DynamicDim(str(lay.shape[i]), 1, mx)
+        out.append(dims)
+    return out
 
 
 def io_names(
@@ -35,6 +67,7 @@ def trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> list[Any
     """
     import torch
 
+    example_inputs = [torch.as_tensor(x) for x in example_inputs]
     if dynamic_batch and all(getattr(x, "shape", (0,))[0] == 1 for x in example_inputs):
         return [torch.cat([x, x]) for x in example_inputs]
     return list(example_inputs)

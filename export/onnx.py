@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.errors import ExportError
+from edgesmith.export._io import DynamicDim, DynamicDims
 
-__all__ = ["export"]
+__all__ = ["export", "rename_io"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def export(
     dynamic_batch: bool = True,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    dynamic_dims: DynamicDims | None = None,
 ) -> Path:
     """Export ``model`` to a single ONNX file (weights inline, no ``.onnx.data``).
 
@@ -63,6 +65,9 @@ def export(
         opset: the ONNX opset.
         dynamic_batch: make dimension 0 of every input symbolic (``batch``).
         input_names / output_names: graph names; default ``input``/``output`` (``_i`` suffixed if several).
+        dynamic_dims: per input, ``{dimension: DynamicDim}`` to leave free (e.g. the batch and a
+            ``sequence`` up to 128); dimensions of the same name stay equal. Default: the batch
+            when ``dynamic_batch``.
 
     Returns:
         The path written.
@@ -70,19 +75,28 @@ def export(
     import torch
     from torch.export import Dim
 
-    from edgesmith.export._io import io_names, trace_inputs
+    from edgesmith.export._io import batch_dims, io_names, trace_inputs
 
     path = Path(path)
     input_names, output_names = io_names(model, example_inputs, input_names, output_names)
-    dynamic_shapes = (
-        tuple({0: Dim("batch", min=1, max=1 << 16)} for _ in example_inputs)
-        if dynamic_batch
-        else None
-    )
-    example_inputs = trace_inputs(example_inputs, dynamic_batch)
+    if dynamic_dims is None and dynamic_batch:
+        dynamic_dims = batch_dims(len(example_inputs))
+    dynamic_shapes = None
+    if dynamic_dims:
+        made: dict[str, Any] = {}  # one Dim object per name: equal sizes stay equal
+
+        def dim(d: DynamicDim) -> Any:
+            if d.name not in made:
+                made[d.name] = Dim(d.name, min=d.min, max=d.max or (1 << 16))
+            return made[d.name]
+
+        dynamic_shapes = tuple({i: dim(d) for i, d in dims.items()} for dims in dynamic_dims)
+    example_inputs = trace_inputs(example_inputs, bool(dynamic_dims and dynamic_dims[0].get(0)))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with _quiet_exporter():
+            # the graph is named afterwards: the exporter keeps its own value names (an output
+            # called "embedding" would collide with aten.embedding's value and break the graph)
             torch.onnx.export(
                 model,
                 tuple(example_inputs),
@@ -90,11 +104,10 @@ def export(
                 dynamo=True,
                 external_data=False,
                 opset_version=opset,
-                input_names=input_names,
-                output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
             )
+        rename_io(tmp, input_names, output_names)
         os.replace(tmp, path)
     except ExportError:
         raise
@@ -107,3 +120,46 @@ def export(
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
     return path
+
+
+def rename_io(path: Path, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    """Name the graph inputs and outputs of the ONNX file ``path`` in place; an internal value
+    that already holds one of the names is renamed out of the way (``name_1``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    targets = {v.name: n for v, n in zip(g.input, input_names, strict=False)}
+    targets |= {v.name: n for v, n in zip(g.output, output_names, strict=False)}
+    values = (
+        {i.name for i in g.initializer} | {v.name for v in g.input} | {v.name for v in g.value_info}
+    )
+    for node in g.node:
+        values.update(node.input)
+        values.update(node.output)
+    wanted = set(targets.values())
+    mapping: dict[str, str] = {}
+    taken = values | wanted
+    for name in sorted(values):
+        if name in wanted and targets.get(name) != name:
+            k = 1
+            while f"{name}_{k}" in taken:
+                k += 1
+            mapping[name] = f"{name}_{k}"
+            taken.add(mapping[name])
+    mapping.update({old: new for old, new in targets.items() if old != new})
+    if not mapping:
+        return
+
+    def rn(names: Any) -> None:
+        for j, n in enumerate(names):
+            if n in mapping:
+                names[j] = mapping[n]
+
+    for node in g.node:
+        rn(node.input)
+        rn(node.output)
+    for v in [*g.input, *g.output, *g.value_info, *g.initializer]:
+        if v.name in mapping:
+            v.name = mapping[v.name]
+    onnx.save(model, str(path))

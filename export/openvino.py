@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesmith.errors import ExportError
+from edgesmith.export._io import DynamicDims
 
 __all__ = ["export", "name_io", "save_ir"]
 
@@ -55,6 +56,7 @@ def export(
     dynamic_batch: bool = True,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    dynamic_dims: DynamicDims | None = None,
 ) -> Path:
     """Convert ``model`` to an OpenVINO IR (``path`` = the ``.xml``; the ``.bin`` goes beside it).
 
@@ -65,6 +67,8 @@ def export(
         compress_to_fp16: store weights as FP16 (half the size; ~1e-3 off PyTorch's outputs).
         dynamic_batch: make dimension 0 of every input dynamic.
         input_names / output_names: tensor names; default ``input``/``output`` (``_i`` suffixed if several).
+        dynamic_dims: per input, the dimensions to leave dynamic (``{index: DynamicDim}``);
+            default: the batch when ``dynamic_batch``.
 
     Returns:
         The ``.xml`` path written.
@@ -75,17 +79,20 @@ def export(
     import openvino as ov
     import torch
 
-    from edgesmith.export._io import io_names, trace_inputs
+    from edgesmith.export._io import batch_dims, io_names, trace_inputs
     from edgesmith.export._quiet import quiet
 
     path = Path(path)
     input_names, output_names = io_names(model, example_inputs, input_names, output_names)
-    traced = trace_inputs(example_inputs, dynamic_batch)
+    if dynamic_dims is None:
+        dynamic_dims = batch_dims(len(example_inputs)) if dynamic_batch else []
+    free = [dict(d) for d in dynamic_dims] + [{}] * (len(example_inputs) - len(dynamic_dims))
+    traced = trace_inputs(example_inputs, any(0 in d for d in free))
     try:
         with quiet(), torch.no_grad():
             ov_model = ov.convert_model(model, example_input=tuple(traced))
         shapes = {
-            i: ov.PartialShape([-1 if dynamic_batch else int(x.shape[0]), *map(int, x.shape[1:])])
+            i: ov.PartialShape([-1 if d in free[i] else int(n) for d, n in enumerate(x.shape)])
             for i, x in enumerate(example_inputs)
         }
         ov_model.reshape(shapes)

@@ -96,15 +96,28 @@ class BenchConfig(BaseModel):
 
 
 def _inputs(model: Any, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs of ``batch`` samples: a symbolic dimension the manifest sizes (``dims``:
+    a sequence length) at its ``example`` size, other symbolic dimensions at ``batch``; masks
+    (bool, or an integer input named ``*mask*``) all ones, other integers (ids) in 0..9: any
+    vocabulary holds them."""
     rng = np.random.default_rng(seed)
+    rules = getattr(model, "input_rules", {}) or {}
     feeds = []
     for s in model.inputs:
-        shape = [batch if not isinstance(d, int) else d for d in s.shape]
+        dims = (rules.get(s.name) or {}).get("dims") or {}
+        shape = [
+            d
+            if isinstance(d, int)
+            else int(dims[str(i)]["example"])
+            if i > 0 and str(i) in dims and "example" in dims[str(i)]
+            else batch
+            for i, d in enumerate(s.shape)
+        ]
         dt = np.dtype(s.dtype)
         if dt.kind == "f":
             feeds.append(rng.standard_normal(shape).astype(dt))
-        elif dt == np.bool_:
-            feeds.append(rng.integers(0, 2, shape).astype(dt))
+        elif dt == np.bool_ or "mask" in s.name.lower():
+            feeds.append(np.ones(shape, dt))
         else:
             feeds.append(rng.integers(0, 10, shape).astype(dt))
     return feeds

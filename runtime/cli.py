@@ -49,6 +49,67 @@ def read_input_file(path: Path, gray: bool = False) -> np.ndarray:
     )
 
 
+def read_named_inputs(path: Path) -> dict[str, np.ndarray]:
+    """An ``.npz`` file's arrays by name (one per model input; never pickled objects)."""
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}", hint="check the path")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise InputError(
+            f"cannot read {path}: {exc}",
+            hint="save plain numeric arrays with np.savez(path, input_ids=..., attention_mask=...)",
+        ) from None
+
+
+def _predicts(model: Any) -> bool:
+    """True when ``run`` prints labels: one input and class scores first."""
+    first = model.outputs[0].name if model.outputs else ""
+    return len(model.inputs) == 1 and model.output_kinds.get(first, "logits") == "logits"
+
+
+def _shown(text: str) -> str:
+    """``text`` with control characters escaped (names come from model files)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _run_values(model: Any, files: tuple[Path, ...], as_json: bool) -> None:
+    """Run ``.npz`` (named inputs) or ``.npy`` (one input) files and print every output."""
+    results: list[dict[str, Any]] = []
+    for f in files:
+        if f.suffix.lower() == ".npz":
+            outs = model.run(read_named_inputs(f))
+        else:
+            x = read_input_file(f)
+            if x.dtype != np.uint8 and x.ndim == len(model.inputs[0].shape) - 1:
+                x = x[None]
+            got = model(x)
+            values = list(got) if isinstance(got, tuple) else [got]
+            outs = dict(zip([o.name for o in model.outputs], values, strict=True))
+        results.append({"file": str(f), "outputs": {k: np.asarray(v) for k, v in outs.items()}})
+    if as_json:
+        doc = [
+            {
+                "file": r["file"],
+                "outputs": {
+                    k: {"shape": list(v.shape), "data": v.ravel().tolist()}
+                    for k, v in r["outputs"].items()
+                },
+            }
+            for r in results
+        ]
+        click.echo(json.dumps({"model": model.info, "results": doc}, indent=2))
+        return
+    for r in results:
+        parts = []
+        for k, v in r["outputs"].items():
+            flat = v.ravel()
+            head = ", ".join(f"{x:.4g}" for x in flat[:6]) + (", ..." if flat.size > 6 else "")
+            parts.append(f"{_shown(k)} {list(v.shape)} [{head}]")
+        click.echo(f"{_shown(r['file'])}: " + "; ".join(parts))
+
+
 @click.command("run")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -75,10 +136,16 @@ def run_cmd(
     threads: int | None,
     as_json: bool,
 ) -> None:
-    """Predict on image or .npy FILES with MODEL (a bundle folder or a model file); print top-k labels."""
+    """Predict on image or .npy FILES with MODEL (a bundle folder or a model file); print top-k labels.
+
+    A model with several inputs takes ``.npz`` files (one array per input name); a model whose
+    first output is not class scores (an embedding, regression values) prints its outputs."""
     from edgesmith.runtime import load
 
     model = load(model_path, device=device, threads=threads, backend=backend)
+    if not _predicts(model) or any(f.suffix.lower() == ".npz" for f in files):
+        _run_values(model, files, as_json)
+        return
     gray = bool(model.manifest and (model.manifest.preprocess or {}).get("channels") == "GRAY")
     results: list[dict[str, Any]] = []
     for f in files:

@@ -19,6 +19,7 @@ an output within tolerance can then never flip the top-1 check.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from edgesmith.errors import BundleError
 from edgesmith.runtime.bundle.files import member_path
 from edgesmith.runtime.bundle.manifest import Manifest
+from edgesmith.runtime.outputs import compare_golden_outputs, golden_arrays
 from edgesmith.text import printable
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "make_golden",
     "pick_golden",
     "read_golden",
+    "read_golden_all",
     "remake_golden",
 ]
 
@@ -53,22 +56,36 @@ GOLDEN_SAMPLES = 8
 HOLDS_ACROSS = ["x86_64", "aarch64"]
 
 
-def golden_tolerance(precision: str, expected: np.ndarray) -> dict[str, Any]:
-    """The manifest's ``golden`` tolerances for outputs ``expected`` of a ``precision`` artifact."""
+def golden_tolerance(precision: str, expected: np.ndarray, kind: str = "logits") -> dict[str, Any]:
+    """The manifest's ``golden`` tolerances for outputs ``expected`` of a ``precision`` artifact.
+
+    Every kind gets ``atol``/``rtol``; logits also the same top-1 class (``top1``), embeddings and
+    features also a cosine floor (``min_cosine``: 0.9999 for fp32, 0.99 otherwise).
+    """
     scale = float(np.abs(expected).max()) if expected.size else 1.0
     if precision == "fp32":
-        return {"atol": 1e-4 + 1e-4 * scale, "rtol": 1e-3, "top1": True}
-    return {"atol": 0.05 * scale + 1e-3, "rtol": 0.05, "top1": True}
+        rule: dict[str, Any] = {"atol": 1e-4 + 1e-4 * scale, "rtol": 1e-3}
+    else:
+        rule = {"atol": 0.05 * scale + 1e-3, "rtol": 0.05}
+    rule["top1"] = kind == "logits"
+    if kind != "logits":
+        rule["kind"] = kind
+    if kind in ("embedding", "features"):
+        rule["min_cosine"] = 0.9999 if precision == "fp32" else 0.99
+    return rule
 
 
-def pick_golden(outputs: np.ndarray, atol: float, n: int = GOLDEN_SAMPLES) -> np.ndarray:
+def pick_golden(
+    outputs: np.ndarray, atol: float, n: int = GOLDEN_SAMPLES, logits: bool = True
+) -> np.ndarray:
     """Indices of ``n`` samples, in order, whose top-1 output leads the runner-up by > ``2 * atol``.
 
-    Outputs that are not per-sample class scores (one value per sample) keep the first ``n``; when
-    fewer than ``n`` samples have such a lead, the ones with the largest leads fill the rest.
+    Outputs that are not per-sample class scores (one value per sample, or ``logits=False``) keep
+    the first ``n``; when fewer than ``n`` samples have such a lead, the ones with the largest
+    leads fill the rest.
     """
     flat = outputs.reshape(len(outputs), -1) if outputs.ndim else outputs.reshape(1, 1)
-    if flat.shape[1] < 2:
+    if flat.shape[1] < 2 or not logits:
         return np.arange(min(n, len(flat)))
     top2 = np.sort(flat, axis=1)[:, -2:]
     lead = top2[:, 1] - top2[:, 0]
@@ -93,11 +110,25 @@ def make_golden(
 
 
 def read_golden(root: str | Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
-    """A bundle's golden ``(inputs, outputs)`` through :func:`member_path`, or None without any.
+    """A bundle's golden ``(inputs, outputs)`` (one input, one output) through
+    :func:`member_path`, or None without any.
 
     Raises:
         BundleError: the golden file is unlisted, unsafe, missing, too large, pickled, or lacks
             the ``inputs``/``outputs`` arrays.
+    """
+    data = read_golden_all(root, manifest, ["input"], ["output"])
+    return None if data is None else (data[0][0], data[1][0])
+
+
+def read_golden_all(
+    root: str | Path, manifest: Manifest, inputs: Sequence[str], outputs: Sequence[str]
+) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """A bundle's golden inputs and expected outputs in model order (``inputs``/``outputs`` name
+    them; ``edgesmith.runtime.outputs.golden_arrays``), or None without golden data.
+
+    Raises:
+        BundleError: as :func:`read_golden`; an array a model input or output needs is missing.
     """
     golden = manifest.golden
     if not golden or not golden.get("file"):
@@ -111,11 +142,12 @@ def read_golden(root: str | Path, manifest: Manifest) -> tuple[np.ndarray, np.nd
         )
     try:
         with np.load(path, allow_pickle=False) as data:
-            inputs, outputs = np.asarray(data["inputs"]), np.asarray(data["outputs"])
+            return golden_arrays(data, inputs, outputs)
     except KeyError as exc:
         raise BundleError(
-            f"golden file '{printable(rel)}' has no {exc} array",
-            hint="golden data holds 'inputs' and 'outputs'; rebuild the bundle",
+            f"golden file '{printable(rel)}' has no {printable(str(exc))} array",
+            hint="golden data holds 'inputs' and 'outputs' (or inputs/<name>, outputs/<name>); "
+            "rebuild the bundle",
         ) from None
     except (ValueError, OSError, EOFError) as exc:
         raise BundleError(
@@ -123,7 +155,6 @@ def read_golden(root: str | Path, manifest: Manifest) -> tuple[np.ndarray, np.nd
             f"({printable(str(exc)[:160])})",
             hint="rebuild the bundle",
         ) from None
-    return inputs, outputs
 
 
 def remake_golden(
@@ -188,7 +219,9 @@ def compare_golden(out: np.ndarray, expected: np.ndarray, golden: dict[str, Any]
 
 
 def check_golden(model: Any, root: str | Path) -> GoldenCheck | None:
-    """Run a loaded bundle on its golden inputs and compare (None: the bundle has no golden data).
+    """Run a loaded bundle on its golden inputs and compare (None: the bundle has no golden data):
+    one output as :func:`compare_golden`; several, or outputs with their own rules
+    (``golden.outputs``), each by its kind (``edgesmith.runtime.outputs.compare_golden_outputs``).
 
     Raises:
         BundleError: the golden file is unlisted, unsafe, missing or malformed.
@@ -197,8 +230,15 @@ def check_golden(model: Any, root: str | Path) -> GoldenCheck | None:
     manifest = model.manifest
     if manifest is None or not manifest.golden:
         return None
-    data = read_golden(root, manifest)
+    in_names = [s.name for s in model.inputs]
+    out_names = [s.name for s in model.outputs]
+    data = read_golden_all(root, manifest, in_names, out_names)
     if data is None:
         return None
     inputs, expected = data
-    return compare_golden(np.asarray(model(inputs)), expected, manifest.golden)
+    got = model(*inputs)
+    outs = list(got) if isinstance(got, tuple) else [got]
+    if len(outs) == 1 == len(expected) and not manifest.golden.get("outputs"):
+        return compare_golden(np.asarray(outs[0]), expected[0], manifest.golden)
+    r = compare_golden_outputs(outs, expected, manifest.golden, out_names)
+    return GoldenCheck(r.ok, r.reason, r.max_abs_diff, r.top1_agreement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from edgesmith.runtime.bundle.files import (
     model_references,
     model_references_from,
 )
-from edgesmith.runtime.specs import NanPolicy, TensorSpec, check_input, preprocess_images
+from edgesmith.runtime.specs import (
+    NanPolicy,
+    TensorSpec,
+    check_input,
+    check_shared_dims,
+    fit_input,
+    preprocess_images,
+)
 from edgesmith.text import printable
 
 __all__ = ["Model", "load"]
@@ -61,6 +69,18 @@ class Model:
         self.name: str = manifest.name if manifest else stem
         self.version: int | None = manifest.version if manifest else None
         self._pre = manifest.preprocess if manifest else None
+        # how inputs are fitted to the file (pad/cut a fixed sequence length, cast int64 ids):
+        # the manifest's input entries, or declare_inputs() for a bare file
+        self.input_rules: dict[str, dict[str, Any]] = {}
+        # the recipe's input names where the file's differ (TFLite: serving_default_args_0)
+        self.input_aliases: dict[str, str] = {}
+        if manifest:
+            self.declare_inputs(manifest.inputs)
+        self.output_kinds: dict[str, str] = {
+            str(o.get("name")): str(o["kind"])
+            for o in (manifest.outputs if manifest else [])
+            if isinstance(o, dict) and "kind" in o
+        }
         self.info: dict[str, Any] = {
             **session.info,
             "precision": session.info.get("precision")
@@ -82,8 +102,22 @@ class Model:
         """True when every input has a symbolic batch dimension (requests can be stacked)."""
         return all(s.batched for s in self.inputs)
 
+    def declare_inputs(self, entries: list[dict[str, Any]]) -> None:
+        """Say how inputs fit this model (manifest input entries: ``pad``, ``dims``,
+        ``cast_from``; see :func:`~edgesmith.runtime.specs.fit_input`)."""
+        keys = ("pad", "dims", "cast_from")
+        for e in entries:
+            if isinstance(e, dict) and any(k in e for k in keys):
+                self.input_rules[str(e.get("name"))] = {k: e[k] for k in keys if k in e}
+            if isinstance(e, dict) and isinstance(e.get("alias"), str):
+                self.input_aliases[e["alias"]] = str(e.get("name"))
+
     def prepare(self, x: Any, spec: TensorSpec) -> np.ndarray:
-        """Check one input against ``spec`` (preprocessing uint8 images as the manifest says)."""
+        """Check one input against ``spec`` (preprocessing uint8 images as the manifest says,
+        padding/cutting and casting as its input entry allows)."""
+        rule = self.input_rules.get(spec.name)
+        if rule:
+            x = fit_input(x, spec, rule)
         if (
             self._pre
             and isinstance(x, np.ndarray)
@@ -93,19 +127,36 @@ class Model:
             x = preprocess_images(x, self._pre, spec)
         return check_input(x, spec, self.nan_policy)
 
+    def prepare_all(self, arrays: Sequence[Any]) -> list[np.ndarray]:
+        """:meth:`prepare` every input (in model order) and check that inputs sharing a
+        dimension (the batch, a sequence length) agree on its size.
+
+        Raises:
+            InputError: an input that does not fit, or shared dimensions of different sizes.
+        """
+        out = [self.prepare(a, s) for a, s in zip(arrays, self.inputs, strict=True)]
+        check_shared_dims(out, self.inputs, self.input_rules)
+        return out
+
     def run_checked(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Run inputs that already passed :meth:`prepare` (one per model input, in order)."""
         return self._session.run({s.name: a for s, a in zip(self.inputs, arrays, strict=True)})
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Run with named inputs; returns named outputs."""
+        """Run with named inputs (the file's names, or the recipe's where the manifest gives
+        them as ``alias``); returns named outputs."""
         names = {s.name for s in self.inputs}
+        if self.input_aliases and set(feeds) != names:
+            feeds = {self.input_aliases.get(k, k): v for k, v in feeds.items()}
         if set(feeds) != names:
+            also = sorted(self.input_aliases)
             raise InputError(
-                f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}",
+                f"inputs given: {sorted(feeds)}; the model takes {sorted(names)}"
+                + (f" (or by the recipe's names {also})" if also else ""),
                 hint="pass one array per model input, by name",
             )
-        arrays = {s.name: self.prepare(feeds[s.name], s) for s in self.inputs}
+        prepared = self.prepare_all([feeds[s.name] for s in self.inputs])
+        arrays = {s.name: a for s, a in zip(self.inputs, prepared, strict=True)}
         return dict(zip([o.name for o in self.outputs], self._session.run(arrays), strict=True))
 
     def __call__(self, *args: Any) -> Any:
@@ -123,13 +174,24 @@ class Model:
             spec = inputs[0]
             outs = self._session.run({spec.name: self.prepare(args[0], spec)})
         else:
-            outs = self._session.run(
-                {s.name: self.prepare(a, s) for s, a in zip(inputs, args, strict=True)}
-            )
+            prepared = self.prepare_all(args)
+            outs = self._session.run({s.name: a for s, a in zip(inputs, prepared, strict=True)})
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def predict(self, x: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k (label, probability) per sample, from softmax over the first output."""
+        """Top-k (label, probability) per sample, from softmax over the first output.
+
+        Raises:
+            InputError: the first output is not class logits (the manifest says its kind).
+        """
+        first = self.outputs[0].name if self.outputs else ""
+        kind = self.output_kinds.get(first, "logits")
+        if kind != "logits":
+            raise InputError(
+                f"output '{first}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not class "
+                "scores: there are no labels to predict",
+                hint="call the model (model(x) or model.run({...})) for its values",
+            )
         logits = np.asarray(
             self(x) if len(self.inputs) == 1 else self.run(x)[self.outputs[0].name],
             dtype=np.float64,

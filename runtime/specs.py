@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -17,6 +18,8 @@ __all__ = [
     "NanPolicy",
     "TensorSpec",
     "check_input",
+    "check_shared_dims",
+    "fit_input",
     "preprocess_images",
     "preprocessed_shape",
     "validate_preprocess",
@@ -97,6 +100,78 @@ def check_input(x: Any, spec: TensorSpec, nan_policy: NanPolicy = "error") -> np
             hint="clean the input, or load the model with nan_policy='allow'",
         )
     return x
+
+
+def fit_input(x: Any, spec: TensorSpec, rule: Mapping[str, Any] | None) -> Any:
+    """Fit ``x`` to a model input as the bundle manifest's input entry (``rule``) allows.
+
+    ``cast_from``: integer dtypes converted to the input's dtype when every value fits (int64
+    token ids for a TFLite model that takes int32). ``dims``: ``{index: {name, example, max}}``
+    of dimensions the recipe declared symbolic; where the model file fixes one (TFLite is
+    exported at ``max``), shorter inputs are padded with ``pad`` and longer ones cut to it.
+    Anything else is left to :func:`check_input`.
+
+    Raises:
+        InputError: an integer value that does not fit the input's dtype.
+    """
+    if not rule or not isinstance(x, np.ndarray):
+        return x
+    casts = rule.get("cast_from") or ()
+    if x.dtype != spec.np_dtype and str(x.dtype) in casts and spec.np_dtype.kind in "iu":
+        info = np.iinfo(spec.np_dtype)
+        if x.size and (int(x.min()) < info.min or int(x.max()) > info.max):
+            raise InputError(
+                f"input '{spec.name}' holds values outside {spec.dtype} "
+                f"({int(x.min())}..{int(x.max())})",
+                hint=f"the model takes {spec.dtype}; give values in {info.min}..{info.max}",
+            )
+        x = x.astype(spec.np_dtype)
+    for key in rule.get("dims") or {}:
+        i = int(key)
+        if i >= x.ndim or i >= len(spec.shape) or not isinstance(spec.shape[i], int):
+            continue
+        want, have = int(spec.shape[i]), x.shape[i]
+        if have > want:
+            x = x[(slice(None),) * i + (slice(0, want),)]
+        elif have < want:
+            widths = [(0, 0)] * x.ndim
+            widths[i] = (0, want - have)
+            x = np.pad(x, widths, constant_values=np.asarray(rule.get("pad", 0)).astype(x.dtype))
+    return x
+
+
+def check_shared_dims(
+    arrays: Sequence[np.ndarray], specs: Sequence[TensorSpec], rules: Mapping[str, Any]
+) -> None:
+    """Inputs that share a dimension agree on its size: the batch, and every symbolic dimension
+    the manifest names (``dims``: ``input_ids`` and ``attention_mask`` share ``sequence``).
+
+    Raises:
+        InputError: naming both inputs, the dimension and the sizes.
+    """
+    if len(arrays) < 2:
+        return
+    seen: dict[str, tuple[str, int]] = {}
+    for a, spec in zip(arrays, specs, strict=True):
+        named: dict[int, str] = {}
+        if spec.batched and a.ndim:
+            named[0] = "batch"
+        for key, dim in ((rules.get(spec.name) or {}).get("dims") or {}).items():
+            if isinstance(dim, Mapping) and dim.get("name"):
+                named[int(key)] = str(dim["name"])
+        for i, name in named.items():
+            if i >= a.ndim:
+                continue
+            size = int(a.shape[i])
+            first = seen.setdefault(name, (spec.name, size))
+            if first[1] != size:
+                raise InputError(
+                    f"inputs '{first[0]}' and '{spec.name}' share the dimension '{name}' but have "
+                    f"sizes {first[1]} and {size}",
+                    hint="give every input the same number of samples"
+                    if name == "batch"
+                    else f"give every input the same '{name}' size (pad the shorter ones)",
+                )
 
 
 # _all_finite's dot product may overflow (huge finite values: rechecked) or meet Inf (rejected);

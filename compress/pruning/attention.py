@@ -10,7 +10,8 @@ projection. The embedding (residual) width stays as it is. The module exports to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,13 @@ from torch import nn
 from edgesmith.compress.pruning.scores import weight_scores
 
 __all__ = [
+    "HEAD_ADAPTERS",
+    "AttentionHeads",
     "PrunableAttention",
+    "attention_heads",
     "convert_attention_",
     "head_importance",
+    "prune_attention_heads_",
     "prune_heads_",
     "unconvertible_reason",
 ]
@@ -224,3 +229,123 @@ def prune_heads_(attn: PrunableAttention, keep: Sequence[int]) -> None:
     )
     attn.out_proj.in_features = len(rows)
     attn.num_heads = len(keep)
+
+
+# --------------------------------------------------------------------------- head adapters
+# An attention layer is, for head pruning, four projections and a head width: removing head h
+# drops rows [h*d, (h+1)*d) of q, k and v and the same columns of the output projection. An
+# adapter recognises one family of attention modules and says where those projections are.
+
+
+@dataclass
+class AttentionHeads:
+    """One attention layer seen as ``(q, k, v, out, head_dim)``.
+
+    Attributes:
+        name: the module path of the layer (for reports and the structure file).
+        q / k / v / out: the projections (``nn.Linear``).
+        head_dim: the width of one head.
+        owner: the module that records the head count; ``counts`` are its attributes holding
+            the number of heads and ``widths`` those holding ``heads * head_dim``.
+    """
+
+    name: str
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    out: nn.Linear
+    head_dim: int
+    owner: nn.Module
+    counts: tuple[str, ...] = ("num_heads",)
+    widths: tuple[str, ...] = ()
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    def importance(self, p: int = 2) -> torch.Tensor:
+        """One score per head: the ``p``-norm mass of its q/k/v rows (with biases) and of its
+        output-projection columns."""
+        h, d = self.num_heads, self.head_dim
+        score = torch.zeros(h)
+        with torch.no_grad():
+            for lin in (self.q, self.k, self.v):
+                score += lin.weight.abs().pow(p).reshape(h, d, -1).sum((1, 2))
+                if lin.bias is not None:
+                    score += lin.bias.abs().pow(p).reshape(h, d).sum(1)
+            score += self.out.weight.abs().pow(p).sum(0).reshape(h, d).sum(1)
+        return score
+
+    def prune_(self, keep: Sequence[int]) -> None:
+        """Keep only the heads ``keep`` (indices into the current heads)."""
+        d = self.head_dim
+        rows = torch.tensor([hd * d + i for hd in sorted(keep) for i in range(d)], dtype=torch.long)
+        for proj in (self.q, self.k, self.v):
+            proj.weight = nn.Parameter(proj.weight.data.index_select(0, rows).contiguous())
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(proj.bias.data.index_select(0, rows).contiguous())
+            proj.out_features = len(rows)
+        self.out.weight = nn.Parameter(self.out.weight.data.index_select(1, rows).contiguous())
+        self.out.in_features = len(rows)
+        for attr in self.counts:
+            setattr(self.owner, attr, len(keep))
+        for attr in self.widths:
+            setattr(self.owner, attr, len(rows))
+
+
+def _prunable(name: str, module: nn.Module, model: nn.Module) -> AttentionHeads | None:
+    if not isinstance(module, PrunableAttention):
+        return None
+    return AttentionHeads(
+        name, module.q_proj, module.k_proj, module.v_proj, module.out_proj, module.head_dim, module
+    )
+
+
+def _bert_style(name: str, module: nn.Module, model: nn.Module) -> AttentionHeads | None:
+    """Hugging Face BERT-family attention (BERT, RoBERTa, MiniLM, ELECTRA, ViT): a module with
+    ``self`` (``query``/``key``/``value``, ``attention_head_size``) and ``output.dense``. Its
+    forward reshapes with ``-1`` heads (transformers 5), so removing rows is all it takes."""
+    inner = getattr(module, "self", None)
+    dense = getattr(getattr(module, "output", None), "dense", None)
+    lins = [getattr(inner, a, None) for a in ("query", "key", "value")]
+    d = getattr(inner, "attention_head_size", None)
+    if not (isinstance(dense, nn.Linear) and all(isinstance(x, nn.Linear) for x in lins) and d):
+        return None
+    q, k, v = lins
+    assert isinstance(inner, nn.Module) and isinstance(q, nn.Linear)
+    assert isinstance(k, nn.Linear) and isinstance(v, nn.Linear)
+    return AttentionHeads(
+        name, q, k, v, dense, int(d), inner, ("num_attention_heads",), ("all_head_size",)
+    )
+
+
+# adapters tried in order on every module; a third party appends its own
+HEAD_ADAPTERS: dict[str, Callable[[str, nn.Module, nn.Module], AttentionHeads | None]] = {
+    "edgesmith": _prunable,
+    "hf-bert": _bert_style,
+}
+
+
+def attention_heads(model: nn.Module) -> dict[str, AttentionHeads]:
+    """Every attention layer of ``model`` an adapter recognises, by module path."""
+    found: dict[str, AttentionHeads] = {}
+    for name, module in model.named_modules():
+        for adapter in HEAD_ADAPTERS.values():
+            heads = adapter(name, module, model)
+            if heads is not None:
+                found[name] = heads
+                break
+    return found
+
+
+def prune_attention_heads_(model: nn.Module, ratio: float, p: int = 2) -> dict[str, list[int]]:
+    """Remove the ``ratio`` least important heads of every attention layer (at least one head
+    stays); returns the kept head indices per layer."""
+    kept = {}
+    for name, heads in attention_heads(model).items():
+        h = heads.num_heads
+        n = max(1, round(h * (1 - ratio)))
+        keep = sorted(heads.importance(p).argsort(descending=True)[:n].tolist())
+        heads.prune_(keep)
+        kept[name] = keep
+    return kept

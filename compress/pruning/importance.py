@@ -59,9 +59,12 @@ class GroupImportance(tp.importance.Importance):
 
 
 def accumulate_gradients_(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    loss_fn: Any = None,
 ) -> None:
-    """Fill ``.grad`` of every parameter with the cross-entropy gradient over ``batches``.
+    """Fill ``.grad`` of every parameter with the task loss's gradient over ``batches``
+    (cross-entropy, or ``loss_fn(outputs, inputs, targets) -> (loss, _)``; inputs may be a tuple).
 
     Runs in eval mode (BatchNorm statistics and dropout untouched); for Taylor importance.
     """
@@ -72,7 +75,10 @@ def accumulate_gradients_(
         p.requires_grad_(True)
     with torch.enable_grad():
         for x, y in batches:
-            out = model(x)
+            out = model(*x) if isinstance(x, tuple | list) else model(x)
+            if loss_fn is not None:
+                loss_fn(out, x, y)[0].backward()
+                continue
             out = out[0] if isinstance(out, tuple | list) else out
             F.cross_entropy(out, y).backward()
     for p, flag in zip(model.parameters(), flags, strict=True):

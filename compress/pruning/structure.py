@@ -47,6 +47,12 @@ def _attrs_of(module: nn.Module) -> tuple[str, ...]:
 
     if isinstance(module, PrunableAttention):
         return ("embed_dim", "num_heads", "head_dim")
+    # Hugging Face BERT-family self-attention (attention.AttentionHeads): its head count
+    if isinstance(getattr(module, "query", None), nn.Linear) and all(
+        isinstance(getattr(module, a, None), int)
+        for a in ("num_attention_heads", "attention_head_size", "all_head_size")
+    ):
+        return ("num_attention_heads", "all_head_size")
     for cls, attrs in _ATTRS:
         if isinstance(module, cls):
             return attrs

@@ -145,7 +145,7 @@ def _leaf_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], Any
     try:
         model.eval()
         with torch.no_grad():
-            out = model(example)
+            out = model(*example) if isinstance(example, tuple | list) else model(example)
     finally:
         for h in hooks:
             h.remove()
@@ -234,12 +234,13 @@ class StructuredPruner:
         max_layer_ratio: float = 0.9,
         resolution: int = 100,
         grad_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+        grad_loss: Any = None,
     ) -> None:
         from edgesmith.measure import count_macs
 
         self.model, self.example = model, example
         self.importance_name = importance
-        self.grad_batches = grad_batches
+        self.grad_batches, self.grad_loss = grad_batches, grad_loss
         if importance == "taylor" and grad_batches is None:
             raise ValueError("taylor importance needs grad_batches")
         named = dict(model.named_modules())
@@ -361,7 +362,7 @@ class StructuredPruner:
         before = layer_widths(self.model)
         if self.importance_name == "taylor":
             assert self.grad_batches is not None
-            accumulate_gradients_(self.model, self.grad_batches())
+            accumulate_gradients_(self.model, self.grad_batches(), self.grad_loss)
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             for group in pr.step(interactive=True) or ():

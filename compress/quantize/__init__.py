@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARCH_MISSING_VARIANTS",
+    "DYNAMIC_QUANTIZERS",
     "PRECISIONS",
     "QUANTIZERS",
+    "TRANSFORMER_QUANTIZERS",
     "VARIANTS",
     "Quantize",
     "QuantizeConfig",
@@ -39,6 +41,22 @@ QUANTIZERS: dict[str, str] = {
     "onnx": "edgesmith.compress.quantize.onnx:OnnxQuantizer",
     "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
     "tflite": "edgesmith.compress.quantize.tflite:TfliteQuantizer",
+}
+
+# the int8 quantizers of mode "transformer" (QuantizeConfig.mode): what each tool recommends for
+# transformers; OpenVINO's is NNCF's with ModelType.TRANSFORMER (SmoothQuant)
+TRANSFORMER_QUANTIZERS: dict[str, str] = {
+    "onnx": "edgesmith.compress.quantize.transformer:OnnxDynamicQuantizer",
+    "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
+    "tflite": "edgesmith.compress.quantize.transformer:TfliteDynamicQuantizer",
+}
+# mode "dynamic": int8 weights, activations quantized at run time where the format can (ONNX,
+# TFLite); OpenVINO, which cannot on CPU, keeps its static int8. For models whose float inputs or
+# activations have ranges one static int8 scale cannot hold (raw tabular features)
+DYNAMIC_QUANTIZERS: dict[str, str] = {
+    "onnx": "edgesmith.compress.quantize.transformer:OnnxDynamicQuantizer",
+    "openvino": "edgesmith.compress.quantize.openvino:OpenVinoQuantizer",
+    "tflite": "edgesmith.compress.quantize.transformer:TfliteDynamicQuantizer",
 }
 
 # (format, precision) -> "module:function(fp32_path, path) -> files"; a missing pair is skipped

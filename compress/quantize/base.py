@@ -8,7 +8,7 @@ nothing else, so it works for every format.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,13 +20,17 @@ from edgesmith.errors import DataError, EdgesmithError
 if TYPE_CHECKING:
     import torch
 
+    from edgesmith.feeds import Samples
+
 __all__ = [
     "Layer",
     "ModuleNames",
     "Quantizer",
     "calibration_array",
+    "calibration_samples",
     "check_method",
     "display_name",
+    "feeds_for",
 ]
 
 
@@ -120,6 +124,86 @@ def calibration_array(
     return np.stack(arrays)
 
 
+def calibration_samples(
+    dataset: Any, samples: int | None, min_samples: int, layouts: Sequence[Any]
+) -> Samples:
+    """The calibration inputs, every input in its own dtype (token ids stay integers), checked.
+
+    Args:
+        dataset: a dataset of ``(inputs, target)`` pairs.
+        samples: how many to take (None: all).
+        min_samples: fewer than this is an error.
+        layouts: the model's inputs (``edgesmith.feeds.InputLayout``).
+
+    Raises:
+        DataError: too few samples, a sample that does not fit the inputs, NaN/Inf in a float input.
+    """
+    from edgesmith.feeds import Samples, sample_inputs
+
+    n = len(dataset) if dataset is not None else 0
+    if n < min_samples:
+        raise DataError(
+            f"the calibration set has {n} sample{'s' if n != 1 else ''}; int8 calibration needs at least {min_samples}",
+            hint="raise data.calibration (512 is a good default), or lower the quantize stage's min_calibration_samples",
+        )
+    if samples is not None and samples > n:
+        raise DataError(
+            f"calibration_samples={samples} but the calibration set has only {n}",
+            hint=f"raise data.calibration to {samples} or lower calibration_samples",
+        )
+    items = []
+    for i in range(n if samples is None else samples):
+        item = dataset[i]
+        x = item[0] if isinstance(item, tuple | list) and len(item) == 2 else item
+        arrays = sample_inputs(x, layouts, f"calibration sample {i}")
+        for lay, a in zip(layouts, arrays, strict=True):
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise DataError(
+                    f"calibration sample {i} contains NaN or Inf in input '{lay.name}'",
+                    hint="clean the calibration data; one bad value ruins a tensor's int8 range",
+                )
+        items.append(arrays)
+    return Samples.from_items(items, layouts)
+
+
+def feeds_for(
+    calibration: Any, specs: Sequence[tuple[str, Sequence[Any], Any]], batch: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as ``{input name: array}`` for a model file whose inputs are ``specs``
+    (``(name, shape, numpy dtype)``, in the file's order, matched to the samples' inputs by name,
+    else by position): each input in the file's dtype (int64 ids become int32 for TFLite), fixed
+    dimensions padded or cut to the file's size. Samples whose size varies go one at a time."""
+    from edgesmith.feeds import Samples
+
+    samples = Samples.of(calibration)
+    names = [n for n, _, _ in specs]
+    column = []
+    for i, name in enumerate(names):
+        j = samples.names.index(name) if name in samples.names else None
+        if j is None:
+            hits = [k for k, n in enumerate(samples.names) if n in name]
+            j = hits[0] if len(hits) == 1 else i
+        column.append(j)
+    size = 1 if samples.ragged else batch
+    out = []
+    for _, arrays in samples.batches(size):
+        feed = {}
+        for (name, shape, dtype), j in zip(specs, column, strict=True):
+            a = arrays[j]
+            for d, want in enumerate(shape):
+                if d == 0 or not isinstance(want, int | np.integer) or want <= 0:
+                    continue
+                if a.shape[d] > want:
+                    a = np.take(a, np.arange(want), axis=d)
+                elif a.shape[d] < want:
+                    widths = [(0, 0)] * a.ndim
+                    widths[d] = (0, int(want) - a.shape[d])
+                    a = np.pad(a, widths, constant_values=samples.pads[j])
+            feed[name] = a.astype(dtype, copy=False)
+        out.append(feed)
+    return out
+
+
 class ModuleNames:
     """Maps the names converters leave in model files back to PyTorch module paths.
 
@@ -167,7 +251,7 @@ class ModuleNames:
                 handles.append(mod.register_forward_hook(hook(name)))
         try:
             with torch.no_grad():
-                model(example)
+                model(*example) if isinstance(example, tuple | list) else model(example)
         except Exception:  # naming is cosmetic: never fail a build over it
             self.aliases.clear()
         finally:

@@ -54,6 +54,16 @@ class QuantizeConfig(StageConfig):
         max_float_layers: the most layers that may stay float (default: a quarter of the candidates).
         float_layers: layers (by name, as reported) to keep float from the start.
         refine: after the search, try to quantize each kept-float layer again (fewer float layers).
+        mode: the int8 recipe. ``static`` quantizes weights and activations with calibrated
+            ranges (CNNs). ``transformer`` uses what each format's tool recommends for
+            transformers, whose activations have outlier channels: ONNX Runtime dynamic int8
+            (per-channel weights, activations quantized at run time), NNCF with
+            ``ModelType.TRANSFORMER`` (SmoothQuant), TFLite dynamic-range int8 (its full-integer
+            int8 loses too much). ``dynamic``: int8 weights with activations quantized at run
+            time for ONNX and TFLite, static int8 for OpenVINO (models whose float inputs have
+            ranges one int8 scale cannot hold, such as raw tabular features). ``auto``:
+            ``transformer`` for models with attention and no convolution (text and sequence
+            encoders), else ``static``.
         bias_correction: before export, fold batch norms, round weights to the int8 grid and
             correct biases layer by layer in PyTorch (``quantize/ptq.py``), so that every format's
             tool quantizes the same corrected weights; False quantizes the model as exported.
@@ -79,6 +89,7 @@ class QuantizeConfig(StageConfig):
     max_float_layers: int | None = Field(default=None, ge=0)
     float_layers: list[str] = Field(default_factory=list)
     refine: bool = True
+    mode: Literal["auto", "static", "transformer", "dynamic"] = "auto"
     bias_correction: bool = True
     bias_correction_samples: int = Field(default=64, ge=1, le=1024)
     require_speedup: bool = False
@@ -120,6 +131,7 @@ class Scheme:
     activations_symmetric: bool = False  # False: asymmetric uint8 (U8S8 on x86/Arm CPUs)
     qdq: bool = True  # onnx only: QDQ (portable, fast on ORT) vs QOperator
     method: str = "minmax"
+    mode: str = "static"  # or "transformer" (QuantizeConfig.mode, "auto" resolved per model)
     # the target's CPUs all have VNNI (avx512_vnni, avx_vnni or AMX): 8-bit weights cannot overflow
     # the int16 sums of AVX2's u8 x s8 instructions, so NNCF needs no 7-bit first layer there
     vnni: bool = False
@@ -137,7 +149,9 @@ class Scheme:
         }
 
 
-def resolve_scheme(profile: dict[str, Any] | None, config: QuantizeConfig) -> Scheme:
+def resolve_scheme(
+    profile: dict[str, Any] | None, config: QuantizeConfig, mode: str = "static"
+) -> Scheme:
     """The int8 scheme for a target: the profile's ``int8`` section, then the config's overrides.
 
     Profile fields are read defensively (a missing or partial ``int8`` section means the defaults:
@@ -154,6 +168,7 @@ def resolve_scheme(profile: dict[str, Any] | None, config: QuantizeConfig) -> Sc
         activations_symmetric=activations == "symmetric-int8",
         qdq=fmt.upper() != "QOPERATOR",
         method=config.calibration_method,
+        mode=mode,
         vnni=has_vnni(profile),
         openvino_preset="mixed" if config.activations == "asymmetric-uint8" else "performance",
     )

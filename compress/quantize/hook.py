@@ -20,6 +20,15 @@ import numpy as np
 from edgesmith.checks import Check, accuracy_budget
 from edgesmith.compress.base import HookResult
 from edgesmith.compress.quantize.config import QuantizeConfig, Scheme, resolve_scheme
+from edgesmith.compress.quantize.modes import (
+    agreement_text,
+    detect_mode,
+    input_layouts,
+    int8_recipe,
+    mode_note,
+    ptq_array,
+    ptq_skip_reason,
+)
 from edgesmith.errors import EdgesmithError, RecipeError
 from edgesmith.progress import echo, track
 
@@ -75,7 +84,7 @@ class QuantizeHook:
 
     config: QuantizeConfig
     scheme: Scheme
-    calibration: np.ndarray
+    calibration: Any  # edgesmith.feeds.Samples (or one array, for one input)
     stage: str = "quantize"
     reference_accuracy: float | None = None
     _names: Any = None  # torch module names of the exported graph's layers, made once
@@ -118,6 +127,10 @@ class QuantizeHook:
         if not self.config.bias_correction:
             self.ptq_note = {"method": "none", "reason": "bias_correction: false"}
             return None
+        skip = ptq_skip_reason(self.scheme.mode, self.calibration)
+        if skip:
+            self.ptq_note = {"method": "none", "reason": skip}
+            return None
         from edgesmith.compress.quantize.ptq import PtqSkipped, apply
 
         n = min(self.config.bias_correction_samples, len(self.calibration))
@@ -127,7 +140,7 @@ class QuantizeHook:
         try:
             self._ptq = apply(
                 ctx.model,
-                self.calibration,
+                ptq_array(self.calibration),
                 samples=n,
                 per_channel=self.scheme.per_channel,
                 activations="int8" if self.scheme.activations_symmetric else "uint8",
@@ -165,29 +178,33 @@ def install(
         RecipeError: a format the target cannot run.
         DataError: too few calibration samples, or samples of the wrong shape.
     """
-    from edgesmith.compress.quantize.base import calibration_array
+    from edgesmith.compress.quantize.base import calibration_samples
 
     check_formats(list(ctx.recipe.export), ctx.profile, ctx.recipe.target)
-    scheme = resolve_scheme(ctx.profile, config)
-    calibration = calibration_array(
+    mode = config.mode if config.mode != "auto" else detect_mode(ctx.model)
+    scheme = resolve_scheme(ctx.profile, config, mode)
+    calibration = calibration_samples(
         ctx.data.calibration,
         config.calibration_samples,
         config.min_calibration_samples,
-        tuple(ctx.example_input.shape[1:]),
+        input_layouts(ctx),
     )
     hook = QuantizeHook(config, scheme, calibration, stage)
     ctx.artifact_hooks[:] = [h for h in ctx.artifact_hooks if not isinstance(h, QuantizeHook)]
     ctx.artifact_hooks.append(hook)
     echo(
         f"{stage}: {', '.join(config.precisions)} for {', '.join(ctx.recipe.export)} after export; "
-        f"{len(calibration)} calibration samples; scheme {scheme.to_json()}"
+        f"{len(calibration)} calibration samples; scheme {scheme.to_json()}" + mode_note(mode)
     )
-    return hook, {
+    out: dict[str, Any] = {
         "scheme": scheme.to_json(),
         "precisions": list(config.precisions),
         "calibration_samples": len(calibration),
         "max_accuracy_drop": config.max_accuracy_drop,
     }
+    if mode in ("transformer", "dynamic"):  # (a static int8 report keeps its keys)
+        out["int8_recipe"] = {f: int8_recipe(mode, f) for f in ctx.recipe.export}
+    return hook, out
 
 
 def _dest(ctx: Context, art: Artifact, precision: str) -> Path:
@@ -211,7 +228,11 @@ def _initial_float(config: QuantizeConfig, layers: list[Any], fmt: str) -> list[
 def _int8(
     ctx: Context, art: Artifact, ev: Evaluator, hook: QuantizeHook
 ) -> tuple[Artifact, list[Check]]:
-    from edgesmith.compress.quantize import QUANTIZERS
+    from edgesmith.compress.quantize import (
+        DYNAMIC_QUANTIZERS,
+        QUANTIZERS,
+        TRANSFORMER_QUANTIZERS,
+    )
     from edgesmith.compress.quantize.contract import int8_contract
     from edgesmith.compress.quantize.mixed import search
     from edgesmith.compress.quantize.speed import make_timer
@@ -223,8 +244,15 @@ def _int8(
     work.mkdir(parents=True, exist_ok=True)
     ptq = hook.ptq(ctx)
     source, original = _sources(ctx, art, ptq, work)
-    echo(f"{fmt} int8: calibrating with {TOOLS[fmt]} on {len(calibration)} samples")
-    quantizer = _load(QUANTIZERS[fmt])(
+    recipe = int8_recipe(hook.scheme.mode, fmt)
+    if recipe:
+        echo(f"{fmt} int8 ({hook.scheme.mode}): {recipe.split(':')[0]}")
+    else:
+        echo(f"{fmt} int8: calibrating with {TOOLS[fmt]} on {len(calibration)} samples")
+    registry = {"transformer": TRANSFORMER_QUANTIZERS, "dynamic": DYNAMIC_QUANTIZERS}.get(
+        hook.scheme.mode, QUANTIZERS
+    )
+    quantizer = _load(registry[fmt])(
         source, calibration, hook.scheme, work, hook.names(ctx), original=original
     )
     contract = int8_contract(ctx.recipe.parity, config.max_accuracy_drop)
@@ -261,12 +289,14 @@ def _int8(
         sensitivity_probe=probe(sens),
         ranking=ranking,
         cost_share=shares,
-        timer=make_timer(ev.threads, ev.inputs[:1]),
+        timer=make_timer(ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)),
     )
     dest = _dest(ctx, art, "int8")
     files = quantizer.quantize(dest, result.float_layers)
     by_id = {layer.id: layer for layer in quantizer.layers}
     info = _info(hook, quantizer, result, ptq, contract, len(sens), time.perf_counter() - t0)
+    if recipe:
+        info["int8_recipe"] = recipe
     if result.sensitivity and result.float_layers:
         info["sensitivity_plot"] = _plot_sensitivity(
             result, by_id, art.path.parent, ctx.recipe.name, fmt
@@ -320,7 +350,7 @@ def _int8(
     info["speed"], checks = speed[0], checks + speed[1]
     echo(
         f"{dest.name}: accuracy {a.accuracy:.4f} (float {base:.4f}, drop {drop * 100:.2f} points), "
-        f"top-1 agreement {a.parity.top1_agreement:.4f}, {len(result.float_layers)} of "
+        f"{agreement_text(a.parity)}, {len(result.float_layers)} of "
         f"{len(quantizer.layers)} layers float ({kept}); {info['speed']['ratio']:.2f}x the time "
         f"of {info['speed']['baseline']}"
     )
@@ -360,16 +390,21 @@ def _probes(ev: Evaluator, tolerance: Any, shift: float) -> Callable[[np.ndarray
 
     per_sample = {top1: _hit(1), top5: _hit(5)}.get(ev.metric)  # type: ignore[call-overload]
 
+    from edgesmith.feeds import take_targets
+
+    per_output = ev.tolerances("int8", tolerance)
+
     def probe(idx: np.ndarray) -> Probe:
         p = Probe(
             ev.inputs[idx],
-            ev.reference[idx],
-            ev.targets[idx],
+            take_targets(ev.reference, idx),
+            take_targets(ev.targets, idx),
             ev.metric,
-            tolerance,
+            per_output,
             ev.threads,
             head=ev.head,
             per_sample=per_sample,
+            evaluator=ev,
         )
         p.base_accuracy += shift
         return p
@@ -414,7 +449,9 @@ def _speed(
 ) -> tuple[dict[str, Any], list[Check]]:
     from edgesmith.compress.quantize.speed import speed_verdict
 
-    verdict = speed_verdict(a.path, fp32.path, a.format, ev.threads, ev.inputs[:1])
+    verdict = speed_verdict(
+        a.path, fp32.path, a.format, ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)
+    )
     if verdict["faster"]:
         return verdict, []
     echo(f"warning: {a.path.name}: {verdict['recommendation']}")
@@ -506,3 +543,10 @@ def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
+
+
+def _timing(ev: Any) -> Any:
+    """The batch-1 inputs an artifact is timed on: the evaluator's (one array per input), else
+    its first sample."""
+    timing = getattr(ev, "timing", None)
+    return timing if timing is not None else ev.inputs[:1]

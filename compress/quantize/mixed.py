@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from edgesmith.compress.quantize.base import Layer, Quantizer
-from edgesmith.export.parity import compare_outputs
 from edgesmith.progress import echo, track
 
 __all__ = ["Fallback", "Measurement", "Probe", "SearchResult", "search"]
@@ -62,6 +61,7 @@ class Measurement:
     parity_ok: bool
     parity_reason: str = ""
     complete: bool = True
+    label: str = "top-1 agreement"  # what ``agreement`` is, for messages
 
     @property
     def drop(self) -> float:
@@ -74,36 +74,63 @@ class Probe:
     Args:
         inputs / reference / targets: the samples, the float model's outputs on them, the labels.
         metric: the recipe's metric, ``metric(outputs, targets) -> float``.
-        tolerance: the int8 parity tolerance (``top1_agreement``, ``max_abs_diff``).
+        tolerance: the int8 parity tolerance: a ``ParityTolerance`` (one logits output), or one
+            mapping per output (``Evaluator.tolerances``), each judged by its kind.
         threads: runtime threads.
         head: applied to the model file's outputs (a trainable-head build quantizes the backbone;
             its outputs are compared as ``head(backbone(x))``).
         per_sample: ``per_sample(outputs, targets) -> bool array`` when the metric is the mean of
             a per-sample hit (top-1, top-5): then a measurement can stop early, once the candidate
             cannot reach the score it has to beat.
+        evaluator: the build's ``Evaluator``: output names and kinds, how inputs are fed to a
+            file (names, TFLite's fixed length).
     """
 
     def __init__(
         self,
-        inputs: np.ndarray,
-        reference: np.ndarray,
-        targets: np.ndarray,
-        metric: Callable[[np.ndarray, np.ndarray], float],
+        inputs: Any,
+        reference: Any,
+        targets: Any,
+        metric: Callable[[Any, Any], float],
         tolerance: Any,
         threads: int | None,
         head: Callable[[np.ndarray], np.ndarray] | None = None,
         per_sample: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        evaluator: Any = None,
     ) -> None:
-        self.inputs, self.reference, self.targets = inputs, reference, targets
+        from edgesmith.feeds import Samples, output_list
+
+        self.inputs, self.reference, self.targets = Samples.of(inputs), reference, targets
         self.metric, self.tolerance, self.threads = metric, tolerance, threads
-        self.head, self.per_sample = head, per_sample
+        self.head, self.per_sample, self.ev = head, per_sample, evaluator
+        self.names = list(evaluator.info.names) if evaluator is not None else ["output"]
+        self.kinds = list(evaluator.info.kinds) if evaluator is not None else ["logits"]
+        self.tolerances = (
+            list(tolerance)
+            if isinstance(tolerance, list | tuple)
+            else [
+                {"top1_agreement": tolerance.top1_agreement, "max_abs_diff": tolerance.max_abs_diff}
+            ]
+            * len(self.kinds)
+        )
+        self._ref = output_list(reference, self.names if isinstance(reference, dict) else None)
         self.base_accuracy = float(metric(reference, targets))
-        ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
-        self._ref_energy = float((ref**2).sum()) or 1.0
-        self._ref_top1 = ref.argmax(1) if ref.shape[1] > 1 else None
+        first = self._ref[0].reshape(len(self._ref[0]), -1) if self._ref else None
+        self._ref_top1 = (
+            first.argmax(1)
+            if first is not None and self.kinds[0] == "logits" and first.shape[1] > 1
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def _load(self, path: Path) -> Any:
+        if self.ev is not None:
+            return self.ev.load(path)
+        from edgesmith.runtime import load
+
+        return load(path, threads=self.threads, device="cpu")
 
     def _chunks(self, model: Any) -> list[tuple[int, int]]:
         fixed = model.inputs[0].shape[0]
@@ -112,72 +139,91 @@ class Probe:
         chunk = max(step, (n // 8 // step) * step)
         return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
-    def _run(self, model: Any, lo: int, hi: int) -> np.ndarray:
-        fixed = model.inputs[0].shape[0]
-        step = fixed if isinstance(fixed, int) else 256
-        out = np.concatenate(
-            [np.asarray(model(self.inputs[i : min(i + step, hi)])) for i in range(lo, hi, step)]
-        )
-        return out if self.head is None else np.asarray(self.head(out))
+    def _run(self, model: Any, lo: int, hi: int) -> list[np.ndarray]:
+        """The outputs of samples ``lo:hi``, one array per output."""
+        from edgesmith.export.evaluate import artifact_outputs
 
-    def outputs(self, path: Path) -> np.ndarray:
-        from edgesmith.runtime import load
+        part = self.inputs[lo:hi]
+        if self.ev is not None:
+            return self.ev.outputs(model, part)
+        return artifact_outputs(model, part, self.head)
 
-        model = load(path, threads=self.threads, device="cpu")
-        return self._run(model, 0, len(self.inputs))
+    def outputs(self, path: Path) -> list[np.ndarray]:
+        """The model file's outputs on the probe's inputs, one array per output."""
+        return self._run(self._load(path), 0, len(self.inputs))
 
     def __call__(
         self, path: Path, floor: float | None = None, by_agreement: bool = False
     ) -> Measurement:
         """Measure ``path``; with ``floor``, stop as soon as its score (the metric, or the top-1
         agreement with ``by_agreement``) can no longer reach ``floor``."""
-        from edgesmith.runtime import load
+        from edgesmith.feeds import take_targets
 
-        model = load(path, threads=self.threads, device="cpu")
+        model = self._load(path)
         n = len(self.inputs)
         can_stop = floor is not None and (
             (by_agreement and self._ref_top1 is not None)
             or (not by_agreement and self.per_sample is not None)
         )
-        outs: list[np.ndarray] = []
+        parts: list[list[np.ndarray]] = []
         hits = 0
         for lo, hi in self._chunks(model) if can_stop else [(0, n)]:
-            out = self._run(model, lo, hi)
-            outs.append(out)
+            outs = self._run(model, lo, hi)
+            parts.append(outs)
             if not can_stop or hi == n:
                 continue
+            out = outs[0]
             if by_agreement:
                 assert self._ref_top1 is not None
                 hits += int((out.reshape(len(out), -1).argmax(1) == self._ref_top1[lo:hi]).sum())
             else:
                 assert self.per_sample is not None
-                hits += int(np.asarray(self.per_sample(out, self.targets[lo:hi])).sum())
+                part = take_targets(self.targets, slice(lo, hi))
+                hits += int(np.asarray(self.per_sample(out, part)).sum())
             assert floor is not None
             if (hits + n - hi) / n < floor - 1e-12:  # even all the rest right cannot reach it
-                return self._measure(np.concatenate(outs), complete=False)
-        return self._measure(np.concatenate(outs), complete=True)
+                return self._measure(_join(parts), complete=False)
+        return self._measure(_join(parts), complete=True)
 
-    def _measure(self, out: np.ndarray, complete: bool) -> Measurement:
-        k = len(out)
-        parity = compare_outputs(
-            self.reference[:k], out, self.tolerance.top1_agreement, self.tolerance.max_abs_diff
+    def _measure(self, outs: list[np.ndarray], complete: bool) -> Measurement:
+        from edgesmith.export.parity import compare
+        from edgesmith.feeds import take_targets, user_outputs
+
+        k = len(outs[0]) if outs else 0
+        ref = [r[:k] for r in self._ref]
+        targets = take_targets(self.targets, slice(0, k))
+        parity = compare(ref, outs, self.kinds, self.tolerances, self.names)
+        noise = sum(
+            float(((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2).sum())
+            for o, r in zip(outs, ref, strict=False)
         )
-        diff = np.asarray(out, np.float64).reshape(k, -1) - np.asarray(
-            self.reference[:k], np.float64
-        ).reshape(k, -1)
-        ref = np.asarray(self.reference[:k], np.float64).reshape(k, -1)
+        energy = sum(float((np.asarray(r, np.float64) ** 2).sum()) for r in ref) or 1.0
         return Measurement(
-            float(self.metric(out, self.targets[:k])),
-            float(self.metric(self.reference[:k], self.targets[:k]))
+            float(self.metric(user_outputs(outs, self.names), targets)),
+            float(self.metric(user_outputs(ref, self.names), targets))
             if k < len(self)
             else self.base_accuracy,
-            parity.top1_agreement,
-            float((diff**2).sum()) / (float((ref**2).sum()) or 1.0),
+            parity.agreement,
+            noise / energy,
             k,
             parity.passed,
             parity.reason,
             complete,
+            _LABELS.get(self.kinds[0], "agreement"),
         )
+
+
+_LABELS = {
+    "logits": "top-1 agreement",
+    "embedding": "mean cosine",
+    "features": "mean cosine",
+    "regression": "1 - relative L2",
+}
+
+
+def _join(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-chunk output lists joined along the samples, one array per output."""
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))] if parts else []
 
 
 @dataclass
@@ -361,7 +407,7 @@ def search(
                 result, start, first, verify, ok, trials, max_accuracy_drop, max_float_layers
             )
         echo(
-            f"{fmt} int8: drop {first.drop * 100:.2f} points, top-1 agreement {first.agreement:.4f}: "
+            f"{fmt} int8: drop {first.drop * 100:.2f} points, {first.label} {first.agreement:.4f}: "
             f"ranking {len(pool)} layers by accuracy gained per latency lost"
         )
         gains = (
@@ -603,7 +649,7 @@ def _give_up(
     )
     result.reason = (
         f"best found keeps {len(layers)} layer(s) float ({kept}; max_float_layers="
-        f"{max_float_layers}): drop {m.drop * 100:.2f} points (budget: {budget}), top-1 agreement "
+        f"{max_float_layers}): drop {m.drop * 100:.2f} points (budget: {budget}), {m.label} "
         f"{m.agreement:.4f}; {parity} (on {m.samples} samples){tail}"
     )
     return result

@@ -16,10 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
+from edgesmith.compress.quantize.base import (
+    Layer,
+    ModuleNames,
+    check_method,
+    display_name,
+    feeds_for,
+)
 from edgesmith.compress.quantize.config import Scheme
 
-__all__ = ["OnnxQuantizer", "layer_ops", "to_fp16", "weight_only_int8"]
+__all__ = [
+    "OnnxQuantizer",
+    "graph_inputs",
+    "layer_ops",
+    "preprocess",
+    "to_fp16",
+    "weight_only_int8",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +74,72 @@ def _ort_quiet() -> Iterator[None]:
 
 
 class _Reader:
-    """A CalibrationDataReader over a numpy array, in batches (the exported batch is dynamic)."""
+    """A CalibrationDataReader over prepared ``{input name: array}`` batches (every input in its
+    own dtype: token ids stay integers)."""
 
-    def __init__(self, name: str, data: np.ndarray, batch: int) -> None:
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
         from edgesmith.progress import track
 
-        self.name, self.data, self.batch = name, data, batch
+        self.feeds = feeds
         # consumed only when calibrating (later quantizations read the calibration cache)
-        self._it = iter(track(range(0, len(data), batch), "calibrating onnx"))
+        self._it = iter(track(feeds, "calibrating onnx"))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        i = next(self._it, None)
-        return None if i is None else {self.name: self.data[i : i + self.batch]}
+        return next(self._it, None)
 
     def __len__(self) -> int:
-        return (len(self.data) + self.batch - 1) // self.batch
+        return len(self.feeds)
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = iter(range(start_index * self.batch, end_index * self.batch, self.batch))
+        self._it = iter(self.feeds[start_index:end_index])
+
+
+def graph_inputs(model: Any) -> list[tuple[str, list[Any], Any]]:
+    """``(name, shape, numpy dtype)`` of an ONNX model's inputs (initializers excluded)."""
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        t = v.type.tensor_type
+        shape = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in t.shape.dim
+        ]
+        out.append((v.name, shape, helper.tensor_dtype_to_np_dtype(t.elem_type)))
+    return out
+
+
+@contextlib.contextmanager
+def _in_folder(folder: Path) -> Iterator[None]:
+    """Run with ``folder`` as the working folder (contextlib.chdir is Python 3.11+)."""
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def preprocess(fp32_path: Path, out: Path, symbolic: bool = True) -> Path:
+    """``quant_pre_process`` (shape inference, fusions) into ``out``; retried without symbolic shape
+    inference (``symbolic=False``: only without), which fails on dynamo exports of attention
+    models; the exported file itself when both fail (pre-processing is an optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, out = Path(fp32_path).resolve(), Path(out).resolve()
+    for skip in (False, True) if symbolic else (True,):
+        try:
+            # a failed symbolic inference saves "sym_shape_infer_temp.onnx" (and its weights)
+            # into the working folder: let that be the work folder, not the user's
+            with _ort_quiet(), _in_folder(out.parent):
+                quant_pre_process(str(src), str(out), skip_symbolic_shape=skip)
+            return out
+        except Exception as exc:
+            log.info("onnx pre-processing (skip_symbolic_shape=%s) failed: %s", skip, exc)
+    log.warning("onnx pre-processing failed; quantizing the exported graph")
+    return fp32_path
 
 
 def _module_of(node: Any) -> str | None:
@@ -143,22 +204,13 @@ class OnnxQuantizer:
         self._original_inits: dict[str, Any] | None = None
         work_dir.mkdir(parents=True, exist_ok=True)
         self.work_dir = work_dir
-        self.source = work_dir / "preprocessed.onnx"
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            with _ort_quiet():
-                quant_pre_process(str(fp32_path), str(self.source))
-        except (
-            Exception
-        ) as exc:  # pre-processing is an optimisation; quantize the raw graph instead
-            log.warning("onnx pre-processing failed (%s); quantizing the exported graph", exc)
-            self.source = fp32_path
+        self.source = preprocess(fp32_path, work_dir / "preprocessed.onnx")
         self.cache = work_dir / "calibration.json"
         model = onnx.load(str(self.source))
         # graph optimisation may drop the exporter's metadata: fall back to the exported graph's
         exported = {n.name: _module_of(n) for n in onnx.load(str(fp32_path)).graph.node}
         self.input_name = model.graph.input[0].name
+        self._feeds = feeds_for(calibration, graph_inputs(model), CALIBRATION_BATCH)
         inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
         names = names or ModuleNames()
         ops = layer_ops()
@@ -210,7 +262,7 @@ class OnnxQuantizer:
                 quantize_static(
                     str(self.source),
                     str(tmp),
-                    _Reader(self.input_name, self._calibration, CALIBRATION_BATCH),
+                    _Reader(self._feeds),
                     quant_format=QuantFormat.QDQ if self.scheme.qdq else QuantFormat.QOperator,
                     nodes_to_exclude=sorted(float_layers),
                     calibration_cache_path=str(self.cache),

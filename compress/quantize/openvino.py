@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
+from edgesmith.compress.quantize.base import (
+    Layer,
+    ModuleNames,
+    check_method,
+    display_name,
+    feeds_for,
+)
 from edgesmith.compress.quantize.config import Scheme
 
 __all__ = [
@@ -181,7 +187,32 @@ class OpenVinoQuantizer:
         self._original = original
         self._float_model: Any = None if original else core.read_model(str(fp32_path))
         advanced = advanced_parameters(scheme)
-        dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+        # one sample per item, every input in its own dtype (a dict when the model has several)
+        graph = self._float_model or core.read_model(str(fp32_path))
+        specs = [
+            (
+                p.get_any_name(),
+                [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()],
+                p.get_element_type().to_dtype(),
+            )
+            for p in graph.inputs
+        ]
+        feeds = feeds_for(calibration, specs, batch=1)
+        items = [f[specs[0][0]] if len(specs) == 1 else f for f in feeds]
+        dataset = nncf.Dataset(items)
+        # transformers: NNCF's transformer recipe (SmoothQuant moves activation outliers into the
+        # weights); float layers then keep their int8-rounded weights (the smoothed float weights
+        # are not kept), only their activations become float
+        self.transformer = scheme.mode == "transformer"
+        kind: dict[str, Any] = (
+            {"model_type": nncf.ModelType.TRANSFORMER}
+            if self.transformer
+            else {
+                "preset": nncf.QuantizationPreset.MIXED
+                if scheme.openvino_preset == "mixed"
+                else nncf.QuantizationPreset.PERFORMANCE
+            }
+        )
         # NNCF shows its own progress bars (statistics collection, bias correction); only its
         # INFO log lines are silenced
         with _nncf_quiet(), warnings.catch_warnings():
@@ -189,11 +220,9 @@ class OpenVinoQuantizer:
             self.quantized = nncf.quantize(
                 core.read_model(str(fp32_path)),
                 dataset,
-                preset=nncf.QuantizationPreset.MIXED
-                if scheme.openvino_preset == "mixed"
-                else nncf.QuantizationPreset.PERFORMANCE,
-                subset_size=len(calibration),
+                subset_size=len(items),
                 advanced_parameters=advanced,
+                **kind,
             )
         names = names or ModuleNames()
         source = core.read_model(str(fp32_path))  # the weights' shapes (same graph as original)
@@ -233,7 +262,7 @@ class OpenVinoQuantizer:
             if edge is not None:
                 port, fq = edge
                 port.replace_source_output(fq.input_value(0))
-        if float_op is None:
+        if float_op is None or self.transformer:
             return
         # the original float weights (NNCF stored them as int8 plus a dequantizing subgraph) ...
         for i in range(1, min(op.get_input_size(), float_op.get_input_size())):

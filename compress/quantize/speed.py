@@ -39,17 +39,37 @@ def interleaved(
 
 
 def make_timer(
-    threads: int | None, x: np.ndarray, rounds: int = 5, runs: int = 10
+    threads: int | None,
+    x: Any,
+    rounds: int = 5,
+    runs: int = 10,
+    prepare: Callable[[Any], None] | None = None,
 ) -> Callable[[list[Path]], list[float]]:
-    """``timer(paths) -> ms`` at batch 1 on the runtime backend of each file, interleaved."""
+    """``timer(paths) -> ms`` at batch 1 on the runtime backend of each file, interleaved
+    (``x``: one array, or a list of one per model input; ``prepare(model)`` after loading, such
+    as ``Evaluator.declare``: how inputs fit each file)."""
 
     def timer(paths: list[Path]) -> list[float]:
         from edgesmith.runtime import load
 
         models = [load(p, threads=threads, device="cpu") for p in paths]
-        return interleaved([lambda m=m: m(x) for m in models], rounds, runs)
+        for m in models:
+            if prepare is not None:
+                prepare(m)
+        feeds = _feeds(x)
+        return interleaved([lambda m=m: _call(m, feeds) for m in models], rounds, runs)
 
     return timer
+
+
+def _call(model: Any, x: Any) -> Any:
+    """``model`` on ``x``: one array, or a list of one per input (see :func:`_feeds`)."""
+    return model(*x) if isinstance(x, list | tuple) else model(x)
+
+
+def _feeds(x: Any) -> Any:
+    """``edgesmith.feeds.Samples`` as a list of arrays (once, outside the timed calls)."""
+    return x.arrays() if hasattr(x, "arrays") else x
 
 
 def cpu_half_precisions() -> set[str]:
@@ -101,7 +121,12 @@ def _baselines(fmt: str) -> tuple[list[tuple[str, dict[str, Any]]], str]:
 
 
 def speed_verdict(
-    int8_path: Path, fp32_path: Path, fmt: str, threads: int | None, x: np.ndarray
+    int8_path: Path,
+    fp32_path: Path,
+    fmt: str,
+    threads: int | None,
+    x: Any,
+    prepare: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Time the int8 model against every non-int8 option of its backend on this machine.
 
@@ -116,7 +141,11 @@ def speed_verdict(
     models = [load(int8_path, threads=threads, device="cpu")]
     for _, opts in options:
         models.append(load(fp32_path, threads=threads, device="cpu", options=opts or None))
-    times = interleaved([lambda m=m: m(x) for m in models], rounds=7, runs=15)
+    for m in models:
+        if prepare is not None:
+            prepare(m)
+    feeds = _feeds(x)
+    times = interleaved([lambda m=m: _call(m, feeds) for m in models], rounds=7, runs=15)
     base_i = int(np.argmin(times[1:]))
     name = options[base_i][0]
     ratio = times[0] / times[1 + base_i]

@@ -19,11 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from edgesmith.compress.quantize.base import Layer, ModuleNames, check_method, display_name
+from edgesmith.compress.quantize.base import (
+    Layer,
+    ModuleNames,
+    check_method,
+    display_name,
+    feeds_for,
+)
 from edgesmith.compress.quantize.config import Scheme
 from edgesmith.errors import EdgesmithError
 
-__all__ = ["TfliteQuantizer", "to_fp16", "weight_only_int8"]
+__all__ = [
+    "TfliteQuantizer",
+    "list_layers",
+    "signature_inputs",
+    "to_fp16",
+    "weight_only_int8",
+]
 
 WEIGHTED_OPS = (
     "CONV_2D",
@@ -56,6 +68,49 @@ def _ops(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, s
     key = next(iter(sigs)) if sigs else "serving_default"
     inputs = sigs.get(key, {}).get("inputs") or ["args_0"]
     return interp._get_ops_details(), interp.get_tensor_details(), key, inputs[0]
+
+
+def list_layers(
+    ops: list[dict[str, Any]],
+    tensors: list[dict[str, Any]],
+    names: ModuleNames,
+    weighted_only: bool = False,
+) -> list[Layer]:
+    """The quantizable float ops of a ``.tflite`` (``_ops``), named after their PyTorch modules;
+    ``weighted_only``: only ops with a weight tensor (what dynamic-range int8 quantizes)."""
+    layers = []
+    for op in ops:
+        if op["op_name"] in TRANSPARENT_OPS or not len(op["outputs"]):
+            continue
+        if tensors[op["outputs"][0]]["dtype"] != np.float32:
+            continue
+        out = tensors[op["outputs"][0]]["name"]
+        weighted = op["op_name"] in WEIGHTED_OPS
+        weight = (
+            tensors[op["inputs"][1]]
+            if weighted and len(op["inputs"]) > 1 and op["inputs"][1] >= 0
+            else None
+        )
+        # BATCH_MATMUL multiplies two activations (attention) in litert-torch's graphs
+        if weighted_only and (weight is None or op["op_name"] == "BATCH_MATMUL"):
+            continue
+        params = int(np.prod(weight["shape"])) if weight is not None else 0
+        module = names.from_tflite(weight["name"] if weight is not None else out)
+        label = display_name(module or names.from_tflite(out), op["op_name"], out, weighted)
+        layers.append(Layer(out, label, op["op_name"], params))
+    return layers
+
+
+def signature_inputs(path: Path, key: str) -> list[tuple[str, list[int], Any]]:
+    """``(name, shape, numpy dtype)`` of the inputs of signature ``key`` of a ``.tflite``."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(
+        model_path=str(path),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    details = interp.get_signature_runner(key).get_input_details()
+    return [(name, [int(v) for v in d["shape"]], d["dtype"]) for name, d in details.items()]
 
 
 def _write(result: Any, path: Path) -> None:
@@ -105,25 +160,8 @@ class TfliteQuantizer:
         self.scheme = scheme
         self._original = original
         self._models: tuple[Any, Any] | None = None
-        ops, tensors, self.signature, input_name = _ops(fp32_path)
-        names = names or ModuleNames()
-        self.layers = []
-        for op in ops:
-            if op["op_name"] in TRANSPARENT_OPS or not len(op["outputs"]):
-                continue
-            if tensors[op["outputs"][0]]["dtype"] != np.float32:
-                continue
-            out = tensors[op["outputs"][0]]["name"]
-            weighted = op["op_name"] in WEIGHTED_OPS
-            weight = (
-                tensors[op["inputs"][1]]
-                if weighted and len(op["inputs"]) > 1 and op["inputs"][1] >= 0
-                else None
-            )
-            params = int(np.prod(weight["shape"])) if weight is not None else 0
-            module = names.from_tflite(weight["name"] if weight is not None else out)
-            label = display_name(module or names.from_tflite(out), op["op_name"], out, weighted)
-            self.layers.append(Layer(out, label, op["op_name"], params))
+        ops, tensors, self.signature, _ = _ops(fp32_path)
+        self.layers = list_layers(ops, tensors, names or ModuleNames())
         self._config = qtyping.OpQuantizationConfig(
             activation_tensor_config=qtyping.TensorQuantizationConfig(
                 num_bits=8, symmetric=scheme.activations_symmetric
@@ -141,7 +179,8 @@ class TfliteQuantizer:
         from edgesmith.export._quiet import quiet
         from edgesmith.progress import is_quiet
 
-        samples = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
+        # one sample at a time (batch 1), each input in the file's dtype and fixed size
+        samples = feeds_for(calibration, signature_inputs(fp32_path, self.signature), batch=1)
         qt = self._quantizer()
         # ai-edge-quantizer shows its own calibration progress bar; silenced only with --quiet
         with quiet() if is_quiet() else contextlib.nullcontext(), warnings.catch_warnings():

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.errors import BundleError, EdgesmithError
-from edgesmith.runtime.golden import check_golden, read_golden
+from edgesmith.runtime.golden import check_golden, read_golden_all
 
 __all__ = ["HealthReport", "check_health", "check_old_classes"]
 
@@ -112,12 +112,14 @@ def check_health(
                 )
             if manifest is None:
                 return HealthReport(False, "not a bundle")
-            sample = _zeros_for(manifest.inputs[0])
-            model(sample)
+            sample = [_zeros_for(spec) for spec in manifest.inputs]
+            model(*sample)
         else:
-            data = read_golden(root, manifest)
-            assert data is not None  # check_golden read it
-            sample = data[0][:1]
+            names = ([s.name for s in model.inputs], [s.name for s in model.outputs])
+            data = read_golden_all(root, manifest, *names)
+            if data is None:  # check_golden read it
+                return HealthReport(False, "golden data vanished during the check")
+            sample = [x[:1] for x in data[0]]
     except BundleError as exc:
         return HealthReport(False, f"golden data unreadable: {exc.message}")
     except EdgesmithError as exc:
@@ -142,11 +144,11 @@ def check_health(
         return report
     if latency_budget_ms is not None:
         for _ in range(2):
-            model(sample)
+            model(*sample)
         times = []
         for _ in range(max(runs, 1)):
             t0 = time.perf_counter()
-            model(sample)
+            model(*sample)
             times.append((time.perf_counter() - t0) * 1000)
         report.latency_ms = float(np.median(times))
         if report.latency_ms > latency_budget_ms:

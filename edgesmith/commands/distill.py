@@ -189,7 +189,7 @@ def distill_cmd(
         },
     )
     p = prepare(recipe)
-    shape = r.model.input.shape
+    shape = r.model
 
     def load(spec: Any) -> Any:
         # command-line paths are absolute by now; the recipe's own stage options are relative to it
@@ -205,11 +205,14 @@ def distill_cmd(
             teacher_model,
             p.data.train,
             cfg,
-            p.example,
+            p.examples,
             evaluate=ctx.evaluate,
             checkpoint_dir=ckpt_dir,
             resume=resume,
             seed=r.seed if cfg.seed is None else cfg.seed,
+            kinds=tuple(p.outputs.kinds),
+            names=list(p.outputs.names),
+            collate_fn=p.data.collate,
         )
         acc = ctx.evaluate(student_model)
         summary = {
@@ -217,8 +220,8 @@ def distill_cmd(
             "teacher_accuracy": acc_t,
             "student_accuracy_before": acc_s0,
             "accuracy": acc,
-            "teacher_macs": count_macs(teacher_model, p.example),
-            "macs": count_macs(student_model, p.example),
+            "teacher_macs": count_macs(teacher_model, p.examples),
+            "macs": count_macs(student_model, p.examples),
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,

@@ -126,11 +126,11 @@ def prune_cmd(
     with tempfile.TemporaryDirectory(prefix="edgesmith-prune-") as tmp:
         ctx = new_context(p, Path(tmp))
         acc0 = ctx.evaluate(ctx.model)
-        macs0, size0 = count_macs(ctx.model, p.example), model_size_bytes(ctx.model)
+        macs0, size0 = count_macs(ctx.model, p.examples), model_size_bytes(ctx.model)
         result = Prune(cfg).run(ctx)
         row = result.row
         acc1 = ctx.evaluate(ctx.model)
-        macs1, size1 = count_macs(ctx.model, p.example), model_size_bytes(ctx.model)
+        macs1, size1 = count_macs(ctx.model, p.examples), model_size_bytes(ctx.model)
         summary = {
             "recipe": str(recipe),
             "accuracy_before": acc0,

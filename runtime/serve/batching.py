@@ -193,6 +193,16 @@ class MicroBatcher:
                 log.exception("could not deliver a batch of %d results", len(batch))
 
     def _run_batch(self, live: list[Pending]) -> None:
+        # only requests whose inputs have the same shapes (but for the batch) stack: token
+        # sequences of different lengths run as separate batches, never padded into each other
+        groups: dict[tuple[Any, ...], list[Pending]] = {}
+        for item in live:
+            key = tuple(a.shape[1:] if a.ndim else () for a in item.arrays)
+            groups.setdefault(key, []).append(item)
+        for group in groups.values():
+            self._run_group(group)
+
+    def _run_group(self, live: list[Pending]) -> None:
         t0 = time.perf_counter()
         total = sum(item.n for item in live)
         try:

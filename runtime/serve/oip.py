@@ -18,7 +18,7 @@ import numpy as np
 from edgesmith.errors import InputError
 from edgesmith.runtime.model import Model
 from edgesmith.runtime.serve.oipjson import MAX_DEPTH, RawData
-from edgesmith.runtime.specs import TensorSpec, preprocessed_shape
+from edgesmith.runtime.specs import TensorSpec, check_shared_dims, preprocessed_shape
 from edgesmith.text import printable
 
 __all__ = [
@@ -338,6 +338,10 @@ class PlannedRequest:
                 arrays.append(self._model.prepare(arr, plan.spec))
             except InputError as exc:
                 raise ProtocolError(422, printable(exc.message)) from None
+        try:
+            check_shared_dims(arrays, self._model.inputs, self._model.input_rules)
+        except InputError as exc:
+            raise ProtocolError(422, printable(exc.message)) from None
         n = int(arrays[0].shape[0]) if arrays[0].ndim else 1
         return InferRequest(arrays, n, self.id, self.outputs, self.timeout_s)
 
@@ -364,6 +368,9 @@ def plan_request(doc: Any, model: Model, limits: RequestLimits) -> PlannedReques
             raise _bad(f"input '{printable(name)[:80]}' is given twice")
         by_name[name] = inp
     wanted = [s.name for s in model.inputs]
+    aliases = getattr(model, "input_aliases", None) or {}
+    if aliases and set(by_name) != set(wanted):  # the recipe's names (manifest "alias")
+        by_name = {aliases.get(k, k): v for k, v in by_name.items()}
     if set(by_name) != set(wanted):
         raise ProtocolError(
             422,

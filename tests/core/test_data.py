@@ -163,7 +163,7 @@ def test_factory_datasets_and_shape_mismatch(tmp_path: Path) -> None:
     assert len(ds.eval) == 8
     with pytest.raises(
         DataError,
-        match=r"samples have shape \[3, 32, 32\] but model.input.shape is \[1, 1, 28, 28\]",
+        match=r"samples have shape \[3, 32, 32\] but the model takes \[1, 28, 28\]",
     ):
         load_datasets(DataConfig(factory=f"{tmp_path / 'make.py'}:wrong_shape"), SHAPE)
     with pytest.raises(DataError, match="empty train set"):

@@ -47,7 +47,9 @@ def test_missing_field_is_named(tmp_path: Path) -> None:
     text = BASE_RECIPE.replace("  input: {shape: [1, 1, 28, 28], dtype: float32}\n", "")
     with pytest.raises(RecipeError) as e:
         load_recipe(write_recipe(tmp_path, text))
-    assert "missing required key 'model.input'" in e.value.message
+    # the model's input is named, with both ways of giving it
+    assert "'model': give exactly one of 'input'" in e.value.message
+    assert "'inputs'" in e.value.message
 
 
 def test_several_problems_are_all_reported_in_line_order(tmp_path: Path) -> None:
