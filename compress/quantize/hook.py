@@ -34,7 +34,7 @@ from edgesmith.progress import echo, track
 
 if TYPE_CHECKING:
     from edgesmith.compress.base import Context
-    from edgesmith.compress.quantize.mixed import Probe
+    from edgesmith.compress.quantize.probe import Probe
     from edgesmith.export.evaluate import Artifact, Evaluator
 
 __all__ = ["QuantizeHook", "check_formats", "install"]
@@ -385,7 +385,7 @@ def _sources(
 
 
 def _probes(ev: Evaluator, tolerance: Any, shift: float) -> Callable[[np.ndarray], Probe]:
-    from edgesmith.compress.quantize.mixed import Probe
+    from edgesmith.compress.quantize.probe import Probe
     from edgesmith.metrics import top1, top5
 
     per_sample = {top1: _hit(1), top5: _hit(5)}.get(ev.metric)  # type: ignore[call-overload]
