@@ -29,12 +29,14 @@ from edgesmith.compress.quantize.modes import (
     ptq_array,
     ptq_skip_reason,
 )
+from edgesmith.compress.quantize.report import TOOLS, _info, _plot_sensitivity
+from edgesmith.compress.quantize.speed import _speed, _timing
 from edgesmith.errors import EdgesmithError, RecipeError
 from edgesmith.progress import echo, track
 
 if TYPE_CHECKING:
     from edgesmith.compress.base import Context
-    from edgesmith.compress.quantize.mixed import Probe
+    from edgesmith.compress.quantize.probe import Probe
     from edgesmith.export.evaluate import Artifact, Evaluator
 
 __all__ = ["QuantizeHook", "check_formats", "install"]
@@ -44,12 +46,6 @@ SEARCH_HINT = (
     "try the qat stage, more calibration samples or max_float_layers; relax the int8 'parity:' "
     "tolerance only if you can defend it"
 )
-
-TOOLS = {
-    "onnx": "onnxruntime.quantization",
-    "openvino": "nncf",
-    "tflite": "ai-edge-quantizer",
-}
 
 
 def _load(ref: str) -> Any:
@@ -385,7 +381,7 @@ def _sources(
 
 
 def _probes(ev: Evaluator, tolerance: Any, shift: float) -> Callable[[np.ndarray], Probe]:
-    from edgesmith.compress.quantize.mixed import Probe
+    from edgesmith.compress.quantize.probe import Probe
     from edgesmith.metrics import top1, top5
 
     per_sample = {top1: _hit(1), top5: _hit(5)}.get(ev.metric)  # type: ignore[call-overload]
@@ -442,111 +438,3 @@ def _ranking(
         return {layer.id: added[layer.name] for layer in pool if layer.name in added}
 
     return rank, shares
-
-
-def _speed(
-    a: Artifact, fp32: Artifact, ev: Evaluator, require: bool, stage: str
-) -> tuple[dict[str, Any], list[Check]]:
-    from edgesmith.compress.quantize.speed import speed_verdict
-
-    verdict = speed_verdict(
-        a.path, fp32.path, a.format, ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)
-    )
-    if verdict["faster"]:
-        return verdict, []
-    echo(f"warning: {a.path.name}: {verdict['recommendation']}")
-    if not require:
-        return verdict, []
-    return verdict, [
-        Check(
-            stage,
-            "require_speedup",
-            1.0,
-            verdict["ratio"],
-            False,
-            "ship the faster float artifact, or drop require_speedup",
-            f"{a.path.name}: require_speedup: {verdict['recommendation']} ({verdict['note']})",
-        )
-    ]
-
-
-def _info(
-    hook: QuantizeHook,
-    quantizer: Any,
-    result: Any,
-    ptq: Any,
-    contract: Any,
-    sensitivity_samples: int,
-    seconds: float,
-) -> dict[str, Any]:
-    """The artifact's ``quantization`` report entry (accuracy, contract and speed added later)."""
-    by_id = {layer.id: layer for layer in quantizer.layers}
-    costs = {fb.id: fb for fb in result.fallbacks}
-    info: dict[str, Any] = {
-        "tool": TOOLS[quantizer.format],
-        "scheme": hook.scheme.to_json(),
-        "calibration_samples": len(hook.calibration),
-        "max_accuracy_drop": hook.config.max_accuracy_drop,
-        "bias_correction": ptq.to_json() if ptq is not None else hook.ptq_note,
-        "layers": len(quantizer.layers),
-        "int8_layers": len(quantizer.layers) - len(result.float_layers),
-        "float_layers": [
-            {
-                **by_id[lid].to_json(),
-                "extra_bytes": by_id[lid].params * 3,  # float32 instead of int8 weights
-                **(costs[lid].to_json() if lid in costs else {"given": True}),
-            }
-            for lid in result.float_layers
-        ],
-        "search": {
-            "samples": result.measurement.samples,
-            "sensitivity_samples": sensitivity_samples,
-            "candidates": len(result.trials),
-            "accepted": result.accepted,
-            "all_int8": {
-                "accuracy": round(result.first.accuracy, 6),
-                "top1_agreement": round(result.first.agreement, 6),
-            },
-            "seconds": round(seconds, 1),
-        },
-    }
-    if result.latency_ms:
-        info["search"]["latency_ms"] = result.latency_ms
-    return info
-
-
-def _plot_sensitivity(result: Any, by_id: dict[str, Any], out: Path, name: str, fmt: str) -> str:
-    """A bar chart of the most sensitive layers (kept-float ones highlighted); returns its file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = result.sensitivity[:25]
-    kept = set(result.float_layers)
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(top) + 1.2))
-    ax.barh(
-        [layer.name for layer, _ in top][::-1],
-        [max(noise, 1e-9) for _, noise in top][::-1],
-        color=["tab:orange" if layer.id in kept else "tab:blue" for layer, _ in top][::-1],
-    )
-    ax.set_xscale("log")
-    ax.set_xlabel(
-        "output noise removed by keeping only this layer float (||q - f||² / ||f||², log)"
-    )
-    ax.set_title(
-        f"{fmt} int8 float-layer candidates: orange = kept float ({len(kept)} of {len(by_id)} layers)"
-    )
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    path = out / f"{name}-{fmt}-int8-sensitivity.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
-
-
-def _timing(ev: Any) -> Any:
-    """The batch-1 inputs an artifact is timed on: the evaluator's (one array per input), else
-    its first sample."""
-    timing = getattr(ev, "timing", None)
-    return timing if timing is not None else ev.inputs[:1]

@@ -11,9 +11,15 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from edgesmith.checks import Check
+from edgesmith.progress import echo
+
+if TYPE_CHECKING:
+    from edgesmith.export.evaluate import Artifact, Evaluator
 
 __all__ = ["cpu_half_precisions", "interleaved", "make_timer", "speed_verdict"]
 
@@ -170,3 +176,34 @@ def speed_verdict(
             f"{'artifact' if name == 'fp32' else 'variant (add it to the quantize precisions)'}"
         )
     return out
+
+
+def _speed(
+    a: Artifact, fp32: Artifact, ev: Evaluator, require: bool, stage: str
+) -> tuple[dict[str, Any], list[Check]]:
+    verdict = speed_verdict(
+        a.path, fp32.path, a.format, ev.threads, _timing(ev), prepare=getattr(ev, "declare", None)
+    )
+    if verdict["faster"]:
+        return verdict, []
+    echo(f"warning: {a.path.name}: {verdict['recommendation']}")
+    if not require:
+        return verdict, []
+    return verdict, [
+        Check(
+            stage,
+            "require_speedup",
+            1.0,
+            verdict["ratio"],
+            False,
+            "ship the faster float artifact, or drop require_speedup",
+            f"{a.path.name}: require_speedup: {verdict['recommendation']} ({verdict['note']})",
+        )
+    ]
+
+
+def _timing(ev: Any) -> Any:
+    """The batch-1 inputs an artifact is timed on: the evaluator's (one array per input), else
+    its first sample."""
+    timing = getattr(ev, "timing", None)
+    return timing if timing is not None else ev.inputs[:1]
