@@ -22,8 +22,11 @@ stages:
 QAT = "  - qat: {steps: 10, batch_size: 8, max_accuracy_drop: 0.1, min_calibration_samples: 8}\n"
 
 
-def _build_stages(folder: Path, stages: str) -> tuple[dict[str, Any], Path]:
-    recipe = RECIPE[: RECIPE.index("stages:")] + stages + RECIPE[RECIPE.index("export:") :]
+def _build_stages(
+    folder: Path, stages: str, export: str = "export: [onnx]"
+) -> tuple[dict[str, Any], Path]:
+    recipe = RECIPE[: RECIPE.index("stages:")] + stages + export + "\n"
+    assert RECIPE.endswith("export: [onnx]\n")  # nothing after the stages but the formats
     out = _build(folder, recipe)
     return json.loads((out / "report.json").read_text()), out
 
@@ -43,18 +46,21 @@ def _check_prune_and_distill(prune: dict[str, Any], distill: dict[str, Any]) -> 
 
 def _check_bundles_run_any_length(out: Path, report: dict[str, Any]) -> None:
     """Every bundle takes the pruned model at lengths it was never traced at, and agrees with
-    the fp32 bundle (unit embeddings: the dot product is the cosine)."""
+    the fp32 bundle (unit embeddings: the dot product is the cosine). Outputs are taken in
+    order: TFLite bundles name them after the converter's signature, not the recipe."""
     from edgesmith.runtime import load
 
-    arts = {a["precision"]: a for a in report["artifacts"] if a["format"] == "onnx"}
-    models = {p: load(out / a["bundle"], device="cpu") for p, a in arts.items()}
+    arts = {(a["format"], a["precision"]): a for a in report["artifacts"]}
+    models = {key: load(out / a["bundle"], device="cpu") for key, a in arts.items()}
     for length in (3, 14):
         ids, mask = _tokens(length, length)
         feeds = {"input_ids": ids, "attention_mask": mask}
-        want = models["fp32"].run(feeds)
+        want = models[("onnx", "fp32")].run(feeds)
         assert want["embedding"].shape == (1, 32) and want["logits"].shape == (1, 3)
-        for model in models.values():
-            assert float((want["embedding"] * model.run(feeds)["embedding"]).sum()) > 0.95
+        for key, model in models.items():
+            embedding = next(iter(model.run(feeds).values()))
+            cosine = float((want["embedding"] * embedding).sum())
+            assert cosine > 0.95, (key, length, cosine)
 
 
 def test_prune_then_distill_on_token_inputs(tmp_path: Path) -> None:
@@ -67,9 +73,11 @@ def test_prune_then_distill_on_token_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_prune_distill_qat_on_token_inputs(tmp_path: Path) -> None:
-    """About 40 s here: torchao re-exports its dropout patterns at every train/eval switch."""
-    report, out = _build_stages(tmp_path, PRUNE_DISTILL + QAT)
+def test_prune_distill_qat_on_token_inputs_in_every_format(tmp_path: Path) -> None:
+    """About a minute here: torchao re-exports its dropout patterns at every train/eval switch
+    of the QAT graph, and three formats are quantized and timed."""
+    formats = ["onnx", "openvino", "tflite"]
+    report, out = _build_stages(tmp_path, PRUNE_DISTILL + QAT, "export: [onnx, openvino, tflite]")
     prune, distill, qat = report["stages"]
     _check_prune_and_distill(prune, distill)
     # qat: fine-tuned through int64 inputs of any length; judged by the recipe's metric
@@ -77,10 +85,12 @@ def test_prune_distill_qat_on_token_inputs(tmp_path: Path) -> None:
     assert "fake_quant_top1" not in fq and fq["fake_quant_metric"] > 0.9
     assert fq["fake_quant_samples"] == 48 and fq["loss_first"] > 0
     arts = {(a["format"], a["precision"]): a for a in report["artifacts"]}
-    assert set(arts) == {("onnx", "fp32"), ("onnx", "int8")}
-    int8 = arts[("onnx", "int8")]
-    parity = int8["parity"]
-    assert parity["passed"] and "top1_agreement" not in parity["outputs"]["embedding"]
-    assert parity["mean_cosine"] > 0.95
-    assert int8["accuracy"] >= fq["accuracy_before"] - 0.1  # the qat budget held
+    assert set(arts) == {(f, p) for f in formats for p in ("fp32", "int8")}
+    assert set(qat["quantization"]["int8_recipe"]) == set(formats)
+    for fmt in formats:
+        int8 = arts[(fmt, "int8")]
+        parity = int8["parity"]
+        assert parity["passed"] and "top1_agreement" not in parity["outputs"]["embedding"]
+        assert parity["mean_cosine"] > 0.95
+        assert int8["accuracy"] >= fq["accuracy_before"] - 0.1  # the qat budget held
     _check_bundles_run_any_length(out, report)
