@@ -1,8 +1,9 @@
 """The small token model of test_token_build.py (int64 ids + mask, embedding + logits) through
 the training stages: structured pruning (attention heads of an ``nn.TransformerEncoderLayer``),
-feature-loss distillation and quantization-aware training, then ONNX bundles judged by output
-kind that run at any sequence length (random weights and tokens: mechanics, not accuracy; the
-metric is the cosine to the unpruned model's embeddings)."""
+feature-loss distillation and quantization-aware training, then bundles (ONNX; OpenVINO and
+TFLite in the slow test) judged by output kind that run at any sequence length (random weights
+and tokens: mechanics, not accuracy; the metric is the cosine to the unpruned model's
+embeddings)."""
 
 from __future__ import annotations
 
