@@ -45,6 +45,12 @@ class PrunableAttention(nn.Module):
         batch_first: inputs are (batch, seq, feature) instead of (seq, batch, feature).
     """
 
+    # no packed q/k/v projection: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
+    # read these to choose their fused fast path, which they then skip for the plain forward
+    in_proj_weight: None = None
+    in_proj_bias: None = None
+    _qkv_same_embed_dim = False
+
     def __init__(
         self,
         embed_dim: int,

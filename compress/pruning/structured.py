@@ -131,6 +131,9 @@ def _leaf_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], Any
     """Names of the parameterised layers in execution order, the output, and output-id -> name."""
     order: list[str] = []
     produced: dict[int, str] = {}
+    # every recorded output stays alive until the model's outputs exist: a freed one's id may
+    # be reused by a later tensor (an output computed by plain tensor ops), naming the wrong layer
+    alive: list[torch.Tensor] = []
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, (*_PRUNABLE, PrunableAttention, nn.MultiheadAttention)):
@@ -140,6 +143,7 @@ def _leaf_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], Any
                 first = o[0] if isinstance(o, tuple) else o
                 if isinstance(first, torch.Tensor):
                     produced[id(first)] = name
+                    alive.append(first)
 
             hooks.append(module.register_forward_hook(hook))
     try:

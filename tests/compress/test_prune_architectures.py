@@ -104,6 +104,47 @@ def test_attention_conversion_is_exact_and_heads_can_go() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_encoder_layers_run_converted_attention_in_eval_mode() -> None:
+    """nn.TransformerEncoder(Layer) pick their fused fast path in eval mode by reading their
+    attention's in_proj_bias: a converted layer must say it has none, not raise."""
+    from edgesmith.compress.pruning.attention import convert_attention_
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.no_grad():
+        ref = model(x, src_key_padding_mask=pad)  # the fused fast path
+        assert convert_attention_(model) == ["layers.0.self_attn", "layers.1.self_attn"]
+        out = model(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(out[~pad], ref[~pad], rtol=1e-4, atol=1e-5)
+        prune_heads_(model.layers[0].self_attn, [1, 3])
+        assert model(x, src_key_padding_mask=pad).shape == (2, 9, 32)
+
+
+def test_an_output_of_plain_tensor_ops_is_never_taken_for_a_layer() -> None:
+    """An embedding normalised after its last layer is no layer's output. Outputs were matched
+    to layers by id(): a freed intermediate's id, reused by the output, named a hidden layer
+    (in about 2 of 5 calls here), which the pruner then kept at full width."""
+    from edgesmith.compress.pruning.structured import find_output_layers
+
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            e = torch.relu(self.b(torch.relu(self.a(x))))
+            e = e / e.norm(dim=1, keepdim=True)
+            return e * 1.0, self.head(e)
+
+    model = Embedder()
+    found = [find_output_layers(model, (torch.randn(2, 8),)) for _ in range(30)]
+    assert all(names == ["head"] for names in found), found
+
+
 def test_trained_transformer_loses_heads_and_mlp_width(fmnist, tmp_path: Path) -> None:
     from edgesmith.export.onnx import export
     from edgesmith.runtime import load
