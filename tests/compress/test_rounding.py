@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from edgesmith.compress.quantize.ptq import _round_weights, apply
@@ -25,7 +25,13 @@ class SamePadding(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
-            self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+            self.static_padding(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            0,
+            self.dilation,
+            self.groups,
         )
 
 
