@@ -68,6 +68,10 @@ class QuantizeConfig(StageConfig):
             correct biases layer by layer in PyTorch (``quantize/ptq.py``), so that every format's
             tool quantizes the same corrected weights; False quantizes the model as exported.
         bias_correction_samples: calibration samples the bias correction uses (all in one batch).
+        rounding: how the bias correction rounds weights to the int8 grid: ``learned`` (each
+            weight up or down, whichever keeps the layer's output closest to the float model's
+            on the calibration samples: AdaRound's objective, ``quantize/rounding.py``) or
+            ``nearest``.
         require_speedup: fail the build when an int8 artifact is not faster than the best
             non-int8 option of its backend on this machine (fp32, or bf16/fp16 where the CPU runs
             them natively); without it such an artifact is reported with that option recommended.
@@ -92,6 +96,7 @@ class QuantizeConfig(StageConfig):
     mode: Literal["auto", "static", "transformer", "dynamic"] = "auto"
     bias_correction: bool = True
     bias_correction_samples: int = Field(default=64, ge=1, le=1024)
+    rounding: Literal["learned", "nearest"] = "learned"
     require_speedup: bool = False
 
     @field_validator("max_accuracy_drop")

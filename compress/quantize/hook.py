@@ -130,9 +130,8 @@ class QuantizeHook:
         from edgesmith.compress.quantize.ptq import PtqSkipped, apply
 
         n = min(self.config.bias_correction_samples, len(self.calibration))
-        echo(
-            f"{self.stage}: folding batch norms, rounding weights, correcting biases ({n} samples)"
-        )
+        how = "learned rounding" if self.config.rounding == "learned" else "rounding weights"
+        echo(f"{self.stage}: folding batch norms, {how}, correcting biases ({n} samples)")
         try:
             self._ptq = apply(
                 ctx.model,
@@ -140,6 +139,7 @@ class QuantizeHook:
                 samples=n,
                 per_channel=self.scheme.per_channel,
                 activations="int8" if self.scheme.activations_symmetric else "uint8",
+                rounding=self.config.rounding,
                 progress=lambda nodes: track(nodes, "bias correction"),
             )
         except PtqSkipped as exc:

@@ -96,6 +96,7 @@ class PtqResult:
         folded: batch norms folded.
         ranges: the float input range of each corrected call (graph node name -> (min, max)).
         activations: ``uint8`` (asymmetric), ``int8`` (symmetric) or ``none`` (not simulated).
+        rounding: ``nearest`` or ``learned`` (layers ``quantize/rounding.py`` cannot read use nearest).
     """
 
     model: Any
@@ -106,11 +107,13 @@ class PtqResult:
     folded: int
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activations: str = "uint8"
+    rounding: str = "nearest"
 
     def to_json(self) -> dict[str, Any]:
         worst = sorted(self.layers, key=lambda s: -s.error)[:5]
         return {
             "method": "bias-correction",
+            "rounding": self.rounding,
             "samples": self.samples,
             "seconds": round(self.seconds, 1),
             "batch_norms_folded": self.folded,
@@ -235,6 +238,7 @@ def apply(
     samples: int = 64,
     per_channel: bool = True,
     activations: str = "uint8",
+    rounding: str = "nearest",
     progress: Any = None,
 ) -> PtqResult:
     """Fold batch norms, round weights to the int8 grid and correct biases layer by layer.
@@ -246,6 +250,8 @@ def apply(
         per_channel: per-output-channel weight grid (False: one grid per tensor).
         activations: how layer inputs are quantized: ``uint8`` (asymmetric, the CPU runtimes'
             scheme), ``int8`` (symmetric) or ``none``.
+        rounding: ``nearest`` grid point, or ``learned`` (per weight up or down, whichever keeps
+            the layer's output closest to the float model's: ``quantize/rounding.py``).
         progress: wraps the node iterator (``edgesmith.progress.track``), or None.
 
     Returns:
@@ -308,7 +314,9 @@ def apply(
                         env_f[node], env_q[node] = yf, qmod(xq)
                     else:
                         done.add(node.target)
-                        stat, yq = _correct(node.target, qmod, xq, yf, lo, hi, per_channel)
+                        stat, yq = _correct(
+                            node.target, qmod, xq, yf, lo, hi, per_channel, xf, rounding
+                        )
                         if fmod.bias is None:  # the float twin gets the bias slot too (zeros),
                             # so a layer kept float gets its own bias back, not the correction
                             fmod.bias = torch.nn.Parameter(
@@ -337,6 +345,7 @@ def apply(
         folded,
         ranges,
         activations,
+        rounding,
     )
 
 
@@ -371,6 +380,8 @@ def _correct(
     lo: float,
     hi: float,
     per_channel: bool,
+    xf: Any = None,
+    rounding: str = "nearest",
 ) -> tuple[LayerStat, Any]:
     """Round ``mod``'s weights and correct its bias so that ``mod(xq)`` matches ``yf`` on average;
     returns the layer's record and its corrected output."""
@@ -380,7 +391,12 @@ def _correct(
     w = mod.weight.data
     in_scale = (max(hi, 0.0) - min(lo, 0.0)) / 255
     guarded = _guard_dead_channels(w, mod.bias.data if mod.bias is not None else None, in_scale)
-    mod.weight.data = _round_weights(w, per_channel)
+    rounded = None
+    if rounding == "learned" and per_channel and xf is not None:
+        from .rounding import learned_round
+
+        rounded = learned_round(mod, w, xq, xf)
+    mod.weight.data = rounded if rounded is not None else _round_weights(w, per_channel)
     if mod.bias is None:
         out = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
         mod.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype), requires_grad=False)

@@ -43,14 +43,6 @@ def _installed() -> bool:
     return True
 
 
-# TFLite int8 reaches 0.948 agreement here, one photo short of the 5-point budget, and the search finds
-# no layer whose float fallback improves it (docs/benchmarks.md, issue 17): the target, not yet met
-TFLITE_SHORT = pytest.mark.xfail(
-    reason="TFLite int8 at 0.948 agreement, one photo short of the budget (docs/benchmarks.md)",
-    strict=False,
-)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     not _installed(),
@@ -61,7 +53,7 @@ TFLITE_SHORT = pytest.mark.xfail(
     ("recipe", "formats"),
     [
         ("recipe.yaml", ("onnx", "openvino")),  # intel-cpu (VNNI)
-        pytest.param("recipe-tflite.yaml", ("tflite",), marks=TFLITE_SHORT),  # x86-cpu
+        ("recipe-tflite.yaml", ("tflite",)),  # x86-cpu
     ],
 )
 def test_pretrained_efficientnet_int8_on_real_photos(
