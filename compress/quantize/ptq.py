@@ -166,8 +166,10 @@ def _round_weights(w: Any, per_channel: bool) -> Any:
     import torch
 
     dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
-    s = w.abs().amax(dims, keepdim=True).clamp_min(1e-12) / 127
-    return torch.clamp(torch.round(w / s), -127, 127) * s
+    top = w.abs().amax(dims, keepdim=True)
+    s = top.clamp_min(1e-12) / 127
+    # the largest weight keeps its exact value (127 * (absmax / 127) can differ from it by one ulp)
+    return torch.where(w.abs() == top, w, torch.clamp(torch.round(w / s), -127, 127) * s)
 
 
 def _guard_dead_channels(w: Any, b: Any, in_scale: float) -> int:
@@ -262,6 +264,10 @@ def apply(
     """
     import torch
 
+    if rounding not in ("nearest", "learned"):
+        raise ValueError(f"rounding must be 'nearest' or 'learned', got {rounding!r}")
+    if not per_channel:  # learned rounding keeps the per-channel grid; per-tensor is nearest
+        rounding = "nearest"
     t0 = time.perf_counter()
     work = trace(model)
     folded = fold_batch_norms(work)
