@@ -166,10 +166,8 @@ def _round_weights(w: Any, per_channel: bool) -> Any:
     import torch
 
     dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
-    top = w.abs().amax(dims, keepdim=True)
-    s = top.clamp_min(1e-12) / 127
-    # the largest weight keeps its exact value (127 * (absmax / 127) can differ from it by one ulp)
-    return torch.where(w.abs() == top, w, torch.clamp(torch.round(w / s), -127, 127) * s)
+    s = w.abs().amax(dims, keepdim=True).clamp_min(1e-12) / 127
+    return torch.clamp(torch.round(w / s), -127, 127) * s
 
 
 def _guard_dead_channels(w: Any, b: Any, in_scale: float) -> int:

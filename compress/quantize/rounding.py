@@ -7,8 +7,9 @@ minimises the layer's output error on calibration data, ``|| (W_q - W) X ||²`` 
 input statistics ``H = X Xᵀ``. AdaRound solves it by gradient descent on a relaxation; here the same
 objective is solved directly, one flip at a time: starting from nearest rounding, each output
 channel flips the weight whose flip lowers its error most, until no flip helps (a greedy descent
-that only ever lowers the objective; at most a thousand matrix steps per layer, a second or two for
-EfficientNet-Lite0's largest layers on a CPU; filters with more than 8,192 inputs keep nearest rounding).
+that only ever lowers the objective: a second or two for EfficientNet-Lite0's largest layers on a
+CPU, about 25 s for a 512-channel 3x3 convolution; filters with more than 8,192 inputs keep nearest
+rounding).
 
 Two choices keep the result usable by every format's tool:
 
@@ -36,8 +37,6 @@ _POSITIONS = 8192
 _PATCH_VALUES = 2**24
 # filters with more inputs than this (a k x k matrix per group) are rounded to nearest
 _MAX_INPUTS = 8192
-# flips per output channel at most (the descent's cost is steps x rows x inputs)
-_MAX_STEPS = 1024
 
 
 def _conv_input(mod: Any, x: Any) -> Any | None:
@@ -168,10 +167,9 @@ def _learned(mod: Any, w: Any, xq: Any, xf: Any, generator: Any) -> Any | None:
         h = pq_c @ pq_c.transpose(1, 2) / m
         c = resid @ pq_c.transpose(1, 2) / m
         shrink = k / (k + m)  # few positions against the filter size: trust the diagonal more
-        diag = torch.diagonal(h, dim1=1, dim2=2).clone()
-        h.mul_(1 - shrink)
-        torch.diagonal(h, dim1=1, dim2=2).add_(shrink * diag)
-        c.mul_(1 - shrink)  # the upstream error's estimate is as uncertain
+        diag = torch.diagonal(h, dim1=1, dim2=2)
+        h = (1 - shrink) * h + shrink * torch.diag_embed(diag)
+        c = (1 - shrink) * c  # the upstream error's estimate is as uncertain
         q = _descend(wg, h, c)
     return q.reshape(w.shape).to(w.dtype)
 
@@ -221,7 +219,7 @@ def _descend(w: Any, h: Any, c: Any, max_steps: int | None = None) -> Any:
     diag = torch.diagonal(h, dim1=1, dim2=2).unsqueeze(1)  # (groups, 1, k)
     curve = (delta**2 * diag).masked_fill(fixed, float("inf"))  # a flip keeps delta²
     tol = 1e-5 * float(curve[~fixed].mean()) if bool((~fixed).any()) else 0.0
-    steps = max_steps if max_steps is not None else min(4 * w.shape[-1], _MAX_STEPS)
+    steps = max_steps if max_steps is not None else 4 * w.shape[-1]
     for _ in range(steps):
         best, at = (2 * delta * grad + curve).min(-1)  # (groups, rows)
         active = best < -tol
@@ -233,6 +231,4 @@ def _descend(w: Any, h: Any, c: Any, max_steps: int | None = None) -> Any:
         d.scatter_add_(-1, at, step)
         delta.scatter_(-1, at, torch.where(on, -flip, flip))  # back is the other way
         grad += step * h.gather(1, at.expand(-1, -1, h.shape[-1]))
-    q = torch.round((w + d) / scale).clamp(-127, 127) * scale
-    top = w.abs() == w.abs().amax(-1, keepdim=True)
-    return torch.where(top, w, q)  # exactly the original absmax: the tools' scale is the same
+    return torch.round((w + d) / scale).clamp(-127, 127) * scale
