@@ -262,6 +262,10 @@ def apply(
     """
     import torch
 
+    if rounding not in ("nearest", "learned"):
+        raise ValueError(f"rounding must be 'nearest' or 'learned', got {rounding!r}")
+    if not per_channel:  # learned rounding keeps the per-channel grid; per-tensor is nearest
+        rounding = "nearest"
     t0 = time.perf_counter()
     work = trace(model)
     folded = fold_batch_norms(work)

@@ -7,7 +7,9 @@ minimises the layer's output error on calibration data, ``|| (W_q - W) X ||²`` 
 input statistics ``H = X Xᵀ``. AdaRound solves it by gradient descent on a relaxation; here the same
 objective is solved directly, one flip at a time: starting from nearest rounding, each output
 channel flips the weight whose flip lowers its error most, until no flip helps (a greedy descent
-that only ever lowers the objective, a few hundred matrix steps per layer on a CPU).
+that only ever lowers the objective: a second or two for EfficientNet-Lite0's largest layers on a
+CPU, about 25 s for a 512-channel 3x3 convolution; filters with more than 8,192 inputs keep nearest
+rounding).
 
 Two choices keep the result usable by every format's tool:
 
@@ -33,6 +35,8 @@ __all__ = ["learned_round", "patches"]
 _POSITIONS = 8192
 # ... and at most about this many input values gathered per stream
 _PATCH_VALUES = 2**24
+# filters with more inputs than this (a k x k matrix per group) are rounded to nearest
+_MAX_INPUTS = 8192
 
 
 def _conv_input(mod: Any, x: Any) -> Any | None:
@@ -134,6 +138,17 @@ def learned_round(mod: Any, w: Any, xq: Any, xf: Any, *, generator: Any = None) 
 
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    if w[0].numel() > _MAX_INPUTS or w.dtype != torch.float32:
+        return None
+    try:
+        return _learned(mod, w, xq, xf, generator)
+    except (RuntimeError, IndexError, ValueError):  # a layer shape this module does not read
+        return None
+
+
+def _learned(mod: Any, w: Any, xq: Any, xf: Any, generator: Any) -> Any | None:
+    import torch
+
     with torch.no_grad():
         y = _output(mod, w, xq)
         idx = _positions(mod, y, generator)
