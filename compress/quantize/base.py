@@ -79,6 +79,22 @@ def check_method(method: str, fmt: str, methods: Iterable[str]) -> None:
         )
 
 
+def _count(dataset: Any, samples: int | None, min_samples: int) -> int:
+    """How many samples ``dataset`` has, checked against ``min_samples`` and ``samples``."""
+    n = len(dataset) if dataset is not None else 0
+    if n < min_samples:
+        raise DataError(
+            f"the calibration set has {n} sample{'s' if n != 1 else ''}; int8 calibration needs at least {min_samples}",
+            hint="raise data.calibration (512 is a good default), or lower the quantize stage's min_calibration_samples",
+        )
+    if samples is not None and samples > n:
+        raise DataError(
+            f"calibration_samples={samples} but the calibration set has only {n}",
+            hint=f"raise data.calibration to {samples} or lower calibration_samples",
+        )
+    return n
+
+
 def calibration_array(
     dataset: Any, samples: int | None, min_samples: int, input_shape: tuple[int, ...]
 ) -> np.ndarray:
@@ -93,17 +109,7 @@ def calibration_array(
     Raises:
         DataError: too few samples, or a sample of another shape.
     """
-    n = len(dataset) if dataset is not None else 0
-    if n < min_samples:
-        raise DataError(
-            f"the calibration set has {n} sample{'s' if n != 1 else ''}; int8 calibration needs at least {min_samples}",
-            hint="raise data.calibration (512 is a good default), or lower the quantize stage's min_calibration_samples",
-        )
-    if samples is not None and samples > n:
-        raise DataError(
-            f"calibration_samples={samples} but the calibration set has only {n}",
-            hint=f"raise data.calibration to {samples} or lower calibration_samples",
-        )
+    n = _count(dataset, samples, min_samples)
     take = n if samples is None else samples
     arrays = []
     for i in range(take):
@@ -140,17 +146,7 @@ def calibration_samples(
     """
     from edgesmith.feeds import Samples, sample_inputs
 
-    n = len(dataset) if dataset is not None else 0
-    if n < min_samples:
-        raise DataError(
-            f"the calibration set has {n} sample{'s' if n != 1 else ''}; int8 calibration needs at least {min_samples}",
-            hint="raise data.calibration (512 is a good default), or lower the quantize stage's min_calibration_samples",
-        )
-    if samples is not None and samples > n:
-        raise DataError(
-            f"calibration_samples={samples} but the calibration set has only {n}",
-            hint=f"raise data.calibration to {samples} or lower calibration_samples",
-        )
+    n = _count(dataset, samples, min_samples)
     items = []
     for i in range(n if samples is None else samples):
         item = dataset[i]

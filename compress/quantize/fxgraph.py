@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["PtqSkipped", "fold_batch_norms", "trace", "weighted"]
+__all__ = ["PtqSkipped", "bias_shape", "fold_batch_norms", "trace", "weighted"]
 
 
 class PtqSkipped(Exception):
@@ -96,3 +96,13 @@ def fold_batch_norms(gm: Any) -> int:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return folded
+
+
+def bias_shape(mod: Any, y: Any) -> tuple[int, ...]:
+    """The shape that broadcasts ``mod``'s bias over its output ``y`` (channels last for a linear
+    layer, second for a convolution)."""
+    from torch import nn
+
+    if isinstance(mod, nn.Linear):
+        return (-1,)
+    return (1, -1, *([1] * (y.dim() - 2)))

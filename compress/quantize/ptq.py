@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .fxgraph import PtqSkipped, fold_batch_norms, trace, weighted
+from .fxgraph import PtqSkipped, bias_shape, fold_batch_norms, trace, weighted
 
 __all__ = ["LayerStat", "PtqResult", "PtqSkipped", "apply", "fold_batch_norms"]
 
@@ -191,14 +191,6 @@ def _channel_dims(mod: Any, y: Any) -> tuple[int, ...]:
     if isinstance(mod, nn.Linear):
         return tuple(range(y.dim() - 1))
     return (0, *range(2, y.dim()))
-
-
-def _bias_shape(mod: Any, y: Any) -> tuple[int, ...]:
-    from torch import nn
-
-    if isinstance(mod, nn.Linear):
-        return (-1,)
-    return (1, -1, *([1] * (y.dim() - 2)))
 
 
 def _macs(mod: Any, y: Any) -> int:
@@ -409,7 +401,7 @@ def _correct(
     before = float(((yq - yf).double() ** 2).mean()) / energy
     shift = (yf - yq).mean(_channel_dims(mod, yf))
     mod.bias.data += shift
-    yq = yq + shift.view(_bias_shape(mod, yq))
+    yq = yq + shift.view(bias_shape(mod, yq))
     after = float(((yq - yf).double() ** 2).mean()) / energy
     return LayerStat(name, type(mod).__name__, _macs(mod, yf), before, after, 0.0, guarded), yq
 

@@ -176,7 +176,7 @@ def _learned(mod: Any, w: Any, xq: Any, xf: Any, generator: Any) -> Any | None:
 
 def _output(mod: Any, w: Any, x: Any) -> Any:
     """``mod``'s output on ``x`` with weights ``w`` and without its bias."""
-    import torch
+    from .fxgraph import bias_shape
 
     saved = mod.weight.data
     try:
@@ -185,8 +185,7 @@ def _output(mod: Any, w: Any, x: Any) -> Any:
     finally:
         mod.weight.data = saved
     if mod.bias is not None:
-        shape = (-1,) if isinstance(mod, torch.nn.Linear) else (1, -1, *([1] * (y.dim() - 2)))
-        y = y - mod.bias.view(shape)
+        y = y - mod.bias.view(bias_shape(mod, y))
     return y
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "list_layers",
     "signature_inputs",
     "to_fp16",
+    "weight_config",
     "weight_only_int8",
 ]
 
@@ -113,6 +114,19 @@ def signature_inputs(path: Path, key: str) -> list[tuple[str, list[int], Any]]:
     return [(name, [int(v) for v in d["shape"]], d["dtype"]) for name, d in details.items()]
 
 
+def weight_config(per_channel: bool) -> Any:
+    """ai-edge-quantizer's int8 weights: symmetric, per output channel or per tensor."""
+    from ai_edge_quantizer import qtyping
+
+    return qtyping.TensorQuantizationConfig(
+        num_bits=8,
+        symmetric=True,
+        granularity=qtyping.QuantGranularity.CHANNELWISE
+        if per_channel
+        else qtyping.QuantGranularity.TENSORWISE,
+    )
+
+
 def _write(result: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -166,13 +180,7 @@ class TfliteQuantizer:
             activation_tensor_config=qtyping.TensorQuantizationConfig(
                 num_bits=8, symmetric=scheme.activations_symmetric
             ),
-            weight_tensor_config=qtyping.TensorQuantizationConfig(
-                num_bits=8,
-                symmetric=True,
-                granularity=qtyping.QuantGranularity.CHANNELWISE
-                if scheme.per_channel
-                else qtyping.QuantGranularity.TENSORWISE,
-            ),
+            weight_tensor_config=weight_config(scheme.per_channel),
             compute_precision=qtyping.ComputePrecision.INTEGER,
             explicit_dequantize=False,
         )

@@ -134,19 +134,13 @@ class TfliteDynamicQuantizer:
     ) -> None:
         from ai_edge_quantizer import qtyping
 
-        from edgesmith.compress.quantize.tflite import _ops, list_layers
+        from edgesmith.compress.quantize.tflite import _ops, list_layers, weight_config
 
         self.fp32_path = fp32_path
         ops, tensors, _, _ = _ops(fp32_path)
         self.layers = list_layers(ops, tensors, names or ModuleNames(), weighted_only=True)
         self._config = qtyping.OpQuantizationConfig(
-            weight_tensor_config=qtyping.TensorQuantizationConfig(
-                num_bits=8,
-                symmetric=True,
-                granularity=qtyping.QuantGranularity.CHANNELWISE
-                if scheme.per_channel
-                else qtyping.QuantGranularity.TENSORWISE,
-            ),
+            weight_tensor_config=weight_config(scheme.per_channel),
             compute_precision=qtyping.ComputePrecision.INTEGER,
             explicit_dequantize=False,
         )
